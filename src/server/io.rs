@@ -1,0 +1,120 @@
+//! `fill()` and `flush()`: the only code that looks at `io::ErrorKind`. Every socket read and
+//! write of the server goes through here and comes back as an [`Io`] or an error.
+
+use std::io::{self, Read, Write};
+
+use crate::buf::InBuf;
+
+/// How a read or write loop stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// We stopped (buffer full, nothing left to write, budget spent): the socket may still be
+    /// ready, and mio will not say so again, so the caller must come back by itself.
+    Paused,
+    /// The socket said WouldBlock: readiness is used up until the next event.
+    Blocked,
+    /// Read returned 0: the peer will send nothing more.
+    Eof,
+}
+
+/// Reads into `input` until WouldBlock, EOF, the buffer's limit or `budget` bytes.
+/// `scratch` is a reusable buffer shared by all connections (no per-read zeroing).
+pub fn fill(sock: &mut impl Read, input: &mut InBuf, scratch: &mut [u8], budget: usize) -> io::Result<(Io, usize)> {
+    let mut total = 0;
+    loop {
+        let room = input.room().min(budget - total).min(scratch.len());
+        if room == 0 {
+            return Ok((Io::Paused, total));
+        }
+        match sock.read(&mut scratch[..room]) {
+            Ok(0) => return Ok((Io::Eof, total)),
+            Ok(n) => {
+                input.extend(&scratch[..n]);
+                total += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, total)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads and drops what a closing peer still sends, at most `scratch.len()` times 16 bytes per
+/// call (a pass's budget), until WouldBlock or EOF.
+pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> io::Result<(Io, usize)> {
+    let mut total = 0;
+    for _ in 0..16 {
+        match sock.read(scratch) {
+            Ok(0) => return Ok((Io::Eof, total)),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, total)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((Io::Paused, total))
+}
+
+/// Writes `out` until it is empty or the socket would block; keeps the unwritten tail.
+pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> io::Result<Io> {
+    let mut written = 0;
+    let result = loop {
+        if written == out.len() {
+            break Ok(Io::Paused);
+        }
+        match sock.write(&out[written..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n, // partial writes are normal: keep the tail
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(Io::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    out.drain(..written);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes at most 3 bytes per write, then blocks after `cap` bytes.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+    }
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if self.got.len() >= self.cap {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = b.len().min(3).min(self.cap - self.got.len());
+            self.got.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_the_tail() {
+        let mut sock = Trickle { got: vec![], cap: 7 };
+        let mut out = b"0123456789".to_vec();
+        assert_eq!(flush(&mut sock, &mut out).unwrap(), Io::Blocked);
+        assert_eq!(out, b"789");
+        sock.cap = 100;
+        assert_eq!(flush(&mut sock, &mut out).unwrap(), Io::Paused);
+        assert_eq!(sock.got, b"0123456789");
+    }
+
+    #[test]
+    fn fill_stops_at_budget_and_eof() {
+        let mut input = InBuf::new(100);
+        let mut scratch = [0u8; 4];
+        let mut src: &[u8] = b"abcdefgh";
+        assert_eq!(fill(&mut src, &mut input, &mut scratch, 6).unwrap(), (Io::Paused, 6));
+        assert_eq!(fill(&mut src, &mut input, &mut scratch, 6).unwrap(), (Io::Eof, 2));
+        assert_eq!(input.data(), b"abcdefgh");
+    }
+}

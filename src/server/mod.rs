@@ -1,0 +1,813 @@
+//! The event loop: one thread, one `mio::Poll`, every socket nonblocking.
+//!
+//! `Server::run` is the table of contents: poll, note readiness, accept, drive gearmand, drive
+//! clients, fire timers, apply the App's effects, flush, reap. Reads come before writes, so a
+//! reply made during a pass leaves in that pass, in one write per connection. Closing is last,
+//! so no slab key is reused while this batch of events may still name it.
+//!
+//! Only this module imports `mio`. Protocol decisions live in `ws`, `gearman` and `app`; this
+//! module moves bytes and readiness between them and the kernel.
+
+pub mod conn;
+pub mod gearman_link;
+pub mod io;
+pub mod token;
+
+use std::fmt;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, trace, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Registry};
+use serde_json::json;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::app::{App, AppConfig, AppTimer, ConnId, Effect};
+use crate::config::Config;
+use crate::metrics::Gauges;
+use crate::wheel::TimerWheel;
+use crate::ws::{WsEvent, WsLimits};
+use conn::{CloseReason, Conn, Life};
+use gearman_link::{GearmanLink, LinkState};
+use io::{Io, discard, fill, flush};
+use token::{LISTENER, SIGNALS, Tok, Tokens};
+
+/// Errors that stop the server. Everything else is a connection's problem, not the server's.
+#[derive(Debug)]
+pub enum ServerError {
+    /// Binding the listener failed.
+    Bind(SocketAddr, std::io::Error),
+    /// `epoll` itself failed.
+    Poll(std::io::Error),
+    /// Registering the listener or the signal pipe failed.
+    Register(std::io::Error),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            ServerError::Poll(e) => write!(f, "poll failed: {e}"),
+            ServerError::Register(e) => write!(f, "cannot register with poll: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// What the wheel holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerEvent {
+    /// A client's handshake, idle or close deadline (its phase says which).
+    Conn(ConnId),
+    /// Try gearmand link `i` again.
+    Reconnect(usize),
+    /// Accepting paused after the process ran out of descriptors; try again.
+    AcceptResume,
+    /// Shutdown grace is over: exit even if some clients did not hang up.
+    ShutdownDeadline,
+    /// A timer the App asked for.
+    App(AppTimer),
+}
+
+const EVENTS_CAPACITY: usize = 1024;
+const SCRATCH_BYTES: usize = 64 * 1024;
+const WHEEL_TICK: Duration = Duration::from_millis(1);
+const WHEEL_SLOTS: usize = 4096;
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
+Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
+
+/// The server: sockets, protocol state and the loop that drives them.
+pub struct Server {
+    cfg: Config,
+    limits: WsLimits,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    signals: Signals,
+    tokens: Tokens,
+    conns: Slab<Conn>,
+    next_gen: u32,
+    links: Vec<GearmanLink>,
+    wheel: TimerWheel<TimerEvent>,
+    app: App,
+    /// Clients with unread input (an event, or a pass that stopped early).
+    ready: Vec<usize>,
+    /// Clients with output to write this pass.
+    dirty: Vec<usize>,
+    /// Links with output to write this pass.
+    links_dirty: bool,
+    accept_ready: bool,
+    accept_paused: bool,
+    /// gearmand output is over the high water mark: clients are not read until it drains.
+    clients_paused: bool,
+    shutting_down: bool,
+    stop: bool,
+    scratch: Vec<u8>,
+    effects: Vec<Effect>,
+    fired: Vec<TimerEvent>,
+    rng: u64,
+}
+
+impl Server {
+    /// Binds the listener and sets up the loop; gearmand links connect once `run` starts.
+    pub fn bind(cfg: &Config) -> Result<Server, ServerError> {
+        let poll = Poll::new().map_err(ServerError::Poll)?;
+        let mut listener = TcpListener::bind(cfg.listen).map_err(|e| ServerError::Bind(cfg.listen, e))?;
+        let local_addr = listener.local_addr().map_err(|e| ServerError::Bind(cfg.listen, e))?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(ServerError::Register)?;
+        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Register)?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
+        let now = Instant::now();
+        let links: Vec<GearmanLink> =
+            cfg.gearmand.iter().map(|a| GearmanLink::new(a.clone(), cfg.gearman_max_body_bytes)).collect();
+        let mut wheel = TimerWheel::new(now, WHEEL_TICK, WHEEL_SLOTS);
+        for i in 0..links.len() {
+            wheel.insert(now, TimerEvent::Reconnect(i));
+        }
+        let seed = now.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
+        Ok(Server {
+            limits: WsLimits {
+                max_message_bytes: cfg.max_message_bytes,
+                max_frame_bytes: cfg.max_frame_bytes,
+                read_buffer_bytes: cfg.ws_read_buffer_bytes,
+                in_limit_bytes: cfg.client_in_limit_bytes,
+                allowed_origins: cfg.allowed_origins.clone(),
+            },
+            tokens: Tokens::new(links.len()),
+            app: App::new(AppConfig::from(cfg), links.len()),
+            cfg: cfg.clone(),
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals,
+            conns: Slab::with_capacity(1024),
+            next_gen: 0,
+            links,
+            wheel,
+            ready: Vec::new(),
+            dirty: Vec::new(),
+            links_dirty: false,
+            accept_ready: true,
+            accept_paused: false,
+            clients_paused: false,
+            shutting_down: false,
+            stop: false,
+            scratch: vec![0; SCRATCH_BYTES],
+            effects: Vec::new(),
+            fired: Vec::new(),
+            rng: seed | 1,
+        })
+    }
+
+    /// The address the listener got (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Runs until SIGINT/SIGTERM, then closes every client with 1001 and returns.
+    pub fn run(&mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        while !self.stop {
+            // Work left over from the last pass (a read budget spent) means: do not sleep.
+            let timeout = if self.ready.is_empty() || self.clients_paused {
+                self.wheel.next_deadline().map(|d| d.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                result => result.map_err(ServerError::Poll)?,
+            }
+            let now = Instant::now(); // the only clock read in a pass
+            self.app.metrics.loop_iterations += 1;
+            for event in events.iter() {
+                self.note_readiness(event); // bits only, no I/O
+            }
+            self.accept_clients(now); // until WouldBlock (or out of descriptors)
+            self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
+            self.drive_clients(now); // client bytes -> Ws -> App
+            self.fire_timers(now); // wheel.expire(now) -> App / connections / links
+            self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
+            self.flush_outputs(now); // write each dirty buffer once
+            self.reap_closed(); // deregister + slab.remove, always last
+        }
+        info!("stopped");
+        Ok(())
+    }
+
+    fn note_readiness(&mut self, event: &mio::event::Event) {
+        trace!("event {:?} r={} w={} closed={}", event.token(), event.is_readable(), event.is_writable(), event.is_read_closed());
+        match self.tokens.parse(event.token()) {
+            Tok::Listener => self.accept_ready = true,
+            Tok::Signals => {
+                let caught: Vec<i32> = self.signals.pending().collect();
+                if !caught.is_empty() && !self.shutting_down {
+                    info!("signal {caught:?}: closing every client with 1001");
+                    self.begin_shutdown();
+                }
+            }
+            Tok::Link(i) => {
+                let link = &mut self.links[i];
+                // A connecting socket reports completion (or failure) as writable or error.
+                if event.is_readable() || event.is_error() || event.is_read_closed() {
+                    link.can_read = true;
+                }
+                if event.is_writable() || event.is_error() {
+                    link.write_blocked = false;
+                    self.links_dirty = true;
+                }
+            }
+            Tok::Client(key) => {
+                let Some(conn) = self.conns.get_mut(key) else { return }; // reaped this pass
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    conn.can_read = true;
+                    if !conn.in_ready {
+                        conn.in_ready = true;
+                        self.ready.push(key);
+                    }
+                }
+                if event.is_writable() || event.is_error() {
+                    conn.write_blocked = false;
+                    if !conn.in_dirty {
+                        conn.in_dirty = true;
+                        self.dirty.push(key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_clients(&mut self, now: Instant) {
+        if !self.accept_ready || self.accept_paused {
+            return;
+        }
+        let Some(listener) = &self.listener else { return };
+        loop {
+            let (mut sock, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.accept_ready = false;
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::ConnectionAborted => {
+                    continue;
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOMEM: the backlog stays readable, so retrying now would spin.
+                    // Pause, and come back on a timer.
+                    warn!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY:?}");
+                    self.accept_paused = true;
+                    self.wheel.insert(now + ACCEPT_RETRY, TimerEvent::AcceptResume);
+                    return;
+                }
+            };
+            if self.conns.len() >= self.cfg.max_connections {
+                // Refused cleanly: an HTTP 503 the client can read, instead of a silent backlog.
+                use std::io::Write;
+                let _ = sock.write(REFUSAL);
+                self.app.metrics.refused += 1;
+                debug!("refused {peer}: at the limit of {} connections", self.cfg.max_connections);
+                continue;
+            }
+            let _ = sock.set_nodelay(true);
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            self.next_gen = self.next_gen.wrapping_add(1);
+            if let Err(e) = self.poll.registry().register(&mut sock, self.tokens.client(key), Interest::READABLE) {
+                warn!("cannot register a client: {e}");
+                continue;
+            }
+            let mut conn = Conn::new(sock, self.next_gen, peer, now);
+            conn.timer = Some(self.wheel.insert(now + self.cfg.handshake_timeout, TimerEvent::Conn(conn.id(key))));
+            conn.in_ready = true;
+            entry.insert(conn);
+            self.ready.push(key);
+            self.app.metrics.accepted += 1;
+            debug!("conn={key} accepted from {peer}");
+        }
+    }
+
+    fn drive_gearman(&mut self, now: Instant) {
+        for i in 0..self.links.len() {
+            let link = &mut self.links[i];
+            let event_seen = link.can_read || !link.write_blocked;
+            if let LinkState::Connecting(sock) = &mut link.state {
+                // A nonblocking connect is done when the socket is writable: take_error() says
+                // whether it failed, peer_addr() whether it is really connected yet.
+                if !event_seen {
+                    continue;
+                }
+                match (sock.take_error(), sock.peer_addr()) {
+                    (Ok(None), Ok(_)) => self.link_up(i),
+                    (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => continue,
+                    (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => {
+                        self.link_down(i, now, &format!("connect failed: {e}"));
+                        continue;
+                    }
+                }
+            }
+            self.read_link(i, now);
+        }
+        self.update_client_pause();
+    }
+
+    fn link_up(&mut self, i: usize) {
+        let link = &mut self.links[i];
+        let LinkState::Connecting(sock) = std::mem::replace(&mut link.state, LinkState::Down) else { return };
+        let _ = sock.set_nodelay(true);
+        link.state = LinkState::Up(sock);
+        link.failures = 0;
+        link.connects += 1;
+        link.can_read = true;
+        link.session.start(&mut link.output);
+        self.links_dirty = true;
+        self.app.metrics.gearmand_connects += 1;
+        info!("gearmand {} connected", link.addr);
+        self.app.handle_link_up(i);
+    }
+
+    fn read_link(&mut self, i: usize, now: Instant) {
+        let link = &mut self.links[i];
+        let LinkState::Up(sock) = &mut link.state else { return };
+        if !link.can_read {
+            return;
+        }
+        // gearmand is trusted to be fast; its input is bounded by the packet limit only.
+        let budget = usize::MAX / 2;
+        let outcome = fill(sock, &mut link.input, &mut self.scratch, budget);
+        let decoded = link.session.handle_input(&mut link.input);
+        while let Some(event) = link.session.poll_event() {
+            trace!("gearmand {i}: {event:?}");
+            self.app.handle_job_event(i, event, now);
+        }
+        let link = &mut self.links[i];
+        match (outcome, decoded) {
+            (_, Err(e)) => self.link_down(i, now, &format!("protocol error: {e}")),
+            (Err(e), _) => self.link_down(i, now, &format!("read failed: {e}")),
+            (Ok((Io::Eof, _)), _) => self.link_down(i, now, "gearmand closed the connection"),
+            (Ok((Io::Blocked, _)), _) => link.can_read = false,
+            (Ok((Io::Paused, _)), _) => {} // input full mid-packet: the next pass reads on
+        }
+    }
+
+    /// A link failed: its jobs end (the App sends their terminal replies), and a reconnect is
+    /// armed with exponential back-off and jitter.
+    fn link_down(&mut self, i: usize, now: Instant, why: &str) {
+        let link = &mut self.links[i];
+        let was_up = link.is_up();
+        if let Some(sock) = link.sock() {
+            let _ = self.poll.registry().deregister(sock);
+        }
+        link.state = LinkState::Down;
+        link.reset_buffers();
+        link.failures = link.failures.saturating_add(1);
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let delay = link.backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, self.rng);
+        if was_up {
+            warn!("gearmand {} lost ({why}); reconnecting in {delay:?}", link.addr);
+        } else {
+            debug!("gearmand {}: {why}; retrying in {delay:?}", link.addr);
+        }
+        self.app.metrics.gearmand_disconnects += 1;
+        self.wheel.insert(now + delay, TimerEvent::Reconnect(i));
+        self.app.handle_link_down(i);
+    }
+
+    fn connect_link(&mut self, i: usize, now: Instant) {
+        let token = self.tokens.link(i);
+        let registry: &Registry = self.poll.registry();
+        let result = self.links[i]
+            .start_connect()
+            .and_then(|sock| registry.register(sock, token, Interest::READABLE | Interest::WRITABLE));
+        match result {
+            Ok(()) => {
+                // Gearman links are few and long-lived: registered for both directions once, so
+                // that the connect's completion (a writable edge) is seen.
+                self.links[i].write_blocked = true;
+                debug!("gearmand {}: connecting", self.links[i].addr);
+            }
+            Err(e) => self.link_down(i, now, &format!("connect failed: {e}")),
+        }
+    }
+
+    /// Stops reading clients while gearmand is not taking our bytes, so that memory stays
+    /// bounded when gearmand is slow; resumes below the low water mark.
+    fn update_client_pause(&mut self) {
+        let worst = self.links.iter().map(|l| l.output.len()).max().unwrap_or(0);
+        if !self.clients_paused && worst > self.cfg.gearman_out_high_bytes {
+            debug!("gearmand output {worst} bytes: pausing client reads");
+            self.clients_paused = true;
+        } else if self.clients_paused && worst < self.cfg.gearman_out_low_bytes {
+            self.clients_paused = false;
+        }
+    }
+
+    fn drive_clients(&mut self, now: Instant) {
+        if self.clients_paused {
+            return;
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for &key in &ready {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.in_ready = false;
+                self.drive_client(key, now);
+            }
+        }
+        // Keep the allocation; entries pushed during this pass (paused reads) are kept too.
+        let mut ready = ready;
+        ready.clear();
+        ready.append(&mut self.ready);
+        self.ready = ready;
+    }
+
+    /// One client: read what its socket has (up to the budget), run the protocol, hand each
+    /// event to the App. Writing happens later, in `flush_outputs`, once per pass.
+    fn drive_client(&mut self, key: usize, now: Instant) {
+        let conn = &mut self.conns[key];
+        if !conn.can_read || conn.life == Life::Dead {
+            return;
+        }
+        let id = conn.id(key);
+        let outcome = match conn.ws.input() {
+            Some(input) if conn.life == Life::Live => {
+                fill(&mut conn.sock, input, &mut self.scratch, self.cfg.read_budget_bytes)
+            }
+            // Draining or lingering: what the peer still sends is read and dropped.
+            _ => discard(&mut conn.sock, &mut self.scratch),
+        };
+        match outcome {
+            Ok((_, n)) if n > 0 => {
+                conn.last_seen = now;
+                conn.pinged = false;
+            }
+            _ => {}
+        }
+        match outcome {
+            Ok((Io::Blocked, _)) => conn.can_read = false,
+            Ok((Io::Paused, _)) => {
+                // Budget spent or buffer full: come back next pass without waiting for an edge.
+                conn.in_ready = true;
+                self.ready.push(key);
+            }
+            Ok((Io::Eof, _)) => {
+                conn.can_read = false;
+                conn.peer_eof = true;
+                conn.ws.handle_eof();
+            }
+            Err(e) => {
+                conn.kill(CloseReason::Io(e.kind()));
+                return self.app.handle_client_closed(id);
+            }
+        }
+        if conn.life != Life::Live {
+            if matches!(outcome, Ok((Io::Eof, _))) {
+                // The peer hung up after our last bytes: done.
+                let reason = conn.reason.clone().unwrap_or(CloseReason::PeerClosed);
+                conn.kill(reason);
+            }
+            return;
+        }
+        while let Some(event) = self.conns[key].ws.poll_event(&self.limits) {
+            self.on_ws_event(key, id, event, now);
+        }
+        let conn = &mut self.conns[key];
+        if conn.life == Life::Live && conn.ws.is_done() {
+            conn.drain(CloseReason::PeerClosed);
+        }
+        if matches!(outcome, Ok((Io::Eof, _))) && conn.life == Life::Live {
+            // FIN in the middle of a frame or before any request: nothing more can come.
+            conn.kill(CloseReason::PeerClosed);
+            self.app.handle_client_closed(id);
+        }
+        let conn = &mut self.conns[key];
+        if conn.ws.output_len() > 0 || conn.life != Life::Live {
+            mark_dirty(&mut self.dirty, conn, key);
+        }
+    }
+
+    fn on_ws_event(&mut self, key: usize, id: ConnId, event: WsEvent, now: Instant) {
+        match event {
+            WsEvent::Opened => {
+                let conn = &mut self.conns[key];
+                self.app.metrics.handshakes += 1;
+                debug!("conn={key} open");
+                if let Some(t) = conn.timer.take() {
+                    self.wheel.cancel(t);
+                }
+                conn.timer = Some(self.wheel.insert(now + self.cfg.idle_timeout, TimerEvent::Conn(id)));
+                let trusted = conn.peer.ip().is_loopback();
+                self.app.handle_client_open(id, trusted);
+            }
+            WsEvent::Http { method, path } => self.answer_http(key, &method, &path),
+            WsEvent::Text(text) => self.app.handle_client_text(id, &text, now),
+            WsEvent::Binary => self.app.handle_client_binary(id),
+            WsEvent::Closed => {
+                debug!("conn={key} close frame from peer");
+                self.conns[key].drain(CloseReason::PeerClosed);
+                self.app.handle_client_closed(id);
+            }
+            WsEvent::Failed { code, why } => {
+                warn!("conn={key} reason=protocol code={code}: {why}");
+                self.conns[key].drain(CloseReason::Protocol(code));
+                self.app.handle_client_closed(id);
+            }
+        }
+    }
+
+    fn answer_http(&mut self, key: usize, method: &str, path: &str) {
+        self.app.metrics.http_requests += 1;
+        let path = path.split('?').next().unwrap_or("");
+        let known = matches!(path, "/healthz" | "/metrics");
+        let (status, reason, ctype, body): (u16, &str, &str, Vec<u8>) = if !known {
+            (404, "Not Found", "text/plain; charset=utf-8", b"not found\n".to_vec())
+        } else if method != "GET" {
+            (405, "Method Not Allowed", "text/plain; charset=utf-8", b"only GET\n".to_vec())
+        } else if path == "/healthz" {
+            let links: Vec<_> = self
+                .links
+                .iter()
+                .map(|l| json!({"server": l.addr, "state": l.state_name(), "connects": l.connects}))
+                .collect();
+            let up = self.links.iter().any(GearmanLink::is_up);
+            let body = json!({
+                "status": if up { "ok" } else { "unavailable" },
+                "gearmand": links,
+                "connections": self.conns.len(),
+                "jobs_in_flight": self.app.jobs_in_flight(),
+                "jobs_queued": self.app.jobs_queued(),
+            });
+            let (status, reason) = if up { (200, "OK") } else { (503, "Service Unavailable") };
+            (status, reason, "application/json", format!("{body}\n").into_bytes())
+        } else {
+            let gauges = Gauges {
+                connections: self.conns.len(),
+                jobs_in_flight: self.app.jobs_in_flight(),
+                jobs_queued: self.app.jobs_queued(),
+                timers: self.wheel.len(),
+                stored_values: self.app.stored_values(),
+                links: self.links.iter().map(|l| (l.addr.clone(), l.state_name())).collect(),
+            };
+            let text = self.app.metrics.render(&gauges);
+            (200, "OK", "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
+        };
+        let conn = &mut self.conns[key];
+        conn.ws.respond(status, reason, ctype, &body);
+        conn.drain(CloseReason::HttpDone);
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.expire(now, &mut fired);
+        for event in fired.drain(..) {
+            match event {
+                TimerEvent::Conn(id) => self.on_conn_timer(id, now),
+                TimerEvent::Reconnect(i) => self.connect_link(i, now),
+                TimerEvent::AcceptResume => {
+                    self.accept_paused = false;
+                    self.accept_ready = true;
+                    self.accept_clients(now);
+                }
+                TimerEvent::ShutdownDeadline => {
+                    info!("shutdown grace over; {} connections cut", self.conns.len());
+                    self.stop = true;
+                }
+                TimerEvent::App(timer) => self.app.handle_timer(timer, now),
+            }
+        }
+        self.fired = fired;
+    }
+
+    /// A connection's one timer: the handshake deadline, the idle check, or the close deadline.
+    fn on_conn_timer(&mut self, id: ConnId, now: Instant) {
+        let key = id.key as usize;
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
+        conn.timer = None;
+        let rearm = match conn.life {
+            Life::Draining | Life::Lingering => {
+                conn.kill(CloseReason::CloseTimeout);
+                None
+            }
+            Life::Dead => None,
+            Life::Live if conn.ws.is_handshaking() => {
+                debug!("conn={key} reason=handshake_timeout");
+                conn.ws.respond(408, "Request Timeout", "text/plain", b"request not received in time\n");
+                conn.drain(CloseReason::HandshakeTimeout);
+                self.app.handle_client_closed(id);
+                None
+            }
+            Life::Live => {
+                let idle = now.saturating_duration_since(conn.last_seen);
+                if idle < self.cfg.idle_timeout {
+                    Some(conn.last_seen + self.cfg.idle_timeout)
+                } else if !conn.pinged {
+                    // Keepalive: any answer (the pong) counts as traffic and resets `last_seen`.
+                    conn.pinged = true;
+                    conn.ws.send_ping();
+                    Some(now + self.cfg.idle_timeout)
+                } else {
+                    debug!("conn={key} reason=idle_timeout");
+                    conn.ws.close(1001, "idle timeout");
+                    conn.drain(CloseReason::IdleTimeout);
+                    self.app.handle_client_closed(id);
+                    None
+                }
+            }
+        };
+        let conn = &mut self.conns[key];
+        if let Some(at) = rearm {
+            conn.timer = Some(self.wheel.insert(at, TimerEvent::Conn(id)));
+        }
+        if conn.ws.output_len() > 0 || conn.life != Life::Live {
+            mark_dirty(&mut self.dirty, conn, key);
+        }
+    }
+
+    fn apply_effects(&mut self, now: Instant) {
+        let mut effects = std::mem::take(&mut self.effects);
+        // App timers can add effects while effects are applied; loop until none are left.
+        loop {
+            self.app.drain_effects(&mut effects);
+            if effects.is_empty() {
+                break;
+            }
+            for effect in effects.drain(..) {
+                self.apply_effect(effect, now);
+            }
+        }
+        self.effects = effects;
+    }
+
+    fn apply_effect(&mut self, effect: Effect, _now: Instant) {
+        match effect {
+            Effect::Send(id, text) => {
+                let key = id.key as usize;
+                let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
+                if conn.ws.send_text(text) {
+                    mark_dirty(&mut self.dirty, conn, key);
+                }
+            }
+            Effect::Submit { link, tag, function, unique, payload, mode, priority } => {
+                let l = &mut self.links[link];
+                if l.is_up() {
+                    l.session.submit(tag, &function, &unique, &payload, mode, priority, &mut l.output);
+                    self.links_dirty = true;
+                }
+            }
+            Effect::GetStatus { link, handle } => {
+                let l = &mut self.links[link];
+                if l.is_up() {
+                    l.session.get_status(&handle, &mut l.output);
+                    self.links_dirty = true;
+                }
+            }
+            Effect::Arm(at, timer) => {
+                self.wheel.insert(at, TimerEvent::App(timer));
+            }
+        }
+    }
+
+    /// Writes each buffer that has bytes, once. A write that blocks adds WRITABLE interest; a
+    /// buffer that empties removes it again, so idle sockets cause no writable wakeups.
+    fn flush_outputs(&mut self, now: Instant) {
+        if self.links_dirty {
+            self.links_dirty = false;
+            for i in 0..self.links.len() {
+                let link = &mut self.links[i];
+                if link.output.is_empty() || link.write_blocked {
+                    continue;
+                }
+                let LinkState::Up(sock) = &mut link.state else { continue };
+                match flush(sock, &mut link.output) {
+                    Ok(Io::Blocked) => link.write_blocked = true,
+                    Ok(_) => {}
+                    Err(e) => self.link_down(i, now, &format!("write failed: {e}")),
+                }
+            }
+            self.update_client_pause();
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            conn.in_dirty = false;
+            self.flush_client(key, now);
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    fn flush_client(&mut self, key: usize, now: Instant) {
+        let conn = &mut self.conns[key];
+        if conn.life == Life::Dead {
+            return;
+        }
+        if conn.life != Life::Live && !conn.close_armed {
+            // Leaving `Live` bounds what is left of the connection's life by the close timeout.
+            conn.close_armed = true;
+            if let Some(t) = conn.timer.take() {
+                self.wheel.cancel(t);
+            }
+            let at = now + self.cfg.close_timeout;
+            conn.timer = Some(self.wheel.insert(at, TimerEvent::Conn(conn.id(key))));
+        }
+        if !conn.write_blocked && conn.ws.output_len() > 0 {
+            match flush(&mut conn.sock, conn.ws.output()) {
+                Ok(Io::Blocked) => conn.write_blocked = true,
+                Ok(_) => {}
+                Err(e) => {
+                    let id = conn.id(key);
+                    conn.kill(CloseReason::Io(e.kind()));
+                    return self.app.handle_client_closed(id);
+                }
+            }
+        }
+        let pending = conn.ws.output_len();
+        if pending > self.cfg.client_out_limit_bytes {
+            // A reader that does not read: drop it rather than buffer without bound.
+            let id = conn.id(key);
+            conn.kill(CloseReason::OutputLimit);
+            return self.app.handle_client_closed(id);
+        }
+        let want_writable = pending > 0;
+        if want_writable != conn.writable_interest {
+            let interest = if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            let _ = self.poll.registry().reregister(&mut conn.sock, self.tokens.client(key), interest);
+            conn.writable_interest = want_writable;
+        }
+        if pending == 0 {
+            conn.ws.release_idle_buffers();
+            if conn.life == Life::Draining && conn.peer_eof {
+                let reason = conn.reason.clone().unwrap_or(CloseReason::PeerClosed);
+                conn.kill(reason);
+            } else if conn.life == Life::Draining {
+                // All our bytes are out: shut our side and wait for the peer to hang up, reading
+                // what it still sends (closing with unread input would reset the connection and
+                // could destroy our last frame before the peer reads it).
+                let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+                conn.life = Life::Lingering;
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let now = Instant::now();
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.ws.is_open() {
+                conn.ws.close(1001, "server shutting down");
+                conn.drain(CloseReason::Shutdown);
+            } else if conn.life == Life::Live {
+                conn.kill(CloseReason::Shutdown);
+            }
+            mark_dirty(&mut self.dirty, conn, key);
+        }
+        let ids: Vec<ConnId> = self.conns.iter().map(|(k, c)| c.id(k)).collect();
+        for id in ids {
+            self.app.handle_client_closed(id);
+        }
+        self.wheel.insert(now + self.cfg.close_timeout, TimerEvent::ShutdownDeadline);
+        if self.conns.is_empty() {
+            self.stop = true;
+        }
+    }
+
+    fn reap_closed(&mut self) {
+        let dead: Vec<usize> =
+            self.conns.iter().filter(|(_, c)| c.life == Life::Dead).map(|(k, _)| k).collect();
+        for key in dead {
+            let mut conn = self.conns.remove(key);
+            let _ = self.poll.registry().deregister(&mut conn.sock);
+            if let Some(t) = conn.timer {
+                self.wheel.cancel(t);
+            }
+            self.app.metrics.closed += 1;
+            match conn.reason {
+                Some(CloseReason::PeerClosed | CloseReason::HttpDone | CloseReason::Shutdown) | None => {
+                    debug!("conn={key} closed reason={:?}", conn.reason)
+                }
+                Some(reason) => warn!("conn={key} peer={} closed reason={reason:?}", conn.peer),
+            }
+        }
+        if self.shutting_down && self.conns.is_empty() {
+            self.stop = true;
+        }
+    }
+}
+
+fn mark_dirty(dirty: &mut Vec<usize>, conn: &mut Conn, key: usize) {
+    if !conn.in_dirty {
+        conn.in_dirty = true;
+        dirty.push(key);
+    }
+}
