@@ -576,7 +576,7 @@ impl App {
         now: Instant,
     ) -> Option<JobTag> {
         let max_jobs = self.cfg.max_jobs_per_connection;
-        let Some(client) = self.client(id) else { return None };
+        let client = self.client(id)?;
         if client.jobs.len() >= max_jobs {
             let text = format!("at most {max_jobs} unfinished jobs per connection");
             self.error(id, "too_many_jobs", &text, reference.as_ref());
@@ -895,7 +895,7 @@ impl App {
     /// Removes a job everywhere it is indexed.
     fn end_job(&mut self, tag: JobTag, outcome: &str) {
         let (key, generation) = split_tag(tag);
-        if !self.jobs.get(key).is_some_and(|j| j.generation == generation) {
+        if self.jobs.get(key).is_none_or(|j| j.generation != generation) {
             return;
         }
         let job = self.jobs.remove(key);

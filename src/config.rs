@@ -16,7 +16,7 @@ use crate::worker::WorkerOptions;
 #[derive(Debug)]
 pub enum Command {
     /// `gearsock serve` (also plain `gearsock`).
-    Serve(Config),
+    Serve(Box<Config>),
     /// `gearsock worker`: the article's ping worker.
     Worker(WorkerOptions),
     /// `gearsock submit FUNCTION [PAYLOAD]`: the article's gearman-client.
@@ -315,7 +315,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
     c.max_frame_bytes = c.max_frame_bytes.min(c.max_message_bytes);
     c.client_in_limit_bytes = c.max_frame_bytes + 14;
     c.validate()?;
-    Ok(Command::Serve(c))
+    Ok(Command::Serve(Box::new(c)))
 }
 
 fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
