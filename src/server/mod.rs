@@ -79,6 +79,8 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const WHEEL_TICK: Duration = Duration::from_millis(1);
 const WHEEL_SLOTS: usize = 4096;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The demo page, built into the binary.
+const DEMO_PAGE: &str = include_str!("../demo.html");
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
 Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
 
@@ -525,11 +527,13 @@ impl Server {
     fn answer_http(&mut self, key: usize, method: &str, path: &str) {
         self.app.metrics.http_requests += 1;
         let path = path.split('?').next().unwrap_or("");
-        let known = matches!(path, "/healthz" | "/metrics");
+        let known = matches!(path, "/" | "/healthz" | "/metrics");
         let (status, reason, ctype, body): (u16, &str, &str, Vec<u8>) = if !known {
             (404, "Not Found", "text/plain; charset=utf-8", b"not found\n".to_vec())
         } else if method != "GET" {
             (405, "Method Not Allowed", "text/plain; charset=utf-8", b"only GET\n".to_vec())
+        } else if path == "/" {
+            (200, "OK", "text/html; charset=utf-8", DEMO_PAGE.as_bytes().to_vec())
         } else if path == "/healthz" {
             let links: Vec<_> = self
                 .links
