@@ -104,6 +104,8 @@ pub struct Server {
     dirty: Vec<usize>,
     /// Links with output to write this pass.
     links_dirty: bool,
+    /// Clients found dead this pass, removed by `reap_closed`.
+    dead: Vec<usize>,
     accept_ready: bool,
     accept_paused: bool,
     /// gearmand output is over the high water mark: clients are not read until it drains.
@@ -155,6 +157,7 @@ impl Server {
             ready: Vec::new(),
             dirty: Vec::new(),
             links_dirty: false,
+            dead: Vec::new(),
             accept_ready: true,
             accept_paused: false,
             clients_paused: false,
@@ -431,8 +434,17 @@ impl Server {
     }
 
     /// One client: read what its socket has (up to the budget), run the protocol, hand each
-    /// event to the App. Writing happens later, in `flush_outputs`, once per pass.
+    /// event to the App. Writing happens later, in `flush_outputs`, once per pass; a connection
+    /// that has replies or is ending is put on the dirty list for it.
     fn drive_client(&mut self, key: usize, now: Instant) {
+        self.read_client(key, now);
+        let conn = &mut self.conns[key];
+        if conn.ws.output_len() > 0 || conn.life != Life::Live {
+            mark_dirty(&mut self.dirty, conn, key);
+        }
+    }
+
+    fn read_client(&mut self, key: usize, now: Instant) {
         let conn = &mut self.conns[key];
         if !conn.can_read || conn.life == Life::Dead {
             return;
@@ -488,10 +500,6 @@ impl Server {
             // FIN in the middle of a frame or before any request: nothing more can come.
             conn.kill(CloseReason::PeerClosed);
             self.app.handle_client_closed(id);
-        }
-        let conn = &mut self.conns[key];
-        if conn.ws.output_len() > 0 || conn.life != Life::Live {
-            mark_dirty(&mut self.dirty, conn, key);
         }
     }
 
@@ -702,6 +710,10 @@ impl Server {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             conn.in_dirty = false;
             self.flush_client(key, now);
+            // Every connection that dies in a pass passes through here: its end was marked dirty.
+            if self.conns[key].life == Life::Dead {
+                self.dead.push(key);
+            }
         }
         let mut dirty = dirty;
         dirty.clear();
@@ -787,9 +799,11 @@ impl Server {
     }
 
     fn reap_closed(&mut self) {
-        let dead: Vec<usize> =
-            self.conns.iter().filter(|(_, c)| c.life == Life::Dead).map(|(k, _)| k).collect();
-        for key in dead {
+        let mut dead = std::mem::take(&mut self.dead);
+        for key in dead.drain(..) {
+            if !self.conns.get(key).is_some_and(|c| c.life == Life::Dead) {
+                continue; // listed twice
+            }
             let mut conn = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut conn.sock);
             if let Some(t) = conn.timer {
@@ -803,6 +817,7 @@ impl Server {
                 Some(reason) => warn!("conn={key} peer={} closed reason={reason:?}", conn.peer),
             }
         }
+        self.dead = dead;
         if self.shutting_down && self.conns.is_empty() {
             self.stop = true;
         }
