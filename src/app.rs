@@ -513,8 +513,12 @@ impl App {
     }
 
     fn on_ping(&mut self, id: ConnId, reference: Option<Value>, now: Instant) {
-        let submission =
-            Submission { function: b"ping".to_vec(), unique: Vec::new(), payload: b"noop".to_vec(), priority: Priority::Normal };
+        let submission = Submission {
+            function: b"ping".to_vec(),
+            unique: Vec::new(),
+            payload: b"noop".to_vec(),
+            priority: Priority::Normal,
+        };
         if self.accept_job(id, Kind::Ping, reference, submission, now).is_some() {
             // The article answers at once, before anything is known about the job.
             self.send(id, PING_ACK.to_string());
@@ -533,7 +537,9 @@ impl App {
             (Some(p), None) => p.into_bytes(),
             (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
                 Ok(bytes) => bytes,
-                Err(e) => return self.error(id, "bad_request", &format!("payload_b64 is not base64: {e}"), r),
+                Err(e) => {
+                    return self.error(id, "bad_request", &format!("payload_b64 is not base64: {e}"), r);
+                }
             },
             (None, None) => Vec::new(),
             (Some(_), Some(_)) => {
@@ -561,7 +567,8 @@ impl App {
         if unique.len() > MAX_UNIQUE_BYTES || unique.contains('\0') {
             return self.error(id, "bad_request", "unique ids are at most 63 bytes, without NUL", r);
         }
-        let submission = Submission { function: function.into_bytes(), unique: unique.into_bytes(), payload, priority };
+        let submission =
+            Submission { function: function.into_bytes(), unique: unique.into_bytes(), payload, priority };
         self.accept_job(id, kind, msg.reference, submission, now);
     }
 
@@ -584,7 +591,12 @@ impl App {
         }
         let link = self.pick_link();
         if link.is_none() && self.queued >= self.cfg.queue_limit {
-            self.error(id, "unavailable", "no gearmand is connected and the wait queue is full", reference.as_ref());
+            self.error(
+                id,
+                "unavailable",
+                "no gearmand is connected and the wait queue is full",
+                reference.as_ref(),
+            );
             return None;
         }
         self.next_gen = self.next_gen.wrapping_add(1);
@@ -652,13 +664,16 @@ impl App {
         let Some(handle) = msg.job else {
             return self.error(id, "bad_request", "status needs \"job\" (a handle this connection got)", r);
         };
-        let Some(client) = self.clients.get(id.key as usize).filter(|c| c.open && c.generation == id.generation)
+        let Some(client) =
+            self.clients.get(id.key as usize).filter(|c| c.open && c.generation == id.generation)
         else {
             return;
         };
         let mine = client.jobs.iter().rev().copied().find(|t| {
             let (k, g) = split_tag(*t);
-            self.jobs.get(k).is_some_and(|j| j.generation == g && j.handle.as_deref() == Some(handle.as_bytes()))
+            self.jobs
+                .get(k)
+                .is_some_and(|j| j.generation == g && j.handle.as_deref() == Some(handle.as_bytes()))
         });
         let Some(tag) = mine else {
             return self.error(id, "unknown_job", "no unfinished job of this connection has that handle", r);
@@ -698,7 +713,9 @@ impl App {
             .jobs
             .iter()
             .filter(|(_, j)| {
-                j.link == link && j.link_gen == generation && matches!(j.phase, Phase::Submitted | Phase::Running)
+                j.link == link
+                    && j.link_gen == generation
+                    && matches!(j.phase, Phase::Submitted | Phase::Running)
             })
             .map(|(k, j)| tag_of(k, j.generation))
             .collect();
@@ -949,11 +966,17 @@ mod tests {
     }
 
     fn sent(effects: &[Effect]) -> Vec<(ConnId, &str)> {
-        effects.iter().filter_map(|e| if let Effect::Send(c, t) = e { Some((*c, t.as_str())) } else { None }).collect()
+        effects
+            .iter()
+            .filter_map(|e| if let Effect::Send(c, t) = e { Some((*c, t.as_str())) } else { None })
+            .collect()
     }
 
     fn submitted(effects: &[Effect]) -> Vec<JobTag> {
-        effects.iter().filter_map(|e| if let Effect::Submit { tag, .. } = e { Some(*tag) } else { None }).collect()
+        effects
+            .iter()
+            .filter_map(|e| if let Effect::Submit { tag, .. } = e { Some(*tag) } else { None })
+            .collect()
     }
 
     fn up_app() -> App {
@@ -975,13 +998,22 @@ mod tests {
         assert!(matches!(&e[0], Effect::Submit { function, payload, mode: JobMode::Background, .. }
             if function == b"ping" && payload == b"noop"));
         app.handle_job_event(0, JobEvent::Created { tag, handle: b"H:vm:1".to_vec() }, t0);
-        assert_eq!(effects(&mut app), vec![Effect::Arm(t0 + Duration::from_millis(100), AppTimer::Poll(tag))]);
+        assert_eq!(
+            effects(&mut app),
+            vec![Effect::Arm(t0 + Duration::from_millis(100), AppTimer::Poll(tag))]
+        );
         app.handle_timer(AppTimer::Poll(tag), t0 + Duration::from_millis(100));
         assert_eq!(effects(&mut app), vec![Effect::GetStatus { link: 0, handle: b"H:vm:1".to_vec() }]);
         // The worker reports while the job still runs.
         app.handle_client_text(A, r#"{"type":"worker.complete","id":"H:vm:1","value":"done"}"#, t0);
         assert_eq!(sent(&effects(&mut app)), vec![(A, "got it!")]);
-        let gone = JobEvent::StatusRes { handle: b"H:vm:1".to_vec(), known: false, running: false, numerator: 0, denominator: 0 };
+        let gone = JobEvent::StatusRes {
+            handle: b"H:vm:1".to_vec(),
+            known: false,
+            running: false,
+            numerator: 0,
+            denominator: 0,
+        };
         app.handle_job_event(0, gone, t0 + Duration::from_millis(101));
         assert_eq!(sent(&effects(&mut app)), vec![(A, "job: H:vm:1"), (A, "value: done")]);
         assert_eq!(app.jobs_in_flight(), 0);
@@ -999,7 +1031,13 @@ mod tests {
         for (i, tag) in tags.iter().enumerate() {
             app.handle_job_event(0, JobEvent::Created { tag: *tag, handle: format!("H:vm:{i}").into() }, t0);
             app.handle_timer(AppTimer::Poll(*tag), t0);
-            let gone = JobEvent::StatusRes { handle: format!("H:vm:{i}").into(), known: false, running: false, numerator: 0, denominator: 0 };
+            let gone = JobEvent::StatusRes {
+                handle: format!("H:vm:{i}").into(),
+                known: false,
+                running: false,
+                numerator: 0,
+                denominator: 0,
+            };
             app.handle_job_event(0, gone, t0);
         }
         effects(&mut app);
@@ -1026,7 +1064,13 @@ mod tests {
         let tag = submitted(&effects(&mut app))[0];
         app.handle_job_event(0, JobEvent::Created { tag, handle: b"4".to_vec() }, t0);
         app.handle_timer(AppTimer::Poll(tag), t0);
-        let gone = JobEvent::StatusRes { handle: b"4".to_vec(), known: false, running: false, numerator: 0, denominator: 0 };
+        let gone = JobEvent::StatusRes {
+            handle: b"4".to_vec(),
+            known: false,
+            running: false,
+            numerator: 0,
+            denominator: 0,
+        };
         app.handle_job_event(0, gone, t0);
         app.handle_timer(AppTimer::Grace(tag), t0 + Duration::from_secs(1));
         assert!(sent(&effects(&mut app)).contains(&(A, "value: ")));
@@ -1052,7 +1096,15 @@ mod tests {
             .collect();
         assert_eq!(
             codes,
-            ["forbidden", "bad_json", "unknown_type", "bad_request", "bad_request", "bad_request", "bad_request"]
+            [
+                "forbidden",
+                "bad_json",
+                "unknown_type",
+                "bad_request",
+                "bad_request",
+                "bad_request",
+                "bad_request"
+            ]
         );
         assert!(sent(&e)[5].1.contains("\"ref\":7"));
     }

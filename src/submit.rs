@@ -54,8 +54,9 @@ impl Default for SubmitOptions {
 
 /// Runs `gearsock submit` and returns the process exit code.
 ///
-/// Foreground: prints `sending`, then `data: …` per WORK_DATA (also `status: n/d` and
-/// `warning: …`), then `complete: <result>` if the result is not empty, `failed`,
+/// Foreground: prints `sending`, then `data: …` per WORK_DATA (and `warning: …` per
+/// WORK_WARNING; WORK_STATUS goes to stderr as `status: n/d`, so stdout shows the article's
+/// lines), then `complete: <result>` if the result is not empty, `failed`,
 /// `exception: …` or `error: CODE message`, and last the article's
 /// `before the 'received' message`. Exit code 0 on completion, 1 otherwise.
 ///
@@ -97,7 +98,8 @@ fn run_foreground(link: &mut Link) -> Result<i32, Box<dyn Error>> {
             JobEvent::Data { data, .. } => say(&format!("data: {}", String::from_utf8_lossy(&data))),
             JobEvent::Warning { data, .. } => say(&format!("warning: {}", String::from_utf8_lossy(&data))),
             JobEvent::Status { numerator, denominator, .. } => {
-                say(&format!("status: {numerator}/{denominator}"))
+                // Progress goes to stderr: stdout keeps the article's exact lines.
+                eprintln!("status: {numerator}/{denominator}");
             }
             JobEvent::Complete { data, .. } => {
                 if !data.is_empty() {

@@ -785,7 +785,7 @@ mod tests {
         while k < 1_000 {
             let grid = first + period * k;
             assert_eq!(wheel.next_deadline(), Some(grid), "drifted at period {k}");
-            if k % 7 == 0 {
+            if k.is_multiple_of(7) {
                 wheel.expire(grid - us(1), &mut fired);
                 assert!(fired.is_empty(), "fired early at period {k}");
             }

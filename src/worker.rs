@@ -260,7 +260,7 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(e),
                 Err(e) => {
-                    warn!("worker lost gearmand {}: {e}", self.addr);
+                    info!("worker lost gearmand {}: {e}", self.addr);
                     if link.heard_from_server {
                         self.backoff.reset();
                     }
@@ -272,6 +272,7 @@ impl Worker {
 
     /// Connects, sleeping the back-off delay before each attempt; gives up only at `deadline`.
     fn connect(&mut self, deadline: Option<Instant>) -> io::Result<Link> {
+        let mut first_failure = true;
         loop {
             let delay = self.backoff.next_delay();
             if let Some(deadline) = deadline
@@ -289,7 +290,11 @@ impl Worker {
                     }
                     return Ok(link);
                 }
-                Err(e) => warn!("worker cannot reach gearmand {}: {e} (retrying)", self.addr),
+                Err(e) if first_failure => {
+                    warn!("worker cannot reach gearmand {}: {e} (retrying with back-off)", self.addr);
+                    first_failure = false;
+                }
+                Err(e) => debug!("worker cannot reach gearmand {}: {e}", self.addr),
             }
         }
     }

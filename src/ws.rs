@@ -217,13 +217,12 @@ impl Ws {
         };
         let method = request.method.unwrap_or("").to_string();
         let path = request.path.unwrap_or("").to_string();
-        let header = |name: &str| {
-            request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
-        };
+        let header =
+            |name: &str| request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
         let has_token = |name: &str, token: &str| {
-            header(name).and_then(|v| std::str::from_utf8(v).ok()).is_some_and(|v| {
-                v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token))
-            })
+            header(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
         };
         if !has_token("upgrade", "websocket") {
             let output = self.take_output();

@@ -24,11 +24,11 @@ pub struct JobTag(pub u64);
 /// Gearman's three queue levels (per function in gearmand 1.1.20, not global).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
-    /// SUBMIT_JOB_LOW[_BG].
+    /// `SUBMIT_JOB_LOW` / `SUBMIT_JOB_LOW_BG`.
     Low,
-    /// SUBMIT_JOB[_BG].
+    /// `SUBMIT_JOB` / `SUBMIT_JOB_BG`.
     Normal,
-    /// SUBMIT_JOB_HIGH[_BG].
+    /// `SUBMIT_JOB_HIGH` / `SUBMIT_JOB_HIGH_BG`.
     High,
 }
 

@@ -92,11 +92,9 @@ impl GearmanLink {
     /// Starts a nonblocking connect. Name resolution is the one blocking step; with the usual
     /// numeric `HOST:PORT` it does not touch the network.
     pub fn start_connect(&mut self) -> std::io::Result<&mut TcpStream> {
-        let addr: SocketAddr = self
-            .addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing"))?;
+        let addr: SocketAddr = self.addr.to_socket_addrs()?.next().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing")
+        })?;
         self.reset_buffers();
         self.state = LinkState::Connecting(TcpStream::connect(addr)?);
         match &mut self.state {

@@ -19,7 +19,12 @@ pub enum Io {
 
 /// Reads into `input` until WouldBlock, EOF, the buffer's limit or `budget` bytes.
 /// `scratch` is a reusable buffer shared by all connections (no per-read zeroing).
-pub fn fill(sock: &mut impl Read, input: &mut InBuf, scratch: &mut [u8], budget: usize) -> io::Result<(Io, usize)> {
+pub fn fill(
+    sock: &mut impl Read,
+    input: &mut InBuf,
+    scratch: &mut [u8],
+    budget: usize,
+) -> io::Result<(Io, usize)> {
     let mut total = 0;
     loop {
         let room = input.room().min(budget - total).min(scratch.len());

@@ -81,7 +81,8 @@ const WHEEL_SLOTS: usize = 4096;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The demo page, built into the binary.
 const DEMO_PAGE: &str = include_str!("../demo.html");
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
+const REFUSAL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
 Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
 
 /// The server: sockets, protocol state and the loop that drives them.
@@ -124,7 +125,9 @@ impl Server {
         let poll = Poll::new().map_err(ServerError::Poll)?;
         let mut listener = TcpListener::bind(cfg.listen).map_err(|e| ServerError::Bind(cfg.listen, e))?;
         let local_addr = listener.local_addr().map_err(|e| ServerError::Bind(cfg.listen, e))?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(ServerError::Register)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(ServerError::Register)?;
         let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Register)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
@@ -134,7 +137,8 @@ impl Server {
         for i in 0..links.len() {
             wheel.insert(now, TimerEvent::Reconnect(i));
         }
-        let seed = now.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
+        let seed =
+            now.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
         Ok(Server {
             limits: WsLimits {
                 max_message_bytes: cfg.max_message_bytes,
@@ -207,7 +211,13 @@ impl Server {
     }
 
     fn note_readiness(&mut self, event: &mio::event::Event) {
-        trace!("event {:?} r={} w={} closed={}", event.token(), event.is_readable(), event.is_writable(), event.is_read_closed());
+        trace!(
+            "event {:?} r={} w={} closed={}",
+            event.token(),
+            event.is_readable(),
+            event.is_writable(),
+            event.is_read_closed()
+        );
         match self.tokens.parse(event.token()) {
             Tok::Listener => self.accept_ready = true,
             Tok::Signals => {
@@ -284,12 +294,15 @@ impl Server {
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             self.next_gen = self.next_gen.wrapping_add(1);
-            if let Err(e) = self.poll.registry().register(&mut sock, self.tokens.client(key), Interest::READABLE) {
+            if let Err(e) =
+                self.poll.registry().register(&mut sock, self.tokens.client(key), Interest::READABLE)
+            {
                 warn!("cannot register a client: {e}");
                 continue;
             }
             let mut conn = Conn::new(sock, self.next_gen, peer, now);
-            conn.timer = Some(self.wheel.insert(now + self.cfg.handshake_timeout, TimerEvent::Conn(conn.id(key))));
+            conn.timer =
+                Some(self.wheel.insert(now + self.cfg.handshake_timeout, TimerEvent::Conn(conn.id(key))));
             conn.in_ready = true;
             entry.insert(conn);
             self.ready.push(key);
@@ -661,7 +674,9 @@ impl Server {
         match effect {
             Effect::Send(id, text) => {
                 let key = id.key as usize;
-                let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
+                let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else {
+                    return;
+                };
                 if conn.ws.send_text(text) {
                     mark_dirty(&mut self.dirty, conn, key);
                 }
@@ -754,7 +769,8 @@ impl Server {
         }
         let want_writable = pending > 0;
         if want_writable != conn.writable_interest {
-            let interest = if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            let interest =
+                if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
             let _ = self.poll.registry().reregister(&mut conn.sock, self.tokens.client(key), interest);
             conn.writable_interest = want_writable;
         }

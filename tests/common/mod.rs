@@ -44,7 +44,9 @@ impl Gearmand {
             .stderr(Stdio::null())
             .spawn()
             .expect("start /usr/sbin/gearmand (apt-get install gearman-job-server)");
-        wait_for("gearmand to listen", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_for("gearmand to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         Gearmand { child, port }
     }
 
@@ -95,7 +97,8 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().expect("kill");
+        let ok =
+            Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().expect("kill");
         assert!(ok.success());
     }
 
@@ -129,7 +132,8 @@ pub struct Server {
 
 impl Server {
     pub fn start(gearmand: &str, extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--gearmand", gearmand, "--log-level", "warn"];
+        let mut args =
+            vec!["serve", "--listen", "127.0.0.1:0", "--gearmand", gearmand, "--log-level", "warn"];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(&args);
         let line = proc.line();
