@@ -20,13 +20,14 @@ fn main() -> ExitCode {
         }
         Command::Serve(cfg) => {
             let _ = simple_logger::SimpleLogger::new().with_level(cfg.log_level).init();
-            gearsock::server::Server::bind(&cfg).and_then(|mut server| {
-                println!("listening on ws://{}", server.local_addr());
-                let _ = std::io::stdout().flush();
-                server.run()
-            })
-            .map(|()| 0)
-            .map_err(Into::into)
+            gearsock::server::Server::bind(&cfg)
+                .and_then(|mut server| {
+                    println!("listening on ws://{}", server.local_addr());
+                    let _ = std::io::stdout().flush();
+                    server.run()
+                })
+                .map(|()| 0)
+                .map_err(Into::into)
         }
         Command::Worker(opts) => {
             let _ = simple_logger::SimpleLogger::new().with_level(log::LevelFilter::Warn).init();

@@ -109,7 +109,8 @@ impl Metrics {
         family(&mut o, "jobs_finished_total", "counter", "Jobs ended, by mode and outcome.");
         for (mode, row) in MODES.iter().zip(&self.jobs_finished) {
             for (outcome, n) in OUTCOMES.iter().zip(row) {
-                let _ = writeln!(o, "gearsock_jobs_finished_total{{mode=\"{mode}\",outcome=\"{outcome}\"}} {n}");
+                let _ =
+                    writeln!(o, "gearsock_jobs_finished_total{{mode=\"{mode}\",outcome=\"{outcome}\"}} {n}");
             }
         }
         family(&mut o, "jobs_in_flight", "gauge", "Jobs not yet finished.");
@@ -145,7 +146,8 @@ mod tests {
     fn every_family_has_help_and_type() {
         let mut m = Metrics::default();
         m.messages_in[0] = 3;
-        let text = m.render(&Gauges { links: vec![("127.0.0.1:4730".into(), "connected")], ..Default::default() });
+        let text =
+            m.render(&Gauges { links: vec![("127.0.0.1:4730".into(), "connected")], ..Default::default() });
         assert!(text.contains("gearsock_messages_in_total{type=\"ping\"} 3"));
         assert!(text.contains("gearsock_gearmand_up{server=\"127.0.0.1:4730\",state=\"connected\"} 1"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
