@@ -85,8 +85,10 @@ pub struct Conn {
     pub last_seen: Instant,
     /// A keepalive ping is out and unanswered.
     pub pinged: bool,
-    /// The peer sent FIN.
+    /// The peer sent FIN (read returned 0).
     pub peer_eof: bool,
+    /// epoll signalled the peer's FIN (read-closed); reads must go on until they return 0.
+    pub hup_seen: bool,
     /// The timer now holds the close deadline (set once the connection leaves `Live`).
     pub close_armed: bool,
 }
@@ -110,6 +112,7 @@ impl Conn {
             last_seen: now,
             pinged: false,
             peer_eof: false,
+            hup_seen: false,
             close_armed: false,
         }
     }

@@ -118,8 +118,16 @@ mod tests {
         let mut input = InBuf::new(100);
         let mut scratch = [0u8; 4];
         let mut src: &[u8] = b"abcdefgh";
-        assert_eq!(fill(&mut src, &mut input, &mut scratch, 6).unwrap(), (Io::Paused, 6));
-        assert_eq!(fill(&mut src, &mut input, &mut scratch, 6).unwrap(), (Io::Eof, 2));
+        assert_eq!(fill(&mut src, &mut input, &mut scratch, 6, false).unwrap(), (Io::Paused, 6));
+        assert_eq!(fill(&mut src, &mut input, &mut scratch, 6, false).unwrap(), (Io::Eof, 2));
         assert_eq!(input.data(), b"abcdefgh");
+    }
+
+    #[test]
+    fn a_short_read_counts_as_drained() {
+        let mut input = InBuf::new(100);
+        let mut scratch = [0u8; 4];
+        let mut src: &[u8] = b"abcdef";
+        assert_eq!(fill(&mut src, &mut input, &mut scratch, 64, true).unwrap(), (Io::Blocked, 6));
     }
 }

@@ -242,6 +242,7 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else { return }; // reaped this pass
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     conn.can_read = true;
+                    conn.hup_seen |= event.is_read_closed() || event.is_error();
                     if !conn.in_ready {
                         conn.in_ready = true;
                         self.ready.push(key);
@@ -358,7 +359,7 @@ impl Server {
         }
         // gearmand is trusted to be fast; its input is bounded by the packet limit only.
         let budget = usize::MAX / 2;
-        let outcome = fill(sock, &mut link.input, &mut self.scratch, budget);
+        let outcome = fill(sock, &mut link.input, &mut self.scratch, budget, false);
         let decoded = link.session.handle_input(&mut link.input);
         while let Some(event) = link.session.poll_event() {
             trace!("gearmand {i}: {event:?}");
@@ -465,7 +466,7 @@ impl Server {
         let id = conn.id(key);
         let outcome = match conn.ws.input() {
             Some(input) if conn.life == Life::Live => {
-                fill(&mut conn.sock, input, &mut self.scratch, self.cfg.read_budget_bytes)
+                fill(&mut conn.sock, input, &mut self.scratch, self.cfg.read_budget_bytes, !conn.hup_seen)
             }
             // Draining or lingering: what the peer still sends is read and dropped.
             _ => discard(&mut conn.sock, &mut self.scratch),
