@@ -19,11 +19,18 @@ pub enum Io {
 
 /// Reads into `input` until WouldBlock, EOF, the buffer's limit or `budget` bytes.
 /// `scratch` is a reusable buffer shared by all connections (no per-read zeroing).
+///
+/// With `short_read_drains`, a read that returns less than it asked for counts as `Blocked`:
+/// the kernel had no more bytes at that moment, and any that arrive later raise a new edge
+/// (epoll(7) says as much). That saves the extra read that would only return WouldBlock: one
+/// syscall per batch on a busy connection. The caller passes false once the peer's FIN has been
+/// signalled (that edge is already consumed, so EOF must be read now).
 pub fn fill(
     sock: &mut impl Read,
     input: &mut InBuf,
     scratch: &mut [u8],
     budget: usize,
+    short_read_drains: bool,
 ) -> io::Result<(Io, usize)> {
     let mut total = 0;
     loop {
@@ -36,6 +43,9 @@ pub fn fill(
             Ok(n) => {
                 input.extend(&scratch[..n]);
                 total += n;
+                if short_read_drains && n < room {
+                    return Ok((Io::Blocked, total));
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, total)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
