@@ -27,7 +27,15 @@ fn codec(c: &mut Criterion) {
         let mut i = 0u64;
         b.iter(|| {
             i += 1;
-            session.submit(JobTag(i), b"echo", b"", &payload, JobMode::Foreground, Priority::Normal, &mut out);
+            session.submit(
+                JobTag(i),
+                b"echo",
+                b"",
+                &payload,
+                JobMode::Foreground,
+                Priority::Normal,
+                &mut out,
+            );
             if out.len() > 60_000 {
                 out.clear();
                 session = ClientSession::new(1 << 20);
@@ -44,7 +52,15 @@ fn codec(c: &mut Criterion) {
         encode_response(&mut wire, PacketType::WorkComplete, &[b"H:bench:1", &payload]);
         b.iter(|| {
             out.clear();
-            session.submit(JobTag(1), b"echo", b"", &payload, JobMode::Foreground, Priority::Normal, &mut out);
+            session.submit(
+                JobTag(1),
+                b"echo",
+                b"",
+                &payload,
+                JobMode::Foreground,
+                Priority::Normal,
+                &mut out,
+            );
             input.extend(&wire);
             session.handle_input(&mut input).expect("valid packets");
             let mut n = 0;

@@ -1,0 +1,389 @@
+//! `gearsock bench MODE`: the load generator users run against any server speaking our
+//! WebSocket protocol. It owns the command line of `bench` and picks the mode; it starts no
+//! gearmand and no server (only, on request, demo workers and its own baseline echo server).
+//!
+//! Layout, from the wire up:
+//!
+//! ```text
+//! wire.rs     client frames (pre-masked), server frame headers, the upgrade request/answer: sans-IO
+//! session.rs  one connection's protocol and workload: bytes in -> measurements + bytes out, sans-IO
+//! meter.rs    counters and hdrhistograms of one thread, merged into a Report
+//! driver.rs   the per-thread mio loop (nonblocking, edge-triggered) and the Fleet of threads
+//! sys.rs      the few Linux calls std lacks: bind before connect, CPU affinity, file limit, VmRSS
+//! echo.rs     the baseline: a one-thread mio line-echo server inside the bench process
+//! modes.rs    connect / roundtrip / jobs: what to run, in which order, and the output
+//! ```
+
+mod driver;
+mod echo;
+mod meter;
+mod modes;
+mod session;
+mod sys;
+mod wire;
+
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::config::{Command, value};
+
+/// The default message of `roundtrip`: the article's console snippet reporting a value.
+pub const DEFAULT_MESSAGE: &str = r#"{"type":"worker.complete","id":1,"value":"done"}"#;
+/// What the server answers to [`DEFAULT_MESSAGE`], word for word.
+pub const DEFAULT_REPLY: &str = "got it!";
+/// Descriptors kept back from the per-process connection cap (poll, stdio, workers, gearmand).
+const FD_RESERVE: usize = 1000;
+
+/// What `gearsock bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Opening connections: handshakes per second, handshake latency, idle memory per connection.
+    Connect,
+    /// Messages answered in order (`worker.complete` → `got it!` by default).
+    Roundtrip,
+    /// End-to-end stream jobs through the server to Gearman workers and back.
+    Jobs,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Mode, String> {
+        match text {
+            "connect" => Ok(Mode::Connect),
+            "roundtrip" => Ok(Mode::Roundtrip),
+            "jobs" => Ok(Mode::Jobs),
+            other => Err(format!("MODE must be connect, roundtrip or jobs, not {other:?}")),
+        }
+    }
+}
+
+impl Mode {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Connect => "connect",
+            Mode::Roundtrip => "roundtrip",
+            Mode::Jobs => "jobs",
+        }
+    }
+}
+
+/// Options of `gearsock bench`. Each field says its flag and default.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The mode (positional `MODE`).
+    pub mode: Mode,
+    /// `--url`: the server, `ws://HOST:PORT[/PATH]`. Default `ws://127.0.0.1:8080`.
+    pub url: String,
+    /// `--connections`: connections opened. Default 100.
+    pub connections: usize,
+    /// `--in-flight`: messages (roundtrip) or jobs (jobs) outstanding per connection. Default 1.
+    pub in_flight: usize,
+    /// `--duration-s`: the measured window (roundtrip, jobs). Default 10 s.
+    pub duration: Duration,
+    /// `--warmup-s`: load before the window that is not measured. Default 1 s.
+    pub warmup: Duration,
+    /// `--concurrency`: handshakes in flight while connecting. Default 100.
+    pub concurrency: usize,
+    /// `--hold`: seconds the connect mode keeps every connection open, idle, once all are up.
+    /// Default 0.
+    pub hold: Duration,
+    /// `--pid`: the server's pid: connect reads its VmRSS, roundtrip and jobs its CPU time.
+    /// Default none.
+    pub pid: Option<u32>,
+    /// `--gearmand-pid`: gearmand's pid, whose CPU time jobs mode reports. Default none.
+    pub gearmand_pid: Option<u32>,
+    /// `--message`: the roundtrip text. Default [`DEFAULT_MESSAGE`].
+    pub message: String,
+    /// `--expect`: the reply every roundtrip message must get. Default `got it!` for the default
+    /// message, any text reply for a custom one.
+    pub expect: Option<String>,
+    /// `--function`: the Gearman function of jobs. Default `echo`.
+    pub function: String,
+    /// `--payload-bytes`: the job payload's size. Default 16.
+    pub payload_bytes: usize,
+    /// `--gearmand`: where `--baseline` and `--spawn-workers` go in jobs mode. Default
+    /// `127.0.0.1:4730`.
+    pub gearmand: String,
+    /// `--baseline`: also run the transport baseline (roundtrip) or direct Gearman (jobs).
+    pub baseline: bool,
+    /// `--baseline-cpu`: pin the in-process echo server to this CPU. Default: the CPUs the
+    /// `--pid` server may use, else unpinned.
+    pub baseline_cpu: Option<usize>,
+    /// `--json`: one JSON object on stdout instead of the table.
+    pub json: bool,
+    /// `--threads`: client event loops. Default 1.
+    pub threads: usize,
+    /// `--source-ips`: spread connections over this many source addresses from
+    /// `--source-base` on (loopback targets). Default: enough for the ephemeral port range.
+    pub source_ips: Option<usize>,
+    /// `--source-base`: the first source address. Default `127.0.0.1`.
+    pub source_base: Ipv4Addr,
+    /// `--spawn-workers`: demo workers (echo, reverse, fail, boom) started on threads against
+    /// `--gearmand` for the jobs mode. Default 0.
+    pub spawn_workers: usize,
+    /// `--timeout-s`: a connection not through its handshake after this fails. Default 10 s.
+    pub timeout: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            mode: Mode::Roundtrip,
+            url: "ws://127.0.0.1:8080".into(),
+            connections: 100,
+            in_flight: 1,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(1),
+            concurrency: 100,
+            hold: Duration::ZERO,
+            pid: None,
+            gearmand_pid: None,
+            message: DEFAULT_MESSAGE.into(),
+            expect: None,
+            function: "echo".into(),
+            payload_bytes: 16,
+            gearmand: "127.0.0.1:4730".into(),
+            baseline: false,
+            baseline_cpu: None,
+            json: false,
+            threads: 1,
+            source_ips: None,
+            source_base: Ipv4Addr::LOCALHOST,
+            spawn_workers: 0,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+const BENCH_HELP: &str = "\
+gearsock bench: load generator for any server speaking gearsock's WebSocket protocol
+
+usage: gearsock bench MODE [flags]
+
+modes:
+  connect     open --connections with --concurrency handshakes in flight: handshakes/s,
+              handshake latency, failures; --hold S keeps them idle; --pid P reports the
+              server's RSS growth per idle connection
+  roundtrip   --connections x --in-flight messages outstanding for --duration-s after
+              --warmup-s: messages/s, latency, and every reply checked
+  jobs        stream jobs {\"type\":\"submit\",...} kept --in-flight per connection, each
+              waiting for job.complete: jobs/s, latency (the server allows 64 per connection
+              by default)
+
+flags:
+  --url URL              the server (ws://127.0.0.1:8080)
+  --connections N        connections (100); one process opens at most ~19,000
+  --in-flight W          outstanding messages or jobs per connection (1)
+  --duration-s D         measured seconds, fractions allowed (10)
+  --warmup-s S           unmeasured seconds of load first (1)
+  --concurrency C        handshakes in flight while connecting (100)
+  --hold S               connect: keep all connections open, idle, S seconds (0)
+  --pid P                the server's pid: connect reports its VmRSS before and after (start
+                         a fresh server: memory freed by earlier clients is reused); roundtrip
+                         and jobs its CPU use; the roundtrip baseline runs on its CPUs
+  --message TEXT         roundtrip text, which must get exactly one reply (default: the
+                         article's worker.complete, answered `got it!`)
+  --expect TEXT          roundtrip: the reply each message must get (custom message: any
+                         text but an {\"type\":\"error\",...} reply)
+  --function F           jobs: Gearman function (echo)
+  --payload-bytes N      jobs: payload size (16)
+  --gearmand HOST:PORT   jobs: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
+  --gearmand-pid P       jobs: gearmand's pid, for its CPU use over the window
+  --spawn-workers K      jobs: run K demo workers (echo, reverse, fail, boom) in this process
+  --baseline             roundtrip: also a plain TCP line-echo server inside this process;
+                         jobs: also a direct Gearman client; results shown side by side
+  --baseline-cpu N       run that echo server on CPU N (default: the CPUs of --pid)
+  --threads N            client event loops (1)
+  --source-ips N         spread connections over N source addresses (loopback targets; auto)
+  --source-base ADDR     first source address (127.0.0.1); give each process its own range
+  --timeout-s S          a connection not up after S seconds fails (10)
+  --json                 print one JSON object instead of the table
+  -h, --help             this text
+
+The exit status is 1 when any error, mismatched reply or failed connection was counted.
+";
+
+/// Parses `gearsock bench` flags.
+pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    use lexopt::Arg::{Long, Short, Value};
+    let mut o = BenchOptions::default();
+    let mut mode = None;
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("url") => o.url = value(parser)?,
+            Long("connections") => o.connections = value(parser)?,
+            Long("in-flight") => o.in_flight = value(parser)?,
+            Long("duration-s") => o.duration = seconds(parser)?,
+            Long("warmup-s") => o.warmup = seconds(parser)?,
+            Long("concurrency") => o.concurrency = value(parser)?,
+            Long("hold" | "hold-s") => o.hold = seconds(parser)?,
+            Long("pid") => o.pid = Some(value(parser)?),
+            Long("gearmand-pid") => o.gearmand_pid = Some(value(parser)?),
+            Long("message") => o.message = value(parser)?,
+            Long("expect") => o.expect = Some(value(parser)?),
+            Long("function") => o.function = value(parser)?,
+            Long("payload-bytes") => o.payload_bytes = value(parser)?,
+            Long("gearmand") => o.gearmand = value(parser)?,
+            Long("spawn-workers") => o.spawn_workers = value(parser)?,
+            Long("baseline") => o.baseline = true,
+            Long("baseline-cpu") => o.baseline_cpu = Some(value(parser)?),
+            Long("json") => o.json = true,
+            Long("threads") => o.threads = value(parser)?,
+            Long("source-ips") => o.source_ips = Some(value(parser)?),
+            Long("source-base") => o.source_base = value(parser)?,
+            Long("timeout-s") => o.timeout = seconds(parser)?,
+            Long("help") | Short('h') => return Ok(Command::Help(BENCH_HELP.into())),
+            Value(v) if mode.is_none() => {
+                mode = Some(v.into_string().map_err(|_| "MODE is not UTF-8")?.parse::<Mode>()?);
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    o.mode = mode.ok_or("MODE is missing: connect, roundtrip or jobs (try --help)")?;
+    o.validate()?;
+    Ok(Command::Bench(o))
+}
+
+/// Parses seconds, fractions allowed.
+fn seconds(parser: &mut lexopt::Parser) -> Result<Duration, String> {
+    let secs: f64 = value(parser)?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {secs}: {e}"))
+}
+
+impl BenchOptions {
+    /// Checks the flags against each other and against this process's open-file limit.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.connections == 0 || self.in_flight == 0 || self.concurrency == 0 || self.threads == 0 {
+            return Err("--connections, --in-flight, --concurrency and --threads must be at least 1".into());
+        }
+        if self.duration.is_zero() && self.mode != Mode::Connect {
+            return Err("--duration-s must be above zero".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("--timeout-s must be above zero".into());
+        }
+        parse_url(&self.url)?;
+        if self.source_ips == Some(0) {
+            return Err("--source-ips must be at least 1".into());
+        }
+        if self.mode == Mode::Roundtrip && self.baseline && self.message.contains('\n') {
+            return Err("--baseline sends the message as one line: it must not contain a newline".into());
+        }
+        if self.mode == Mode::Jobs && self.function.is_empty() {
+            return Err("--function must not be empty".into());
+        }
+        // The in-process echo server holds a descriptor per baseline connection too.
+        let per_connection = if self.mode == Mode::Roundtrip && self.baseline { 2 } else { 1 };
+        let files = sys::open_file_hard_limit();
+        let cap = files.saturating_sub(FD_RESERVE) / per_connection;
+        if self.connections > cap {
+            let why =
+                if per_connection == 2 { " (halved: the baseline echo server is in-process)" } else { "" };
+            return Err(format!(
+                "--connections {} is more than one process can hold: at most {cap} with the open-file \
+                 limit {files}{why}; run several `gearsock bench` processes side by side, each with its \
+                 own --source-base (127.0.0.1, 127.0.1.1, ...) so they do not share ephemeral ports",
+                self.connections
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The pieces of a `ws://` URL the bench needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WsUrl {
+    /// `HOST:PORT` as written (the `Host` header), port 80 when the URL has none.
+    pub authority: String,
+    /// The request path, `/` when the URL has none.
+    pub path: String,
+}
+
+/// Splits `ws://HOST[:PORT][/PATH]`. `wss://` is refused: the bench speaks plain TCP.
+pub fn parse_url(url: &str) -> Result<WsUrl, String> {
+    let rest =
+        url.strip_prefix("ws://").ok_or_else(|| format!("--url must start with ws://, not {url:?}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(format!("--url {url:?} has no host"));
+    }
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    let authority = if has_port { authority.to_string() } else { format!("{authority}:80") };
+    Ok(WsUrl { authority, path: path.to_string() })
+}
+
+/// Resolves `HOST:PORT`, preferring IPv4 (source addresses are IPv4).
+pub fn resolve(authority: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> =
+        authority.to_socket_addrs().map_err(|e| format!("cannot resolve {authority}: {e}"))?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{authority} resolves to no address"))
+}
+
+/// Runs the benchmark; returns the exit status (1 when errors or failures were counted).
+pub fn run_bench(opts: &BenchOptions) -> Result<i32, Box<dyn std::error::Error>> {
+    opts.validate()?;
+    sys::raise_open_file_limit();
+    match opts.mode {
+        Mode::Connect => modes::run_connect(opts),
+        Mode::Roundtrip => modes::run_roundtrip(opts),
+        Mode::Jobs => modes::run_jobs(opts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(list: &[&str]) -> Result<BenchOptions, String> {
+        let mut parser = lexopt::Parser::from_args(list.iter().map(std::ffi::OsString::from));
+        match parse_bench(&mut parser)? {
+            Command::Bench(o) => Ok(o),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn flags_parse_with_fractional_seconds() {
+        let o =
+            parse(&["roundtrip", "--connections", "5", "--in-flight", "3", "--duration-s", "1.5", "--json"])
+                .expect("parses");
+        assert_eq!((o.mode, o.connections, o.in_flight), (Mode::Roundtrip, 5, 3));
+        assert_eq!(o.duration, Duration::from_millis(1500));
+        assert!(o.json);
+    }
+
+    #[test]
+    fn too_many_connections_suggest_several_processes() {
+        let err = parse(&["connect", "--connections", "100000000"]).unwrap_err();
+        assert!(err.contains("several"), "{err}");
+    }
+
+    #[test]
+    fn mode_is_required_and_checked() {
+        assert!(parse(&[]).unwrap_err().contains("MODE"));
+        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip or jobs"));
+    }
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        let u = parse_url("ws://127.0.0.1:8080").expect("url");
+        assert_eq!((u.authority.as_str(), u.path.as_str()), ("127.0.0.1:8080", "/"));
+        let u = parse_url("ws://example.org/chat").expect("url");
+        assert_eq!((u.authority.as_str(), u.path.as_str()), ("example.org:80", "/chat"));
+        assert_eq!(parse_url("ws://[::1]").expect("url").authority, "[::1]:80");
+        assert!(parse_url("wss://x").is_err());
+    }
+}
