@@ -442,14 +442,14 @@ impl App {
             None => return self.error(id, "bad_request", "worker.complete needs \"value\"", None),
         };
         self.send(id, "got it!".to_string());
-        if !self.deliver_value(&handle, &value, now) {
+        if !self.deliver_value(&handle, &value) {
             self.store_value(handle, value, now);
         }
     }
 
     /// Gives a reported value to the live jobs gearmand named `handle` on its current
     /// connections. Returns false if none took it.
-    fn deliver_value(&mut self, handle: &str, value: &str, now: Instant) -> bool {
+    fn deliver_value(&mut self, handle: &str, value: &str) -> bool {
         let mut takers = Vec::new();
         for link in &self.links {
             if let Some(tags) = link.handles.get(handle.as_bytes()) {
@@ -465,7 +465,7 @@ impl App {
             job.value = Some(value.to_string());
             taken = true;
             if matches!(job.phase, Phase::Grace) {
-                self.finish_polled(tag, now);
+                self.finish_polled(tag);
             }
         }
         taken
@@ -856,7 +856,7 @@ impl App {
             self.job_reply(tag, "job.status", fields);
         }
         if has_value {
-            self.finish_polled(tag, now);
+            self.finish_polled(tag);
         } else {
             self.effects.push(Effect::Arm(now + self.cfg.value_grace, AppTimer::Grace(tag)));
         }
@@ -864,7 +864,7 @@ impl App {
 
     /// The last words about a polled job: `value: V` for a ping (the article's line, empty when
     /// no worker reported), `job.complete` for a background job.
-    fn finish_polled(&mut self, tag: JobTag, _now: Instant) {
+    fn finish_polled(&mut self, tag: JobTag) {
         let Some(job) = self.job(tag) else { return };
         let value = job.value.take();
         let (kind, conn) = (job.kind, job.conn);
@@ -891,7 +891,7 @@ impl App {
             }
             AppTimer::Grace(tag) => {
                 if self.job(tag).is_some_and(|j| matches!(j.phase, Phase::Grace)) {
-                    self.finish_polled(tag, now);
+                    self.finish_polled(tag);
                 }
             }
             AppTimer::QueueTimeout(tag) => {

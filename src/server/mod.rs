@@ -207,7 +207,7 @@ impl Server {
             self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
             self.drive_clients(now); // client bytes -> Ws -> App
             self.fire_timers(now); // wheel.expire(now) -> App / connections / links
-            self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
+            self.apply_effects(); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
             self.reap_closed(); // deregister + slab.remove, always last
         }
@@ -661,22 +661,17 @@ impl Server {
         }
     }
 
-    fn apply_effects(&mut self, now: Instant) {
+    fn apply_effects(&mut self) {
+        // Swapped out and back so both vectors keep their allocations across passes.
         let mut effects = std::mem::take(&mut self.effects);
-        // App timers can add effects while effects are applied; loop until none are left.
-        loop {
-            self.app.drain_effects(&mut effects);
-            if effects.is_empty() {
-                break;
-            }
-            for effect in effects.drain(..) {
-                self.apply_effect(effect, now);
-            }
+        self.app.drain_effects(&mut effects);
+        for effect in effects.drain(..) {
+            self.apply_effect(effect);
         }
         self.effects = effects;
     }
 
-    fn apply_effect(&mut self, effect: Effect, _now: Instant) {
+    fn apply_effect(&mut self, effect: Effect) {
         match effect {
             Effect::Send(id, text) => {
                 let key = id.key as usize;
