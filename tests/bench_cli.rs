@@ -67,12 +67,12 @@ fn roundtrip_checks_every_reply_from_the_server_and_the_baseline() {
 }
 
 #[test]
-fn connect_opens_every_connection_and_reads_the_server_memory() {
+fn connect_opens_every_connection_to_the_server_and_the_baseline_acceptor() {
     let gearmand = Gearmand::start();
     let server = Server::start(&gearmand.addr(), &[]);
     let pid = server.proc.pid().to_string();
     let (code, v) = bench(
-        "connect --connections 300 --concurrency 20 --source-ips 3 --hold 0.5",
+        "connect --connections 300 --concurrency 20 --source-ips 3 --hold 0.5 --baseline",
         &["--url", &server.url(), "--pid", &pid],
     );
     assert_eq!(code, 0, "{v}");
@@ -81,6 +81,15 @@ fn connect_opens_every_connection_and_reads_the_server_memory() {
     assert!(num(&v["handshake_latency_us"]["p50"]) > 0.0, "{v}");
     assert!(num(&v["rss"]["after_bytes"]) > 0.0, "{v}");
     assert!(v["rss"]["per_connection_bytes"].is_number(), "{v}");
+    // The acceptor's run: the same connections, every one upgraded, none lost.
+    let base = &v["baseline"];
+    assert_eq!(base["kind"], "upgrade_acceptor", "{v}");
+    assert_eq!((base["established"].as_u64(), base["failed"].as_u64()), (Some(300), Some(0)), "{v}");
+    assert_eq!(base["lost"].as_object().map(|lost| lost.len()), Some(0), "{v}");
+    assert!(num(&base["handshakes_per_s"]) > 0.0, "{v}");
+    assert!(num(&base["handshake_latency_us"]["p50"]) > 0.0, "{v}");
+    assert!(base["cpus"].as_array().is_some_and(|cpus| !cpus.is_empty()), "pinned like the server: {v}");
+    assert!(num(&v["ratio"]) > 0.0, "{v}");
 }
 
 #[test]

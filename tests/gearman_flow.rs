@@ -78,7 +78,7 @@ fn article_worker_with_foreground_client() {
     let g = Gearmand::start();
     let mut w = ping_worker(&g, None, 5, 10);
     let out = Command::new(BIN).args(["submit", "ping", "--gearmand", &g.addr()]).output().unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
     let expected =
         ["sending", "data: ping 1", "data: ping 2", "data: ping 3", "data: ping 4", "data: ping 5"];
@@ -100,7 +100,7 @@ fn article_background_client_polls_until_the_job_is_gone() {
         .args(["submit", "ping", "--background", "--poll-interval-ms", "50", "--gearmand", &g.addr()])
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(&lines[..2], ["sending", "before the 'received' message"]);

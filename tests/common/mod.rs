@@ -33,21 +33,49 @@ pub struct Gearmand {
 }
 
 impl Gearmand {
+    /// A gearmand on a free port. Another test may take the port between our pick and
+    /// gearmand's bind, so this retries on a new port until gearmand itself answers.
     pub fn start() -> Gearmand {
-        Self::start_on(free_port())
+        for _ in 0..5 {
+            if let Some(g) = Self::try_start_on(free_port()) {
+                return g;
+            }
+        }
+        panic!("gearmand did not start on any of 5 free ports");
     }
 
+    /// A gearmand on `port` (a restart on a port known to be ours).
     pub fn start_on(port: u16) -> Gearmand {
+        Self::try_start_on(port).unwrap_or_else(|| panic!("gearmand did not start on port {port}"))
+    }
+
+    fn try_start_on(port: u16) -> Option<Gearmand> {
         let child = Command::new("/usr/sbin/gearmand")
             .args(["--listen=127.0.0.1", &format!("--port={port}"), "--log-file=stderr", "--threads=1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start /usr/sbin/gearmand (apt-get install gearman-job-server)");
-        wait_for("gearmand to listen", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Gearmand { child, port }
+        let mut g = Gearmand { child, port };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = g.child.try_wait() {
+                return None; // it could not bind: someone else has the port
+            }
+            if g.answers_version() {
+                return Some(g);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// True when the process on our port is a gearmand (its admin protocol answers `version`).
+    fn answers_version(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut reply = [0u8; 3];
+        s.write_all(b"version\n").is_ok() && s.read_exact(&mut reply).is_ok() && &reply == b"OK "
     }
 
     pub fn addr(&self) -> String {
