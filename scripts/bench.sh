@@ -4,7 +4,9 @@
 # Installs gearmand from Debian's packages when it is missing, builds gearsock, starts a private
 # gearmand and a fresh `gearsock serve` (pinned to SERVER_CPU) for every scenario, runs
 # `gearsock bench ... --json` pinned to BENCH_CPU, keeps the raw JSON under target/bench/ and
-# renders the tables, the baselines measured in the same run and the targets.
+# renders the tables, the baselines measured in the same run and the targets. Every scenario has a
+# same-run baseline: a TCP line echo inside the bench process (roundtrip), a direct Gearman client
+# (jobs), a minimal WebSocket upgrade acceptor in a child of the bench process (connect).
 #
 # usage: scripts/bench.sh [-h] [SCENARIO|GROUP ...]        (default: all)
 #   scenarios: roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-1x1 connect-10000 connect-19000
@@ -198,8 +200,10 @@ except Exception:
     print("   no JSON"); sys.exit()
 if d["mode"] == "connect":
     rss = d.get("rss") or {}
+    base = d.get("baseline") or {}
     print(f"   {d['established']:,} of {d['attempted']:,} up, {d['handshakes_per_s']:,.0f} handshakes/s, "
-          f"{rss.get('per_connection_bytes', float('nan')):,.0f} bytes RSS per connection")
+          f"{rss.get('per_connection_bytes', float('nan')):,.0f} bytes RSS per connection"
+          + (f"; baseline acceptor {base['handshakes_per_s']:,.0f}/s, ratio {d['ratio']}" if base else ""))
 else:
     main, noun = (d["websocket"], "messages") if d["mode"] == "roundtrip" else (d["bridge"], "jobs")
     base = d.get("baseline") or {}
@@ -264,11 +268,11 @@ for s in "${scenarios[@]}"; do
     connect-10000)
       start_server "$s"  # fresh: RSS is measured per idle connection
       run_bench "$s" "$(limit_for "$HOLD" 120)" connect --url "ws://$ws" --connections "$CONNECT_SMALL" \
-        --concurrency 100 --pid "$server_pid" --hold "$HOLD" ;;
+        --concurrency 100 --pid "$server_pid" --hold "$HOLD" --baseline ;;
     connect-19000)
       start_server "$s" --max-connections "$MAX_CONNECTIONS"
       run_bench "$s" "$(limit_for "$HOLD" 120)" connect --url "ws://$ws" --connections "$CONNECT_LARGE" \
-        --concurrency 100 --pid "$server_pid" --hold "$HOLD" --source-ips 4 ;;
+        --concurrency 100 --pid "$server_pid" --hold "$HOLD" --source-ips 4 --baseline ;;
   esac
   summary "$s"
   stop_pid "$server_pid"; server_pid=""
@@ -458,6 +462,15 @@ md.append(f"- The roundtrip baseline (a plain TCP line-echo server inside the be
           f"server's CPUs ({env['SERVER_CPU']}, from `--pid`); the jobs baseline is a direct Gearman client "
           f"to the same gearmand with the same connections and in-flight count. Each baseline runs right "
           f"after its measured run, with the same warm-up and duration.")
+md.append(f"- The connect baseline is a minimal WebSocket upgrade acceptor in a child of the bench process "
+          f"(`gearsock bench acceptor`, so that its end of the connections does not count against the "
+          f"bench's open-file limit), on the server's CPUs ({env['SERVER_CPU']}, from `--pid`): one mio "
+          f"thread that accepts, reads the upgrade "
+          f"request to its blank line, answers a canned `101 Switching Protocols` with the right "
+          f"`Sec-WebSocket-Accept` and keeps the connection open, idle. Right after the measured run, the "
+          f"bench opens the same connections against it (same concurrency, thread and source addresses), "
+          f"so its handshakes/s are what this machine and the bench allow; the server's RSS is not read "
+          f"for it.")
 md.append(f"- gearmand: `{env['GEARMAND_ARGS']}`, "
           + (f"pinned to CPU {gm_cpu}." if gm_cpu else "not pinned (the scheduler places it on either CPU)."))
 md.append(f"- Timed scenarios: {env['WARMUP']} s warm-up, then {env['DURATION']} s measured; connect scenarios "
@@ -513,8 +526,10 @@ targets.append([f"RSS per idle connection at {n(count)} connections", "≤ 4 KiB
 for s in ("connect-10000", "connect-19000"):
     v = get(s, "handshakes_per_s")
     count = get(s, "connections") or int(s.split("-")[1])
+    base = get(s, "baseline", "handshakes_per_s")
+    measured = "–" if v is None else f"{n(v)}/s" + (f" (baseline acceptor {n(base)}/s)" if base is not None else "")
     targets.append([f"connect handshakes/s at concurrency 100, {n(count)} "
-                    f"connections", "≥ 25,000/s", f"{n(v)}/s" if v is not None else "–",
+                    f"connections", "≥ 25,000/s", measured,
                     verdict(v, v is not None and v >= 25_000, clean(s))])
 v = get("jobs-50x4", "ratio")
 targets.append(["jobs 50 × 4: bridge jobs/s vs direct Gearman client", "≥ 90%",
@@ -550,7 +565,9 @@ blurbs = {
             "bridge / direct.",
     "connect": "A freshly started server; the bench opens the connections with 100 WebSocket handshakes in "
                "flight, holds them idle, and reads the server's VmRSS before connecting and once every "
-               "connection is up (after a 1 s settle).",
+               "connection is up (after a 1 s settle). The baseline is the bench's upgrade acceptor "
+               "(a canned 101, then idle) on the same CPU, opened the same way right after; the ratio is "
+               "gearsock / acceptor.",
 }
 md.append("## Results\n")
 for s in scenarios:
@@ -578,30 +595,57 @@ for s in scenarios:
             md.append(f"The bridge adds {us(added)} µs at p50." if added >= 0 else
                       f"The bridge adds nothing measurable at p50 ({us(-added)} µs less, within the noise).")
     else:
-        lat = data["handshake_latency_us"]
-        lost = data["lost"]
-        lost_n = sum(lost.values()) if isinstance(lost, dict) else lost
+        base = data.get("baseline")
+        runs = [data] + ([base] if base else [])
+
+        def lost_count(r):
+            lost = r["lost"]
+            return sum(lost.values()) if isinstance(lost, dict) else lost
+
+        def crow(label, get, show, with_ratio=True):
+            """label, gearsock's cell and, with a baseline, the acceptor's and gearsock / acceptor"""
+            a = get(data)
+            cells = [label, show(a)]
+            if base:
+                b = get(base)
+                cells += [show(b), ratio(a, b) if with_ratio else ""]
+            return cells
+
+        lat = lambda q: (lambda r: r["handshake_latency_us"][q])
         rows = [
-            ["connections established", f"{n(data['established'])} of {n(data['attempted'])}"],
-            ["failed", n(data["failed"])],
-            ["**handshakes/s**", f"{n(data['handshakes_per_s'])} ({data['elapsed_s']:.3f} s)"],
-            ["handshake latency p50 / p90 / p99 / max (µs)",
-             " / ".join(us(lat[k]) for k in ("p50", "p90", "p99", "max"))],
-            ["lost while held", n(lost_n)],
+            crow("connections established", lambda r: (r["established"], r["attempted"]),
+                 lambda t: f"{n(t[0])} of {n(t[1])}", False),
+            crow("failed", lambda r: r["failed"], n, False),
+            crow("**handshakes/s**", lambda r: r["handshakes_per_s"], n),
+            crow("connecting time (s)", lambda r: r["elapsed_s"], lambda v: f"{v:.3f}", False),
+            crow("handshake latency p50 (µs)", lat("p50"), us),
+            crow("handshake latency p90 (µs)", lat("p90"), us),
+            crow("handshake latency p99 (µs)", lat("p99"), us),
+            crow("handshake latency max (µs)", lat("max"), us),
+            crow("lost while held", lost_count, n, False),
         ]
+        if base:
+            rows[-1][2] = "not held"
         rss = data.get("rss")
         if rss:
             mib = lambda b: f"{b / 1048576:.1f} MiB"
+            not_read = ["not read", ""] if base else []
             rows += [
                 ["server RSS before / with every connection up",
-                 f"{mib(rss['before_bytes'])} / {mib(rss['after_bytes'])}"],
+                 f"{mib(rss['before_bytes'])} / {mib(rss['after_bytes'])}"] + not_read,
                 ["**RSS per idle connection**",
-                 f"{n(rss['per_connection_bytes'])} bytes ({rss['per_connection_kib']:.2f} KiB)"],
+                 f"{n(rss['per_connection_bytes'])} bytes ({rss['per_connection_kib']:.2f} KiB)"] + not_read,
             ]
-        md.append(table(["", "gearsock"], rows))
-        failures = data.get("failures") or {}
-        if failures:
-            md.append("\nConnect failures: " + ", ".join(f"{k}: {v}" for k, v in failures.items()) + ".")
+        head = ["", "gearsock"] + (["upgrade acceptor (baseline)", "ratio"] if base else [])
+        md.append(table(head, rows))
+        if base:
+            cpus = base.get("cpus")
+            md.append("\nThe acceptor held its connections only until all were up (they are not held, and "
+                      "its RSS is not read)" + (f"; it ran on CPU{'s' if len(cpus) > 1 else ''} {', '.join(map(str, cpus))}." if cpus else "."))
+        for who, r in [("Connect failures", data)] + ([("Baseline acceptor connect failures", base)] if base else []):
+            failures = r.get("failures") or {}
+            if failures:
+                md.append(f"\n{who}: " + ", ".join(f"{k}: {v}" for k, v in failures.items()) + ".")
     md.append("")
 
 # ---- reproduce

@@ -1,6 +1,6 @@
 //! `gearsock bench MODE`: the load generator users run against any server speaking our
 //! WebSocket protocol. It owns the command line of `bench` and picks the mode; it starts no
-//! gearmand and no server (only, on request, demo workers and its own baseline echo server).
+//! gearmand and no server (only, on request, demo workers and its own baseline servers).
 //!
 //! Layout, from the wire up:
 //!
@@ -10,7 +10,8 @@
 //! meter.rs    counters and hdrhistograms of one thread, merged into a Report
 //! driver.rs   the per-thread mio loop (nonblocking, edge-triggered) and the Fleet of threads
 //! sys.rs      the few Linux calls std lacks: bind before connect, CPU affinity, file limit, VmRSS
-//! echo.rs     the baseline: a one-thread mio line-echo server inside the bench process
+//! echo.rs     the baselines: one-thread mio servers, the line echo (roundtrip) inside the bench
+//!             process, the upgrade acceptor (connect) in a child `gearsock bench acceptor`
 //! modes.rs    connect / roundtrip / jobs: what to run, in which order, and the output
 //! ```
 
@@ -43,6 +44,10 @@ pub enum Mode {
     Roundtrip,
     /// End-to-end stream jobs through the server to Gearman workers and back.
     Jobs,
+    /// Internal, not in the help: the connect baseline's upgrade acceptor, run by `connect
+    /// --baseline` as a child process. Prints `{"addr":...,"cpus":...}` once listening and
+    /// serves until its stdin closes.
+    Acceptor,
 }
 
 impl std::str::FromStr for Mode {
@@ -53,6 +58,7 @@ impl std::str::FromStr for Mode {
             "connect" => Ok(Mode::Connect),
             "roundtrip" => Ok(Mode::Roundtrip),
             "jobs" => Ok(Mode::Jobs),
+            "acceptor" => Ok(Mode::Acceptor),
             other => Err(format!("MODE must be connect, roundtrip or jobs, not {other:?}")),
         }
     }
@@ -65,6 +71,7 @@ impl Mode {
             Mode::Connect => "connect",
             Mode::Roundtrip => "roundtrip",
             Mode::Jobs => "jobs",
+            Mode::Acceptor => "acceptor",
         }
     }
 }
@@ -106,10 +113,11 @@ pub struct BenchOptions {
     /// `--gearmand`: where `--baseline` and `--spawn-workers` go in jobs mode. Default
     /// `127.0.0.1:4730`.
     pub gearmand: String,
-    /// `--baseline`: also run the transport baseline (roundtrip) or direct Gearman (jobs).
+    /// `--baseline`: also run the upgrade acceptor (connect), the transport baseline
+    /// (roundtrip) or direct Gearman (jobs).
     pub baseline: bool,
-    /// `--baseline-cpu`: pin the in-process echo server to this CPU. Default: the CPUs the
-    /// `--pid` server may use, else unpinned.
+    /// `--baseline-cpu`: pin the baseline server (upgrade acceptor, echo server) to this CPU.
+    /// Default: the CPUs the `--pid` server may use, else unpinned.
     pub baseline_cpu: Option<usize>,
     /// `--json`: one JSON object on stdout instead of the table.
     pub json: bool,
@@ -165,7 +173,8 @@ usage: gearsock bench MODE [flags]
 modes:
   connect     open --connections with --concurrency handshakes in flight: handshakes/s,
               handshake latency, failures; --hold S keeps them idle; --pid P reports the
-              server's RSS growth per idle connection
+              server's RSS growth per idle connection; --baseline compares the handshakes
+              with a minimal acceptor's
   roundtrip   --connections x --in-flight messages outstanding for --duration-s after
               --warmup-s: messages/s, latency, and every reply checked
   jobs        stream jobs {\"type\":\"submit\",...} kept --in-flight per connection, each
@@ -182,7 +191,8 @@ flags:
   --hold S               connect: keep all connections open, idle, S seconds (0)
   --pid P                the server's pid: connect reports its VmRSS before and after (start
                          a fresh server: memory freed by earlier clients is reused); roundtrip
-                         and jobs its CPU use; the roundtrip baseline runs on its CPUs
+                         and jobs its CPU use; the connect and roundtrip baselines run on
+                         its CPUs
   --message TEXT         roundtrip text, which must get exactly one reply (default: the
                          article's worker.complete, answered `got it!`)
   --expect TEXT          roundtrip: the reply each message must get (custom message: any
@@ -192,9 +202,11 @@ flags:
   --gearmand HOST:PORT   jobs: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
   --gearmand-pid P       jobs: gearmand's pid, for its CPU use over the window
   --spawn-workers K      jobs: run K demo workers (echo, reverse, fail, boom) in this process
-  --baseline             roundtrip: also a plain TCP line-echo server inside this process;
+  --baseline             connect: also a minimal upgrade acceptor (a canned 101, then idle)
+                         in a child process, same connections and concurrency;
+                         roundtrip: also a plain TCP line-echo server inside this process;
                          jobs: also a direct Gearman client; results shown side by side
-  --baseline-cpu N       run that echo server on CPU N (default: the CPUs of --pid)
+  --baseline-cpu N       run that acceptor or echo server on CPU N (default: the CPUs of --pid)
   --threads N            client event loops (1)
   --source-ips N         spread connections over N source addresses (loopback targets; auto)
   --source-base ADDR     first source address (127.0.0.1); give each process its own range
@@ -274,7 +286,8 @@ impl BenchOptions {
         if self.mode == Mode::Jobs && self.function.is_empty() {
             return Err("--function must not be empty".into());
         }
-        // The in-process echo server holds a descriptor per baseline connection too.
+        // The in-process echo server holds a descriptor per baseline connection too. (The
+        // connect baseline's acceptor is a child process with descriptors of its own.)
         let per_connection = if self.mode == Mode::Roundtrip && self.baseline { 2 } else { 1 };
         let files = sys::open_file_hard_limit();
         let cap = files.saturating_sub(FD_RESERVE) / per_connection;
@@ -340,6 +353,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<i32, Box<dyn std::error::Error>>
         Mode::Connect => modes::run_connect(opts),
         Mode::Roundtrip => modes::run_roundtrip(opts),
         Mode::Jobs => modes::run_jobs(opts),
+        Mode::Acceptor => modes::run_acceptor(opts),
     }
 }
 

@@ -1,12 +1,15 @@
 //! The three modes of `gearsock bench`: what each runs, in which order, and how its figures
 //! are printed (a table, or one JSON object with `--json`).
 //!
-//! Baselines run in the same process right after the measured run, with the same connections,
-//! in-flight count, warm-up and duration, so a noisy machine shows up as a ratio, not as a
-//! different absolute figure every time.
+//! Baselines run in the same bench run right after the measured run, with the same
+//! connections, in-flight count (or concurrency), warm-up and duration, so a noisy machine shows
+//! up as a ratio, not as a different absolute figure every time. The connect baseline's
+//! acceptor is a child process (`acceptor`, the fourth, internal mode), the others are in this
+//! process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::error::Error;
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::driver::{Fleet, Schedule, Spec, run_timed};
-use super::echo::EchoServer;
+use super::echo::{AcceptorProcess, BaselineServer};
 use super::meter::{Latency, Report, per_second};
 use super::session::{
     Endpoint, Expect, GearmanDirect, GearmanPlan, Idle, Jobs, JobsPlan, LineSession, Roundtrip,
@@ -34,34 +37,102 @@ const DRAIN: Duration = Duration::from_millis(500);
 /// `gearsock bench connect`.
 pub fn run_connect(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     let (endpoint, target) = ws_target(opts)?;
-    let spec = spec(opts, target, Schedule::Hold)?;
+    let run_spec = spec(opts, target, Schedule::Hold)?;
     let before = match opts.pid {
         Some(pid) => Some(sys::resident_bytes(pid).map_err(|e| format!("--pid {pid}: {e}"))?),
         None => None,
     };
+    let (report, after) = open_and_hold(&run_spec, &endpoint, opts.hold, opts.pid)?;
+    let rss = opts.pid.zip(before).zip(after).map(|((pid, before), after)| Rss { pid, before, after });
+    let mut baseline_cpus = None;
+    let baseline = if opts.baseline {
+        // The server closes what the run opened before the acceptor, on its CPUs, starts.
+        thread::sleep(DRAIN);
+        let acceptor = AcceptorProcess::start(opts.pid, opts.baseline_cpu)?;
+        baseline_cpus = acceptor.cpus().map(<[usize]>::to_vec);
+        // The same connections, concurrency, threads and (for a loopback server, the very same)
+        // source addresses; no RSS to read and nothing to learn from holding them, so they
+        // close as soon as all are up.
+        let base_spec = spec(opts, acceptor.addr(), Schedule::Hold)?;
+        let report = open_and_hold(&base_spec, &endpoint, Duration::ZERO, None);
+        acceptor.stop()?;
+        Some(report?.0)
+    } else {
+        None
+    };
+    let runs = Runs { main: &report, baseline: baseline.as_ref() };
+    if opts.json {
+        println!("{}", connect_json(opts, &runs, rss, baseline_cpus.as_deref()));
+    } else {
+        print_connect(opts, &runs, rss, &run_spec);
+        if opts.baseline {
+            print_baseline_cpus("upgrade acceptor", baseline_cpus.as_deref());
+        }
+    }
+    let troubled = |r: &Report| r.failed() > 0 || r.lost_count() > 0 || r.established == 0;
+    Ok(i32::from(troubled(&report) || baseline.as_ref().is_some_and(troubled)))
+}
+
+/// `gearsock bench acceptor` (internal): the connect baseline's upgrade acceptor, in the child
+/// process [`AcceptorProcess`] starts. Says where it listens, then serves until stdin closes.
+pub fn run_acceptor(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
+    let cpus = baseline_cpus(opts);
+    let acceptor = BaselineServer::upgrade_acceptor(cpus.clone())?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", json!({"addr": acceptor.addr().to_string(), "cpus": cpus}))?;
+    stdout.flush()?;
+    drop(stdout);
+    // Nothing comes on stdin: it only ends, when the bench is done with the acceptor (or gone).
+    std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())?;
+    acceptor.stop()?;
+    Ok(0)
+}
+
+/// Opens `spec`'s connections, reads `pid`'s VmRSS once every one is up (after [`SETTLE`]),
+/// keeps them open and idle until `hold` has passed since then, and closes them.
+fn open_and_hold(
+    spec: &Spec,
+    endpoint: &Arc<Endpoint>,
+    hold: Duration,
+    pid: Option<u32>,
+) -> Result<(Report, Option<u64>), String> {
+    let endpoint = endpoint.clone();
     let fleet =
-        Fleet::start(&spec, move |rng| WsSession::new(endpoint.clone(), rng.bytes16(), rng.mask(), Idle))?;
+        Fleet::start(spec, move |rng| WsSession::new(endpoint.clone(), rng.bytes16(), rng.mask(), Idle))?;
     let mut after = None;
     if fleet.wait_connected() {
         let up_at = Instant::now();
-        if let Some(pid) = opts.pid {
+        if let Some(pid) = pid {
             thread::sleep(SETTLE);
             match sys::resident_bytes(pid) {
                 Ok(bytes) => after = Some(bytes),
                 Err(e) => eprintln!("gearsock bench: --pid {pid} after connecting: {e}"),
             }
         }
-        thread::sleep(opts.hold.saturating_sub(up_at.elapsed()));
+        thread::sleep(hold.saturating_sub(up_at.elapsed()));
     }
     fleet.stop();
-    let report = fleet.join()?;
-    let rss = opts.pid.zip(before).zip(after).map(|((pid, before), after)| Rss { pid, before, after });
-    if opts.json {
-        println!("{}", connect_json(opts, &report, rss));
-    } else {
-        print_connect(opts, &report, rss, &spec);
+    Ok((fleet.join()?, after))
+}
+
+/// Where the baseline server (echo server, upgrade acceptor) runs: `--baseline-cpu`, else where the `--pid` server
+/// may run (so both servers get the same cores), else anywhere.
+fn baseline_cpus(opts: &BenchOptions) -> Option<Vec<usize>> {
+    match (opts.baseline_cpu, opts.pid) {
+        (Some(cpu), _) => Some(vec![cpu]),
+        (None, Some(pid)) => sys::cpus_of(pid).ok(),
+        (None, None) => None,
     }
-    Ok(i32::from(report.failed() > 0 || report.lost_count() > 0 || report.established == 0))
+}
+
+fn print_baseline_cpus(what: &str, cpus: Option<&[usize]>) {
+    match cpus {
+        Some(cpus) => println!("  the {what} ran on CPUs {cpus:?}"),
+        None => println!(
+            "  the {what} was not pinned (it shared this process's CPUs): \
+             give --pid or --baseline-cpu to run it where the server runs"
+        ),
+    }
 }
 
 /// The server's resident memory before connecting and with every connection up.
@@ -98,14 +169,9 @@ pub fn run_roundtrip(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     let ws = run_timed(&spec(opts, target, timed(opts))?, &probes, move |rng| {
         WsSession::new(endpoint.clone(), rng.bytes16(), mask, Roundtrip::new(plan.clone()))
     })?;
-    let baseline_cpus = match (opts.baseline_cpu, opts.pid) {
-        (Some(cpu), _) => Some(vec![cpu]),
-        // Where the server may run, so both servers get the same cores.
-        (None, Some(pid)) => sys::cpus_of(pid).ok(),
-        (None, None) => None,
-    };
+    let baseline_cpus = baseline_cpus(opts);
     let baseline = if opts.baseline {
-        let echo = EchoServer::start(baseline_cpus.clone())?;
+        let echo = BaselineServer::echo(baseline_cpus.clone())?;
         let line = format!("{}\n", opts.message).into_bytes();
         let expect = Expect::Exact(opts.message.clone().into_bytes());
         let plan = Arc::new(RoundtripPlan { request: line, expect, in_flight: opts.in_flight });
@@ -128,13 +194,7 @@ pub fn run_roundtrip(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     } else {
         print_runs(opts, &runs, ["websocket", "tcp line echo", "ws / tcp"], "messages");
         if opts.baseline {
-            match &baseline_cpus {
-                Some(cpus) => println!("  the echo server ran on CPUs {cpus:?}"),
-                None => println!(
-                    "  the echo server was not pinned (it shared this process's CPUs): \
-                     give --pid or --baseline-cpu to run it where the server runs"
-                ),
-            }
+            print_baseline_cpus("echo server", baseline_cpus.as_deref());
         }
     }
     Ok(i32::from(troubled(&ws) || baseline.as_ref().is_some_and(troubled)))
@@ -399,32 +459,63 @@ fn jobs_json(opts: &BenchOptions, runs: &Runs<'_>) -> Value {
     v
 }
 
-fn connect_json(opts: &BenchOptions, r: &Report, rss: Option<Rss>) -> Value {
-    let elapsed = r.connect_elapsed();
+/// Handshakes per second: connections up over the time from the first connect() to the last
+/// connection up.
+fn handshake_rate(r: &Report) -> f64 {
+    per_second(r.established, r.connect_elapsed())
+}
+
+/// One connect run's connections and handshakes, as JSON.
+fn handshakes_json(r: &Report) -> Value {
     json!({
+        "attempted": r.attempted,
+        "established": r.established,
+        "failed": r.failed(),
+        "failures": r.connect_failures,
+        "lost": r.lost,
+        "elapsed_s": round(r.connect_elapsed().as_secs_f64(), 4),
+        "handshakes_per_s": round(handshake_rate(r), 1),
+        "handshake_latency_us": Latency::of(&r.handshake).to_json(),
+    })
+}
+
+/// The server's run at the top level (as before baselines existed), the acceptor's under
+/// `baseline`, and `ratio` = server handshakes/s / baseline handshakes/s.
+fn connect_json(opts: &BenchOptions, runs: &Runs<'_>, rss: Option<Rss>, cpus: Option<&[usize]>) -> Value {
+    let r = runs.main;
+    let mut v = json!({
         "mode": "connect",
         "url": opts.url,
         "connections": opts.connections,
         "concurrency": opts.concurrency,
         "threads": opts.threads,
         "hold_s": opts.hold.as_secs_f64(),
-        "attempted": r.attempted,
-        "established": r.established,
-        "failed": r.failed(),
-        "failures": r.connect_failures,
-        "lost": r.lost,
-        "elapsed_s": round(elapsed.as_secs_f64(), 4),
-        "handshakes_per_s": round(per_second(r.established, elapsed), 1),
-        "handshake_latency_us": Latency::of(&r.handshake).to_json(),
-        "rss": rss.map_or(Value::Null, |rss| json!({
+    });
+    if let (Some(v), Value::Object(run)) = (v.as_object_mut(), handshakes_json(r)) {
+        v.extend(run);
+    }
+    v["rss"] = rss.map_or(Value::Null, |rss| {
+        json!({
             "pid": rss.pid,
             "before_bytes": rss.before,
             "after_bytes": rss.after,
             "growth_bytes": rss.growth(),
             "per_connection_bytes": round(rss.per_connection(r.established), 1),
             "per_connection_kib": round(rss.per_connection(r.established) / 1024.0, 2),
-        })),
-    })
+        })
+    });
+    v["baseline"] = runs.baseline.map_or(Value::Null, |b| {
+        let mut base = handshakes_json(b);
+        base["kind"] = json!("upgrade_acceptor");
+        base["cpus"] = json!(cpus);
+        base
+    });
+    v["ratio"] = runs
+        .baseline
+        .map(handshake_rate)
+        .filter(|base| *base > 0.0)
+        .map_or(Value::Null, |base| json!(round(handshake_rate(r) / base, 4)));
+    v
 }
 
 /// `1234567.8` -> `1,234,568`.
@@ -480,6 +571,34 @@ fn plural(n: usize, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{} {noun}s", grouped(n as f64)) }
 }
 
+/// A table row: `label`, the run's value and, with a baseline, the baseline's and (when
+/// `ratio`) run / baseline.
+fn compare_row(
+    runs: &Runs<'_>,
+    label: &str,
+    value: &dyn Fn(&Report) -> f64,
+    show: &dyn Fn(f64) -> String,
+    ratio: bool,
+) -> Vec<String> {
+    let main = value(runs.main);
+    let mut r = vec![label.to_string(), show(main)];
+    if let Some(base) = runs.baseline {
+        let b = value(base);
+        r.push(show(b));
+        r.push(if ratio && b > 0.0 { format!("{:.2}x", main / b) } else { String::new() });
+    }
+    r
+}
+
+/// The header row of a table with `head`'s three columns, the last two only with a baseline.
+fn head_row(runs: &Runs<'_>, head: [&str; 3]) -> Vec<String> {
+    let mut r = vec![String::new(), head[0].to_string()];
+    if runs.baseline.is_some() {
+        r.extend([head[1].to_string(), head[2].to_string()]);
+    }
+    r
+}
+
 /// The roundtrip or jobs table: the run, its baseline and their ratio side by side.
 fn print_runs(opts: &BenchOptions, runs: &Runs<'_>, head: [&str; 3], noun: &str) {
     let subject = match opts.mode {
@@ -498,23 +617,9 @@ fn print_runs(opts: &BenchOptions, runs: &Runs<'_>, head: [&str; 3], noun: &str)
         opts.duration.as_secs_f64(),
         opts.warmup.as_secs_f64(),
     );
-    let with_base = runs.baseline.is_some();
-    let mut rows = vec![{
-        let mut r = vec![String::new(), head[0].to_string()];
-        if with_base {
-            r.extend([head[1].to_string(), head[2].to_string()]);
-        }
-        r
-    }];
+    let mut rows = vec![head_row(runs, head)];
     let mut row = |label: &str, value: &dyn Fn(&Report) -> f64, show: &dyn Fn(f64) -> String, ratio: bool| {
-        let main = value(runs.main);
-        let mut r = vec![label.to_string(), show(main)];
-        if let Some(base) = runs.baseline {
-            let b = value(base);
-            r.push(show(b));
-            r.push(if ratio && b > 0.0 { format!("{:.2}x", main / b) } else { String::new() });
-        }
-        rows.push(r);
+        rows.push(compare_row(runs, label, value, show, ratio));
     };
     let lat = |q: fn(&Latency) -> f64| move |r: &Report| q(&Latency::of(&r.meter.latency));
     row(&format!("{noun}/s"), &Report::rate, &grouped, true);
@@ -559,8 +664,9 @@ fn print_runs(opts: &BenchOptions, runs: &Runs<'_>, head: [&str; 3], noun: &str)
     }
 }
 
-fn print_connect(opts: &BenchOptions, r: &Report, rss: Option<Rss>, spec: &Spec) {
-    let elapsed = r.connect_elapsed();
+/// The connect table: the server's handshakes and, with `--baseline`, the acceptor's and their
+/// ratio side by side; the server's RSS below it.
+fn print_connect(opts: &BenchOptions, runs: &Runs<'_>, rss: Option<Rss>, spec: &Spec) {
     let sources = match spec.sources.len() {
         0 => String::new(),
         n => format!(", {n} source addresses"),
@@ -572,44 +678,42 @@ fn print_connect(opts: &BenchOptions, r: &Report, rss: Option<Rss>, spec: &Spec)
         plural(opts.concurrency, "handshake"),
         threads(opts.threads)
     );
-    let l = Latency::of(&r.handshake);
-    let lines = [
-        ("established", format!("{} of {}", grouped(r.established as f64), grouped(r.attempted as f64))),
-        ("failed", grouped(r.failed() as f64)),
-        (
-            "handshakes/s",
-            format!("{} ({:.3} s)", grouped(per_second(r.established, elapsed)), elapsed.as_secs_f64()),
-        ),
-        (
-            "handshake latency",
-            format!(
-                "p50 {} µs, p90 {} µs, p99 {} µs, max {} µs",
-                micros(l.p50),
-                micros(l.p90),
-                micros(l.p99),
-                micros(l.max)
-            ),
-        ),
-        ("lost while held", grouped(r.lost_count() as f64)),
-    ];
-    for (label, text) in lines {
-        println!("  {label:<20} {text}");
-    }
+    let mut rows = vec![head_row(runs, ["server", "baseline acceptor", "server / baseline"])];
+    let mut row = |label: &str, value: &dyn Fn(&Report) -> f64, show: &dyn Fn(f64) -> String, ratio: bool| {
+        rows.push(compare_row(runs, label, value, show, ratio));
+    };
+    let lat = |q: fn(&Latency) -> f64| move |r: &Report| q(&Latency::of(&r.handshake));
+    row("handshakes/s", &handshake_rate, &grouped, true);
+    row("connecting (s)", &|r| r.connect_elapsed().as_secs_f64(), &|s| format!("{s:.3}"), false);
+    row("handshake p50 (µs)", &lat(|l| l.p50), &micros, true);
+    row("handshake p90 (µs)", &lat(|l| l.p90), &micros, true);
+    row("handshake p99 (µs)", &lat(|l| l.p99), &micros, true);
+    row("handshake max (µs)", &lat(|l| l.max), &micros, true);
+    row("connections attempted", &|r| r.attempted as f64, &grouped, false);
+    row("connections up", &|r| r.established as f64, &grouped, false);
+    row("connections failed", &|r| r.failed() as f64, &grouped, false);
+    row("lost while held", &|r| r.lost_count() as f64, &grouped, false);
+    print_table(&rows);
     if let Some(rss) = rss {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        let per = rss.per_connection(r.established);
+        let per = rss.per_connection(runs.main.established);
         println!(
-            "  {:<20} {:.1} MiB before, {:.1} MiB with {} idle connections: {} bytes ({:.2} KiB) each",
-            format!("server RSS ({})", rss.pid),
+            "  server RSS (pid {}): {:.1} MiB before, {:.1} MiB with {} idle connections: {} bytes \
+             ({:.2} KiB) each",
+            rss.pid,
             mib(rss.before),
             mib(rss.after),
-            grouped(r.established as f64),
+            grouped(runs.main.established as f64),
             grouped(per),
             per / 1024.0
         );
     }
-    print_counts("connect failures", &r.connect_failures);
-    print_counts("connections lost", &r.lost);
+    let named = [("server", Some(runs.main)), ("baseline acceptor", runs.baseline)];
+    for (name, r) in named {
+        let Some(r) = r else { continue };
+        print_counts(&format!("{name} connect failures"), &r.connect_failures);
+        print_counts(&format!("{name} connections lost"), &r.lost);
+    }
 }
 
 #[cfg(test)]
