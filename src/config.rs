@@ -320,15 +320,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
 
 fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
     use lexopt::Arg::Long;
-    let mut o = WorkerOptions {
-        gearmand: "127.0.0.1:4730".into(),
-        report: Some("ws://127.0.0.1:8080".into()),
-        count: 5,
-        interval_ms: 1000,
-        concurrency: 1,
-        function: "ping".into(),
-        worker_token: None,
-    };
+    let mut o = WorkerOptions::default();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("gearmand") => o.gearmand = value(parser)?,
@@ -358,15 +350,7 @@ pub fn parse_priority(text: &str) -> Result<Priority, String> {
 
 fn parse_submit(parser: &mut lexopt::Parser) -> Result<Command, String> {
     use lexopt::Arg::{Long, Value};
-    let mut o = SubmitOptions {
-        gearmand: "127.0.0.1:4730".into(),
-        function: String::new(),
-        payload: b"noop".to_vec(),
-        background: false,
-        priority: Priority::Normal,
-        unique: String::new(),
-        poll_interval_ms: 1000,
-    };
+    let mut o = SubmitOptions::default();
     let mut positional = Vec::new();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {

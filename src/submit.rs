@@ -43,7 +43,7 @@ impl Default for SubmitOptions {
         SubmitOptions {
             gearmand: "127.0.0.1:4730".into(),
             function: String::new(),
-            payload: Vec::new(),
+            payload: b"noop".to_vec(), // the article's workload
             background: false,
             priority: Priority::Normal,
             unique: String::new(),
