@@ -255,3 +255,44 @@ fn worker_complete_needs_the_token_when_one_is_set() {
     send(&mut ws, r#"{"type":"worker.complete","id":1,"value":"v","token":"s3cret"}"#);
     assert_eq!(recv(&mut ws), "got it!");
 }
+
+#[test]
+fn a_silent_client_gets_a_keepalive_ping_then_close_1001() {
+    let s = server(&["--idle-timeout-ms", "200"]);
+    let ws = connect(&s.url());
+    let tungstenite::stream::MaybeTlsStream::Plain(sock) = ws.get_ref() else { unreachable!() };
+    let mut sock = sock.try_clone().unwrap();
+    // Read nothing (so no pong is sent) until the server has given up on us.
+    std::thread::sleep(Duration::from_millis(700));
+    let mut got = Vec::new();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = sock.read_to_end(&mut got);
+    assert_eq!(got.first(), Some(&0x89), "a ping comes first: {got:?}");
+    let close = got.iter().position(|b| *b == 0x88).expect("then a close frame");
+    assert_eq!(&got[close + 2..close + 4], &[0x03, 0xe9], "with code 1001: {got:?}");
+}
+
+#[test]
+fn a_client_that_answers_pings_stays_connected_past_the_idle_timeout() {
+    let s = server(&["--idle-timeout-ms", "200"]);
+    let mut ws = connect(&s.url());
+    let tungstenite::stream::MaybeTlsStream::Plain(sock) = ws.get_ref() else { unreachable!() };
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let start = std::time::Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1000) {
+        // tungstenite answers each ping with a pong on its next read.
+        match ws.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("connection ended: {e}"),
+        }
+    }
+    assert!(pings >= 2, "keepalive pings: {pings}");
+    if let tungstenite::stream::MaybeTlsStream::Plain(sock) = ws.get_ref() {
+        sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    send(&mut ws, r#"{"type":"worker.complete","id":1,"value":"v"}"#);
+    assert_eq!(recv(&mut ws), "got it!");
+}
