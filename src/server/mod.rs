@@ -111,6 +111,8 @@ pub struct Server {
     accept_paused: bool,
     /// gearmand output is over the high water mark: clients are not read until it drains.
     clients_paused: bool,
+    /// SIGINT or SIGTERM arrived.
+    signalled: bool,
     shutting_down: bool,
     stop: bool,
     scratch: Vec<u8>,
@@ -170,6 +172,7 @@ impl Server {
             accept_ready: true,
             accept_paused: false,
             clients_paused: false,
+            signalled: false,
             shutting_down: false,
             stop: false,
             scratch: vec![0; SCRATCH_BYTES],
@@ -198,10 +201,13 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 result => result.map_err(ServerError::Poll)?,
             }
-            let now = Instant::now(); // the only clock read in a pass
+            let now = Instant::now(); // every decision of this pass uses this one reading
             self.app.metrics.loop_iterations += 1;
             for event in events.iter() {
                 self.note_readiness(event); // bits only, no I/O
+            }
+            if self.signalled && !self.shutting_down {
+                self.begin_shutdown(now); // close frames now; the loop ends when all are gone
             }
             self.accept_clients(now); // until WouldBlock (or out of descriptors)
             self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
@@ -229,7 +235,7 @@ impl Server {
                 let caught: Vec<i32> = self.signals.pending().collect();
                 if !caught.is_empty() && !self.shutting_down {
                     info!("signal {caught:?}: closing every client with 1001");
-                    self.begin_shutdown();
+                    self.signalled = true;
                 }
             }
             Tok::Link(i) => {
@@ -790,12 +796,11 @@ impl Server {
         }
     }
 
-    fn begin_shutdown(&mut self) {
+    fn begin_shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        let now = Instant::now();
         for (key, conn) in self.conns.iter_mut() {
             if conn.ws.is_open() {
                 conn.ws.close(1001, "server shutting down");
