@@ -41,6 +41,8 @@ pub struct GearmanLink {
     pub output: Vec<u8>,
     /// A readable edge arrived and reading has not hit WouldBlock since.
     pub can_read: bool,
+    /// epoll reported gearmand's FIN: read until EOF instead of stopping at a short read.
+    pub hup_seen: bool,
     /// The last write hit WouldBlock.
     pub write_blocked: bool,
     /// Failed attempts since the last success (drives the back-off).
@@ -60,6 +62,7 @@ impl GearmanLink {
             input: InBuf::new(max_body + 12),
             output: Vec::new(),
             can_read: false,
+            hup_seen: false,
             write_blocked: false,
             failures: 0,
             connects: 0,
@@ -109,6 +112,7 @@ impl GearmanLink {
         self.input = InBuf::new(self.max_body + 12);
         self.output = Vec::new();
         self.can_read = false;
+        self.hup_seen = false;
         self.write_blocked = false;
     }
 

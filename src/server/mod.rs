@@ -243,6 +243,7 @@ impl Server {
                 // A connecting socket reports completion (or failure) as writable or error.
                 if event.is_readable() || event.is_error() || event.is_read_closed() {
                     link.can_read = true;
+                    link.hup_seen |= event.is_read_closed() || event.is_error();
                 }
                 if event.is_writable() || event.is_error() {
                     link.write_blocked = false;
@@ -370,7 +371,7 @@ impl Server {
         }
         // gearmand is trusted to be fast; its input is bounded by the packet limit only.
         let budget = usize::MAX / 2;
-        let outcome = fill(sock, &mut link.input, &mut self.scratch, budget, false);
+        let outcome = fill(sock, &mut link.input, &mut self.scratch, budget, !link.hup_seen);
         let decoded = link.session.handle_input(&mut link.input);
         while let Some(event) = link.session.poll_event() {
             trace!("gearmand {i}: {event:?}");
