@@ -55,8 +55,8 @@ impl Default for SubmitOptions {
 /// Runs `gearsock submit` and returns the process exit code.
 ///
 /// Foreground: prints `sending`, then `data: …` per WORK_DATA (and `warning: …` per
-/// WORK_WARNING; WORK_STATUS goes to stderr as `status: n/d`, so stdout shows the article's
-/// lines), then `complete: <result>` if the result is not empty, `failed`,
+/// WORK_WARNING; WORK_STATUS and the result go to stderr as `status: n/d` and
+/// `complete: <result>`, so stdout shows exactly the article's lines), then `failed`,
 /// `exception: …` or `error: CODE message`, and last the article's
 /// `before the 'received' message`. Exit code 0 on completion, 1 otherwise.
 ///
@@ -102,9 +102,8 @@ fn run_foreground(link: &mut Link) -> Result<i32, Box<dyn Error>> {
                 eprintln!("status: {numerator}/{denominator}");
             }
             JobEvent::Complete { data, .. } => {
-                if !data.is_empty() {
-                    say(&format!("complete: {}", String::from_utf8_lossy(&data)));
-                }
+                // The result goes to stderr too: the article's client prints none.
+                eprintln!("complete: {}", String::from_utf8_lossy(&data));
                 break 0;
             }
             JobEvent::Failed { .. } => {
