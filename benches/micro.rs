@@ -104,13 +104,7 @@ fn client_frame(payload: &[u8]) -> Vec<u8> {
 
 fn message_path(c: &mut Criterion) {
     let cfg = Config::default();
-    let limits = WsLimits {
-        max_message_bytes: cfg.max_message_bytes,
-        max_frame_bytes: cfg.max_frame_bytes,
-        read_buffer_bytes: cfg.ws_read_buffer_bytes,
-        in_limit_bytes: cfg.client_in_limit_bytes,
-        allowed_origins: vec![],
-    };
+    let limits = WsLimits::from(&cfg);
     let mut ws = Ws::new();
     ws.input().expect("handshaking").extend(
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

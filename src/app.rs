@@ -270,6 +270,11 @@ fn put_bytes(obj: &mut Value, name: &str, bytes: &[u8]) {
     }
 }
 
+/// The body of a `job.status` reply.
+fn status_fields((known, running, numerator, denominator): StatusTuple) -> Value {
+    json!({"numerator": numerator, "denominator": denominator, "known": known, "running": running})
+}
+
 fn handle_text(handle: &[u8]) -> String {
     String::from_utf8_lossy(handle).into_owned()
 }
@@ -740,8 +745,7 @@ impl App {
             JobEvent::Warning { tag, data } => self.stream_bytes(tag, "job.warning", "data", &data),
             JobEvent::Status { tag, numerator, denominator } => {
                 if self.job(tag).is_some() {
-                    let fields = json!({"numerator": numerator, "denominator": denominator, "known": true, "running": true});
-                    self.job_reply(tag, "job.status", fields);
+                    self.job_reply(tag, "job.status", status_fields((true, true, numerator, denominator)));
                 }
             }
             JobEvent::Complete { tag, data } => {
@@ -816,9 +820,7 @@ impl App {
         if let Some(tag) = asked {
             let job = self.job(tag).expect("found above");
             job.asks_out -= 1;
-            let (known, running, numerator, denominator) = status;
-            let fields = json!({"numerator": numerator, "denominator": denominator, "known": known, "running": running});
-            return self.job_reply(tag, "job.status", fields);
+            return self.job_reply(tag, "job.status", status_fields(status));
         }
         let Some(tag) = tags.iter().copied().find(|t| self.job(*t).is_some_and(|j| j.polls_out > 0)) else {
             return;
@@ -838,9 +840,7 @@ impl App {
             job.next_poll = at;
             self.effects.push(Effect::Arm(at, AppTimer::Poll(tag)));
             if changed && kind == Kind::Background {
-                let (known, running, numerator, denominator) = status;
-                let fields = json!({"numerator": numerator, "denominator": denominator, "known": known, "running": running});
-                self.job_reply(tag, "job.status", fields);
+                self.job_reply(tag, "job.status", status_fields(status));
             }
             return;
         }
@@ -852,8 +852,7 @@ impl App {
             let conn = job.conn;
             self.send(conn, format!("job: {handle}"));
         } else if changed {
-            let fields = json!({"numerator": 0, "denominator": 0, "known": false, "running": false});
-            self.job_reply(tag, "job.status", fields);
+            self.job_reply(tag, "job.status", status_fields(status));
         }
         if has_value {
             self.finish_polled(tag);

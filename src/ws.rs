@@ -33,6 +33,18 @@ pub struct WsLimits {
     pub allowed_origins: Vec<String>,
 }
 
+impl From<&crate::config::Config> for WsLimits {
+    fn from(c: &crate::config::Config) -> Self {
+        WsLimits {
+            max_message_bytes: c.max_message_bytes,
+            max_frame_bytes: c.max_frame_bytes,
+            read_buffer_bytes: c.ws_read_buffer_bytes,
+            in_limit_bytes: c.client_in_limit_bytes,
+            allowed_origins: c.allowed_origins.clone(),
+        }
+    }
+}
+
 /// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
 /// `write` appends to `output` and never fails.
 #[derive(Debug)]

@@ -403,15 +403,9 @@ impl ClientSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gearman::packet::{Magic, PacketType::*, encode_raw, encode_response};
+    use crate::gearman::packet::{Magic, PacketType::*, encode_raw, response};
 
     const MAX: usize = 1 << 20;
-
-    fn response(kind: PacketType, args: &[&[u8]]) -> Vec<u8> {
-        let mut out = Vec::new();
-        encode_response(&mut out, kind, args);
-        out
-    }
 
     fn setup() -> (ClientSession, Vec<u8>, InBuf) {
         (ClientSession::new(MAX), Vec::new(), InBuf::new(MAX))

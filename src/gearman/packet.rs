@@ -322,6 +322,13 @@ pub fn encode_response(out: &mut Vec<u8>, kind: PacketType, args: &[&[u8]]) {
     encode(out, Magic::Res, kind, args);
 }
 
+/// One whole response packet as its own bytes: what gearmand would send (fake peers, tests).
+pub fn response(kind: PacketType, args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_response(&mut out, kind, args);
+    out
+}
+
 /// Appends a header with any type number and a raw body, unchecked: for fake peers in tests
 /// that must send what a well-behaved peer never would.
 pub fn encode_raw(out: &mut Vec<u8>, magic: Magic, kind: u32, body: &[u8]) {

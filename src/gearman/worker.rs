@@ -223,15 +223,9 @@ impl WorkerSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gearman::packet::{PacketType::*, decode_request, encode_response};
+    use crate::gearman::packet::{PacketType::*, decode_request, response};
 
     const MAX: usize = 1 << 20;
-
-    fn response(kind: PacketType, args: &[&[u8]]) -> Vec<u8> {
-        let mut out = Vec::new();
-        encode_response(&mut out, kind, args);
-        out
-    }
 
     /// Every request in `out`, as (type, args).
     fn requests(out: &[u8]) -> Vec<(PacketType, Vec<Vec<u8>>)> {

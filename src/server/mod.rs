@@ -144,16 +144,11 @@ impl Server {
         for i in 0..links.len() {
             wheel.insert(now, TimerEvent::Reconnect(i));
         }
-        let seed =
-            now.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
+        // Reconnect jitter only needs gearsocks on one gearmand not to move in step.
+        let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let seed = clock.as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
         Ok(Server {
-            limits: WsLimits {
-                max_message_bytes: cfg.max_message_bytes,
-                max_frame_bytes: cfg.max_frame_bytes,
-                read_buffer_bytes: cfg.ws_read_buffer_bytes,
-                in_limit_bytes: cfg.client_in_limit_bytes,
-                allowed_origins: cfg.allowed_origins.clone(),
-            },
+            limits: WsLimits::from(cfg),
             tokens: Tokens::new(links.len()),
             app: App::new(AppConfig::from(cfg), links.len()),
             cfg: cfg.clone(),
