@@ -241,7 +241,9 @@ pub enum ProtocolError {
     },
     /// Type 0 or above 42.
     UnknownType(u32),
-    /// The header declares a body larger than our limit; refused before the body arrives.
+    /// The header declares a body larger than our limit; refused before the body arrives. (A
+    /// client session skips an oversized WORK_* packet instead, and reports this only when the
+    /// handle does not end within the body's first 256 bytes.)
     BodyTooLarge {
         /// Declared body size.
         size_bytes: u64,
@@ -339,13 +341,13 @@ pub fn encode_raw(out: &mut Vec<u8>, magic: Magic, kind: u32, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// Decodes the packet at the start of `buf`.
+/// Reads the header at the start of `buf`: the packet's type and declared body size.
 ///
-/// `Ok(None)` means more bytes are needed; nothing is consumed. `Ok(Some((packet, used)))`
-/// means the caller should consume `used` bytes. Errors are found as early as the bytes allow:
-/// a wrong magic from its first byte, an unknown type from the header, and a body over
-/// `max_body` from the header, before any of the body arrives.
-pub fn decode(buf: &[u8], expect: Magic, max_body: usize) -> Result<Option<(Packet, usize)>, ProtocolError> {
+/// `Ok(None)` means the 12 header bytes are not all here yet; nothing is consumed either way.
+/// Errors come as early as in `decode`: a wrong magic from its first byte, an unknown type once
+/// the type field is complete. The size is not checked against any limit, so a caller can decide
+/// what to do with an oversized packet before its body arrives.
+pub fn peek_header(buf: &[u8], expect: Magic) -> Result<Option<(PacketType, u32)>, ProtocolError> {
     let magic = expect.bytes();
     let seen = buf.len().min(magic.len());
     if buf[..seen] != magic[..seen] {
@@ -359,7 +361,19 @@ pub fn decode(buf: &[u8], expect: Magic, max_body: usize) -> Result<Option<(Pack
     if buf.len() < HEADER_BYTES {
         return Ok(None);
     }
-    let declared = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+    Ok(Some((kind, u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]))))
+}
+
+/// Decodes the packet at the start of `buf`.
+///
+/// `Ok(None)` means more bytes are needed; nothing is consumed. `Ok(Some((packet, used)))`
+/// means the caller should consume `used` bytes. Errors are found as early as the bytes allow:
+/// a wrong magic from its first byte, an unknown type from the header, and a body over
+/// `max_body` from the header, before any of the body arrives.
+pub fn decode(buf: &[u8], expect: Magic, max_body: usize) -> Result<Option<(Packet, usize)>, ProtocolError> {
+    let Some((kind, declared)) = peek_header(buf, expect)? else {
+        return Ok(None);
+    };
     let size = match usize::try_from(declared) {
         Ok(size) if size <= max_body => size,
         _ => {
@@ -513,6 +527,21 @@ mod tests {
         );
         header[8..12].copy_from_slice(&1000u32.to_be_bytes());
         assert_eq!(decode_response(&header, 1000), Ok(None));
+    }
+
+    #[test]
+    fn peek_header_reads_type_and_size_without_a_limit() {
+        let mut header = Vec::new();
+        encode_raw(&mut header, Magic::Res, PacketType::WorkData.as_u32(), &[]);
+        header[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        for end in 0..HEADER_BYTES {
+            assert_eq!(peek_header(&header[..end], Magic::Res), Ok(None), "prefix of {end}");
+        }
+        assert_eq!(peek_header(&header, Magic::Res), Ok(Some((PacketType::WorkData, u32::MAX))));
+        assert!(matches!(peek_header(b"\0RX", Magic::Res), Err(ProtocolError::BadMagic { .. })));
+        assert!(matches!(peek_header(&header[..4], Magic::Req), Err(ProtocolError::BadMagic { .. })));
+        header[4..8].copy_from_slice(&99u32.to_be_bytes());
+        assert_eq!(peek_header(&header[..8], Magic::Res), Err(ProtocolError::UnknownType(99)));
     }
 
     #[test]
