@@ -78,7 +78,7 @@ fn codec(c: &mut Criterion) {
         encode_response(&mut wire, PacketType::StatusRes, &[b"H:bench:1", b"1", b"1", b"3", b"5"]);
         b.iter(|| {
             out.clear();
-            session.get_status(b"H:bench:1", &mut out);
+            session.get_status(b"H:bench:1", 0, &mut out);
             input.extend(&wire);
             session.handle_input(&mut input).expect("valid packet");
             assert!(matches!(session.poll_event(), Some(JobEvent::StatusRes { .. })));

@@ -754,7 +754,7 @@ impl App {
                     self.end_job(tag, "complete");
                 }
             }
-            JobEvent::Failed { tag } => {
+            JobEvent::Failed { tag } | JobEvent::TooLarge { tag, .. } => {
                 if self.job(tag).is_some() {
                     self.job_reply(tag, "job.failed", json!({"reason": "the worker reported failure"}));
                     self.end_job(tag, "failed");
@@ -773,9 +773,10 @@ impl App {
                     self.end_job(tag, "rejected");
                 }
             }
-            JobEvent::StatusRes { handle, known, running, numerator, denominator } => {
+            JobEvent::StatusRes { ask: _, handle, known, running, numerator, denominator } => {
                 self.on_status_res(link, &handle, (known, running, numerator, denominator), now)
             }
+            JobEvent::StatusFailed { .. } => {}
         }
     }
 
@@ -1007,6 +1008,7 @@ mod tests {
         app.handle_client_text(A, r#"{"type":"worker.complete","id":"H:vm:1","value":"done"}"#, t0);
         assert_eq!(sent(&effects(&mut app)), vec![(A, "got it!")]);
         let gone = JobEvent::StatusRes {
+            ask: 0,
             handle: b"H:vm:1".to_vec(),
             known: false,
             running: false,
@@ -1031,6 +1033,7 @@ mod tests {
             app.handle_job_event(0, JobEvent::Created { tag: *tag, handle: format!("H:vm:{i}").into() }, t0);
             app.handle_timer(AppTimer::Poll(*tag), t0);
             let gone = JobEvent::StatusRes {
+                ask: 0,
                 handle: format!("H:vm:{i}").into(),
                 known: false,
                 running: false,
@@ -1064,6 +1067,7 @@ mod tests {
         app.handle_job_event(0, JobEvent::Created { tag, handle: b"4".to_vec() }, t0);
         app.handle_timer(AppTimer::Poll(tag), t0);
         let gone = JobEvent::StatusRes {
+            ask: 0,
             handle: b"4".to_vec(),
             known: false,
             running: false,

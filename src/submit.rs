@@ -94,7 +94,7 @@ pub fn run_submit(opts: &SubmitOptions) -> Result<i32, Box<dyn Error>> {
 fn run_foreground(link: &mut Link) -> Result<i32, Box<dyn Error>> {
     let code = loop {
         match link.next_event()? {
-            JobEvent::Created { .. } | JobEvent::StatusRes { .. } => {}
+            JobEvent::Created { .. } | JobEvent::StatusRes { .. } | JobEvent::StatusFailed { .. } => {}
             JobEvent::Data { data, .. } => say(&format!("data: {}", String::from_utf8_lossy(&data))),
             JobEvent::Warning { data, .. } => say(&format!("warning: {}", String::from_utf8_lossy(&data))),
             JobEvent::Status { numerator, denominator, .. } => {
@@ -106,7 +106,7 @@ fn run_foreground(link: &mut Link) -> Result<i32, Box<dyn Error>> {
                 eprintln!("complete: {}", String::from_utf8_lossy(&data));
                 break 0;
             }
-            JobEvent::Failed { .. } => {
+            JobEvent::Failed { .. } | JobEvent::TooLarge { .. } => {
                 say("failed");
                 break 1;
             }
@@ -140,7 +140,7 @@ fn run_background(link: &mut Link, poll_interval: Duration) -> Result<i32, Box<d
     loop {
         thread::sleep(poll_interval);
         say("checking");
-        link.session.get_status(&handle, &mut link.out);
+        link.session.get_status(&handle, 0, &mut link.out);
         link.flush()?;
         let known = loop {
             if let JobEvent::StatusRes { known, .. } = link.next_event()? {

@@ -459,7 +459,9 @@ impl Session for GearmanDirect {
                     }
                     self.submit(slot, io);
                 }
-                JobEvent::Failed { tag } | JobEvent::Exception { tag, .. } => {
+                JobEvent::Failed { tag }
+                | JobEvent::Exception { tag, .. }
+                | JobEvent::TooLarge { tag, .. } => {
                     io.meter.error("job.failed");
                     if let Some((slot, _)) = self.take_slot(tag) {
                         self.submit(slot, io);
@@ -473,7 +475,8 @@ impl Session for GearmanDirect {
                 | JobEvent::Data { .. }
                 | JobEvent::Warning { .. }
                 | JobEvent::Status { .. }
-                | JobEvent::StatusRes { .. } => {}
+                | JobEvent::StatusRes { .. }
+                | JobEvent::StatusFailed { .. } => {}
             }
         }
         self.input.release();

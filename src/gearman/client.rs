@@ -7,14 +7,21 @@
 //! caller maps tags to whoever asked.
 //!
 //! gearmand answers the requests of one connection strictly in order, so one FIFO of expected
-//! replies pairs each JOB_CREATED, STATUS_RES, OPTION_RES or ERROR with the request it answers.
-//! WORK_* packets of foreground jobs name a handle; the session maps handles to tags.
+//! replies pairs each JOB_CREATED, STATUS_RES, OPTION_RES, ECHO_RES or ERROR with the request it
+//! answers. WORK_* packets of foreground jobs name a handle; the session maps handles to tags.
+//!
+//! A WORK_* packet whose body is over the limit does not cost the link: once its handle is in,
+//! the submission it was meant for gets `JobEvent::TooLarge`, and the rest of the body is counted
+//! off the input as it streams past, never buffered. Any other oversized packet is an error.
 
 use std::collections::{HashMap, VecDeque};
 
 use log::{debug, trace};
 
-use super::packet::{PacketType, ProtocolError, decode_response, encode_request, parse_number};
+use super::packet::{
+    HEADER_BYTES, Magic, Packet, PacketType, ProtocolError, decode_response, encode_request, parse_number,
+    peek_header,
+};
 use crate::buf::InBuf;
 
 /// Names one submission. Opaque to the session; the caller chooses it and gets it back in events.
@@ -104,7 +111,9 @@ pub enum JobEvent {
     },
     /// STATUS_RES: the answer to `get_status`.
     StatusRes {
-        /// The handle asked about.
+        /// The caller's token from `get_status`.
+        ask: u64,
+        /// The handle gearmand answered about (the one asked, from a sane server).
         handle: Vec<u8>,
         /// The job exists (queued or running). False also for finished and never-existed jobs.
         known: bool,
@@ -115,7 +124,35 @@ pub enum JobEvent {
         /// Last WORK_STATUS denominator (0 before any).
         denominator: u64,
     },
+    /// ERROR in place of STATUS_RES: the status query failed; nothing else will answer it.
+    StatusFailed {
+        /// The caller's token from `get_status`.
+        ask: u64,
+        /// The handle asked about.
+        handle: Vec<u8>,
+        /// gearmand's error code.
+        code: String,
+        /// gearmand's text.
+        message: String,
+    },
+    /// A WORK_* packet for this submission had a body over the session's limit; it was skipped
+    /// unread. Terminal: the tag gets nothing more, even if the job goes on.
+    TooLarge {
+        /// The submission.
+        tag: JobTag,
+        /// Which WORK_* packet it was.
+        kind: PacketType,
+        /// Its declared body size.
+        size_bytes: u64,
+    },
 }
+
+/// An oversized WORK_* packet's handle must end (NUL) within this many body bytes; gearmand's
+/// handles are `H:<hostname>:<n>`, far shorter.
+const HANDLE_SCAN_BYTES: usize = 256;
+
+/// The body of the liveness probe's ECHO_REQ.
+const PROBE_BODY: &[u8] = b"gearsock-probe";
 
 /// A reply gearmand still owes us, in request order.
 #[derive(Debug)]
@@ -123,9 +160,11 @@ enum Expected {
     /// A SUBMIT_JOB*: JOB_CREATED or ERROR.
     Created { tag: JobTag, mode: JobMode },
     /// A GET_STATUS: STATUS_RES or ERROR.
-    Status { handle: Vec<u8> },
+    Status { ask: u64, handle: Vec<u8> },
     /// An OPTION_REQ: OPTION_RES or ERROR.
     Option,
+    /// An ECHO_REQ (the liveness probe): ECHO_RES or ERROR.
+    Echo,
 }
 
 impl Expected {
@@ -134,37 +173,63 @@ impl Expected {
             Expected::Created { .. } => "JOB_CREATED",
             Expected::Status { .. } => "STATUS_RES",
             Expected::Option => "OPTION_RES",
+            Expected::Echo => "ECHO_RES",
         }
     }
 }
 
-/// The foreground submissions attached to one handle.
+/// The foreground submissions attached to one handle, one slot per submission.
 ///
 /// gearmand sends every WORK_* packet once per attached submission, consecutively. Each copy
-/// goes to the tag under `cursor`, which then advances, so every submission sees each packet
-/// exactly once; a terminal copy detaches its tag.
+/// goes to the slot under `cursor`, which then advances, so every submission sees each packet
+/// exactly once; a terminal copy removes its slot. A slot whose tag was detached early (its copy
+/// of a non-terminal packet was too large) stays, empty, until gearmand's terminal copy for it:
+/// gearmand still sends that submission its copies, and they must not shift onto the others.
 #[derive(Debug, Default)]
 struct Subscribers {
-    tags: Vec<JobTag>,
+    slots: Vec<Option<JobTag>>,
     cursor: usize,
 }
 
 impl Subscribers {
-    /// The tag that receives the next copy; advances the cursor.
-    fn next(&mut self) -> JobTag {
-        let tag = self.tags[self.cursor];
-        self.cursor = (self.cursor + 1) % self.tags.len();
-        tag
+    /// The slot that receives the next copy; advances the cursor.
+    fn next(&mut self) -> Option<JobTag> {
+        let slot = self.slots[self.cursor];
+        self.cursor = (self.cursor + 1) % self.slots.len();
+        slot
     }
 
-    /// The tag that receives the next copy, detached because the copy is terminal.
-    fn take_next(&mut self) -> JobTag {
-        let tag = self.tags.remove(self.cursor);
-        // The tag after the removed one slid into its slot.
-        if self.cursor >= self.tags.len() {
+    /// The slot that receives the next copy, removed because the copy is terminal.
+    fn take_next(&mut self) -> Option<JobTag> {
+        let slot = self.slots.remove(self.cursor);
+        // The slot after the removed one slid into its place.
+        if self.cursor >= self.slots.len() {
             self.cursor = 0;
         }
-        tag
+        slot
+    }
+
+    /// The slot that receives the next copy, emptied but kept: its tag is detached while the job
+    /// goes on. Advances the cursor.
+    fn detach_next(&mut self) -> Option<JobTag> {
+        let slot = self.slots[self.cursor].take();
+        self.cursor = (self.cursor + 1) % self.slots.len();
+        slot
+    }
+
+    /// The tags still attached.
+    fn tags(&self) -> impl Iterator<Item = JobTag> + '_ {
+        self.slots.iter().flatten().copied()
+    }
+}
+
+/// For the WORK_* packets a foreground job streams back: whether the packet is terminal. `None`
+/// for every other type.
+fn work_terminal(kind: PacketType) -> Option<bool> {
+    match kind {
+        PacketType::WorkData | PacketType::WorkWarning | PacketType::WorkStatus => Some(false),
+        PacketType::WorkComplete | PacketType::WorkFail | PacketType::WorkException => Some(true),
+        _ => None,
     }
 }
 
@@ -175,16 +240,23 @@ pub struct ClientSession {
     expected: VecDeque<Expected>,
     running: HashMap<Vec<u8>, Subscribers>,
     events: VecDeque<JobEvent>,
+    /// Body bytes of an oversized WORK_* packet still to be dropped from the input.
+    skip_bytes: u64,
+    /// A complete packet has been decoded since the session (or connection) started.
+    answered: bool,
 }
 
 impl ClientSession {
-    /// A fresh session; packets with a body over `max_body_bytes` are a `ProtocolError`.
-    pub fn new(max_body_bytes: usize) -> Self {
+    /// A fresh session. A WORK_* packet with a body over `max_job_bytes` becomes
+    /// `JobEvent::TooLarge` and is skipped; any other packet that large is a `ProtocolError`.
+    pub fn new(max_job_bytes: usize) -> Self {
         ClientSession {
-            max_body_bytes,
+            max_body_bytes: max_job_bytes,
             expected: VecDeque::new(),
             running: HashMap::new(),
             events: VecDeque::new(),
+            skip_bytes: 0,
+            answered: false,
         }
     }
 
@@ -222,58 +294,50 @@ impl ClientSession {
         self.expected.push_back(Expected::Created { tag, mode });
     }
 
-    /// Appends a GET_STATUS; the answer comes out as `JobEvent::StatusRes`.
-    pub fn get_status(&mut self, handle: &[u8], out: &mut Vec<u8>) {
+    /// Appends a GET_STATUS. The answer comes out as `JobEvent::StatusRes`, or as
+    /// `JobEvent::StatusFailed` if gearmand answers ERROR; either carries `ask`, the caller's token
+    /// for whoever asked.
+    pub fn get_status(&mut self, handle: &[u8], ask: u64, out: &mut Vec<u8>) {
         encode_request(out, PacketType::GetStatus, &[handle]);
-        self.expected.push_back(Expected::Status { handle: handle.to_vec() });
+        self.expected.push_back(Expected::Status { ask, handle: handle.to_vec() });
     }
 
-    /// Decodes every complete packet in `input`, consuming it and queueing events. On error the
-    /// connection is beyond repair: drop it and call `take_all_tags`.
+    /// Appends an ECHO_REQ as a liveness probe: it counts in `awaiting_replies` until gearmand
+    /// answers. The answer (ECHO_RES, or ERROR in its place) is consumed silently.
+    pub fn probe(&mut self, out: &mut Vec<u8>) {
+        encode_request(out, PacketType::EchoReq, &[PROBE_BODY]);
+        self.expected.push_back(Expected::Echo);
+    }
+
+    /// Decodes every complete packet in `input`, consuming it and queueing events, and drops the
+    /// part of an oversized WORK_* body that has arrived. On error the connection is beyond
+    /// repair: drop it and call `take_all_tags`.
     pub fn handle_input(&mut self, input: &mut InBuf) -> Result<(), ProtocolError> {
-        while let Some((packet, used)) = decode_response(input.data(), self.max_body_bytes)? {
-            input.consume(used);
-            trace!("gearman recv {} args={}", packet.kind, packet.args.len());
-            let mut args = packet.args.into_iter();
-            let mut next = || args.next().unwrap_or_default();
-            match packet.kind {
-                PacketType::JobCreated => self.on_job_created(next())?,
-                PacketType::StatusRes => {
-                    let (handle, known, running, numerator, denominator) =
-                        (next(), next(), next(), next(), next());
-                    self.on_status_res(handle, &known, &running, &numerator, &denominator)?;
+        loop {
+            if self.skip_bytes > 0 {
+                let n = usize::try_from(self.skip_bytes).unwrap_or(usize::MAX).min(input.len());
+                input.consume(n);
+                self.skip_bytes -= n as u64;
+                if self.skip_bytes > 0 {
+                    return Ok(());
                 }
-                PacketType::OptionRes => self.on_option_res()?,
-                PacketType::Error => self.on_error(&next(), &next())?,
-                PacketType::WorkData => {
-                    let (handle, data) = (next(), next());
-                    self.on_work(&handle, false, |tag| JobEvent::Data { tag, data });
-                }
-                PacketType::WorkWarning => {
-                    let (handle, data) = (next(), next());
-                    self.on_work(&handle, false, |tag| JobEvent::Warning { tag, data });
-                }
-                PacketType::WorkStatus => {
-                    let (handle, numerator, denominator) = (next(), next(), next());
-                    let (numerator, denominator) = (parse_number(&numerator), parse_number(&denominator));
-                    self.on_work(&handle, false, |tag| JobEvent::Status { tag, numerator, denominator });
-                }
-                PacketType::WorkComplete => {
-                    let (handle, data) = (next(), next());
-                    self.on_work(&handle, true, |tag| JobEvent::Complete { tag, data });
-                }
-                PacketType::WorkFail => {
-                    let handle = next();
-                    self.on_work(&handle, true, |tag| JobEvent::Failed { tag });
-                }
-                PacketType::WorkException => {
-                    let (handle, data) = (next(), next());
-                    self.on_work(&handle, true, |tag| JobEvent::Exception { tag, data });
-                }
-                kind => return Err(ProtocolError::Unexpected { kind, expected: "a client reply" }),
             }
+            let Some((kind, size_bytes)) = peek_header(input.data(), Magic::Res)? else {
+                return Ok(());
+            };
+            if usize::try_from(size_bytes).map_or(true, |size| size > self.max_body_bytes) {
+                if !self.start_skip(input, kind, size_bytes)? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let Some((packet, used)) = decode_response(input.data(), self.max_body_bytes)? else {
+                return Ok(());
+            };
+            input.consume(used);
+            self.answered = true;
+            self.on_packet(packet)?;
         }
-        Ok(())
     }
 
     /// The next event, oldest first.
@@ -285,18 +349,25 @@ impl ClientSession {
     /// jobs, a terminal packet.
     pub fn in_flight(&self) -> usize {
         let awaiting_created = self.expected.iter().filter(|e| matches!(e, Expected::Created { .. })).count();
-        awaiting_created + self.running.values().map(|s| s.tags.len()).sum::<usize>()
+        awaiting_created + self.running.values().map(|s| s.tags().count()).sum::<usize>()
     }
 
-    /// Replies gearmand still owes (submits, status queries, options). Zero means an idle
+    /// Replies gearmand still owes (submits, status queries, options, probes). Zero means an idle
     /// connection, as far as requests go.
     pub fn awaiting_replies(&self) -> usize {
         self.expected.len()
     }
 
+    /// True once gearmand has sent at least one complete packet on this connection: the link is
+    /// only known to be up once it answered.
+    pub fn has_answered(&self) -> bool {
+        self.answered
+    }
+
     /// The connection is gone: returns every tag still awaiting JOB_CREATED or a terminal
     /// packet (in submit order for the former), and resets the session for a new connection
-    /// (call `start` again). Events already queued stay queued for `poll_event`.
+    /// (call `start` again): a half-skipped packet and `has_answered` are forgotten too. Events
+    /// already queued stay queued for `poll_event`.
     pub fn take_all_tags(&mut self) -> Vec<JobTag> {
         let mut tags: Vec<JobTag> = self
             .expected
@@ -306,8 +377,107 @@ impl ClientSession {
                 _ => None,
             })
             .collect();
-        tags.extend(self.running.drain().flat_map(|(_, s)| s.tags));
+        tags.extend(self.running.drain().flat_map(|(_, s)| s.slots.into_iter().flatten()));
+        self.skip_bytes = 0;
+        self.answered = false;
         tags
+    }
+
+    /// Gives one decoded packet its meaning.
+    fn on_packet(&mut self, packet: Packet) -> Result<(), ProtocolError> {
+        trace!("gearman recv {} args={}", packet.kind, packet.args.len());
+        let mut args = packet.args.into_iter();
+        let mut next = || args.next().unwrap_or_default();
+        match packet.kind {
+            PacketType::JobCreated => self.on_job_created(next())?,
+            PacketType::StatusRes => {
+                let (handle, known, running, numerator, denominator) =
+                    (next(), next(), next(), next(), next());
+                self.on_status_res(handle, &known, &running, &numerator, &denominator)?;
+            }
+            PacketType::OptionRes => self.on_option_res()?,
+            PacketType::EchoRes => self.on_echo_res()?,
+            PacketType::Error => self.on_error(&next(), &next())?,
+            PacketType::WorkData => {
+                let (handle, data) = (next(), next());
+                self.on_work(&handle, false, |tag| JobEvent::Data { tag, data });
+            }
+            PacketType::WorkWarning => {
+                let (handle, data) = (next(), next());
+                self.on_work(&handle, false, |tag| JobEvent::Warning { tag, data });
+            }
+            PacketType::WorkStatus => {
+                let (handle, numerator, denominator) = (next(), next(), next());
+                let (numerator, denominator) = (parse_number(&numerator), parse_number(&denominator));
+                self.on_work(&handle, false, |tag| JobEvent::Status { tag, numerator, denominator });
+            }
+            PacketType::WorkComplete => {
+                let (handle, data) = (next(), next());
+                self.on_work(&handle, true, |tag| JobEvent::Complete { tag, data });
+            }
+            PacketType::WorkFail => {
+                let handle = next();
+                self.on_work(&handle, true, |tag| JobEvent::Failed { tag });
+            }
+            PacketType::WorkException => {
+                let (handle, data) = (next(), next());
+                self.on_work(&handle, true, |tag| JobEvent::Exception { tag, data });
+            }
+            kind => return Err(ProtocolError::Unexpected { kind, expected: "a client reply" }),
+        }
+        Ok(())
+    }
+
+    /// The header of a packet over the limit is at the front of `input`. For a WORK_* packet,
+    /// once its handle has arrived: reports it to the submission whose copy it is, consumes the
+    /// header and arms the skip of the body; returns false (consuming nothing) while the handle
+    /// is still incomplete. Any other type, or a handle that does not end in time, is an error.
+    fn start_skip(
+        &mut self,
+        input: &mut InBuf,
+        kind: PacketType,
+        size_bytes: u32,
+    ) -> Result<bool, ProtocolError> {
+        let too_large =
+            ProtocolError::BodyTooLarge { size_bytes: u64::from(size_bytes), max_bytes: self.max_body_bytes };
+        let Some(terminal) = work_terminal(kind) else {
+            return Err(too_large);
+        };
+        // The shell's input holds at least `max_body_bytes` of body, so never wait for more.
+        let window = HANDLE_SCAN_BYTES.min(self.max_body_bytes);
+        let body = input.data().get(HEADER_BYTES..).unwrap_or_default();
+        let handle = match body.iter().take(window).position(|&b| b == 0) {
+            Some(end) => body[..end].to_vec(),
+            None if body.len() >= window => return Err(too_large),
+            None => return Ok(false),
+        };
+        input.consume(HEADER_BYTES);
+        self.skip_bytes = u64::from(size_bytes);
+        self.on_oversized(&handle, kind, terminal, u64::from(size_bytes));
+        Ok(true)
+    }
+
+    /// One copy of an oversized WORK_* packet: its submission gets `TooLarge` and is detached.
+    fn on_oversized(&mut self, handle: &[u8], kind: PacketType, terminal: bool, size_bytes: u64) {
+        let Some(subscribers) = self.running.get_mut(handle) else {
+            debug!(
+                "gearman skipping oversized {kind} of {size_bytes} bytes for unknown handle {:?}",
+                handle.escape_ascii()
+            );
+            return;
+        };
+        // A terminal copy ends the submission at gearmand too; otherwise more copies follow.
+        let slot = if terminal { subscribers.take_next() } else { subscribers.detach_next() };
+        if subscribers.slots.is_empty() {
+            self.running.remove(handle);
+        }
+        match slot {
+            Some(tag) => {
+                debug!("gearman skipping oversized {kind} of {size_bytes} bytes for tag={}", tag.0);
+                self.events.push_back(JobEvent::TooLarge { tag, kind, size_bytes });
+            }
+            None => trace!("gearman skipping oversized {kind} for a detached submission"),
+        }
     }
 
     fn pop_expected(&mut self, kind: PacketType) -> Result<Expected, ProtocolError> {
@@ -327,7 +497,7 @@ impl ClientSession {
             other => return Err(self.mismatch(PacketType::JobCreated, other)),
         };
         if mode == JobMode::Foreground {
-            self.running.entry(handle.clone()).or_default().tags.push(tag);
+            self.running.entry(handle.clone()).or_default().slots.push(Some(tag));
         }
         self.events.push_back(JobEvent::Created { tag, handle });
         Ok(())
@@ -341,8 +511,8 @@ impl ClientSession {
         numerator: &[u8],
         denominator: &[u8],
     ) -> Result<(), ProtocolError> {
-        match self.pop_expected(PacketType::StatusRes)? {
-            Expected::Status { handle: asked } => {
+        let ask = match self.pop_expected(PacketType::StatusRes)? {
+            Expected::Status { ask, handle: asked } => {
                 if asked != handle {
                     debug!(
                         "gearman STATUS_RES for {:?}, asked {:?}",
@@ -350,10 +520,12 @@ impl ClientSession {
                         asked.escape_ascii()
                     );
                 }
+                ask
             }
             other => return Err(self.mismatch(PacketType::StatusRes, other)),
-        }
+        };
         self.events.push_back(JobEvent::StatusRes {
+            ask,
             handle,
             known: parse_number(known) != 0,
             running: parse_number(running) != 0,
@@ -370,6 +542,13 @@ impl ClientSession {
         }
     }
 
+    fn on_echo_res(&mut self) -> Result<(), ProtocolError> {
+        match self.pop_expected(PacketType::EchoRes)? {
+            Expected::Echo => Ok(()),
+            other => Err(self.mismatch(PacketType::EchoRes, other)),
+        }
+    }
+
     fn on_error(&mut self, code: &[u8], message: &[u8]) -> Result<(), ProtocolError> {
         let code = String::from_utf8_lossy(code).into_owned();
         let message = String::from_utf8_lossy(message).into_owned();
@@ -378,10 +557,12 @@ impl ClientSession {
                 debug!("gearman rejected tag={}: {code} {message}", tag.0);
                 self.events.push_back(JobEvent::Rejected { tag, code, message });
             }
-            Expected::Status { handle } => {
+            Expected::Status { ask, handle } => {
                 debug!("gearman GET_STATUS {:?} got ERROR {code} {message}", handle.escape_ascii());
+                self.events.push_back(JobEvent::StatusFailed { ask, handle, code, message });
             }
             Expected::Option => debug!("gearman OPTION_REQ got ERROR {code} {message}"),
+            Expected::Echo => debug!("gearman ECHO_REQ got ERROR {code} {message}"),
         }
         Ok(())
     }
@@ -392,11 +573,14 @@ impl ClientSession {
             debug!("gearman work packet for unknown handle {:?}", handle.escape_ascii());
             return;
         };
-        let tag = if terminal { subscribers.take_next() } else { subscribers.next() };
-        if subscribers.tags.is_empty() {
+        let slot = if terminal { subscribers.take_next() } else { subscribers.next() };
+        if subscribers.slots.is_empty() {
             self.running.remove(handle);
         }
-        self.events.push_back(event(tag));
+        // An empty slot's submission was detached by an oversized packet; its copy goes nowhere.
+        if let Some(tag) = slot {
+            self.events.push_back(event(tag));
+        }
     }
 }
 
@@ -578,9 +762,9 @@ mod tests {
     fn get_status_interleaves_with_submits() {
         let (mut session, mut out, mut input) = setup();
         session.submit(JobTag(1), b"ping", b"", b"noop", JobMode::Background, Priority::Normal, &mut out);
-        session.get_status(b"H:gm:0", &mut out);
+        session.get_status(b"H:gm:0", 10, &mut out);
         session.submit(JobTag(2), b"ping", b"", b"noop", JobMode::Background, Priority::Normal, &mut out);
-        session.get_status(b"H:gm:1", &mut out);
+        session.get_status(b"H:gm:1", 11, &mut out);
         let wire = [
             response(JobCreated, &[b"H:gm:1"]),
             response(StatusRes, &[b"H:gm:0", b"0", b"0", b"0", b"0"]),
@@ -594,6 +778,7 @@ mod tests {
             vec![
                 JobEvent::Created { tag: JobTag(1), handle: b"H:gm:1".to_vec() },
                 JobEvent::StatusRes {
+                    ask: 10,
                     handle: b"H:gm:0".to_vec(),
                     known: false,
                     running: false,
@@ -602,6 +787,7 @@ mod tests {
                 },
                 JobEvent::Created { tag: JobTag(2), handle: b"H:gm:2".to_vec() },
                 JobEvent::StatusRes {
+                    ask: 11,
                     handle: b"H:gm:1".to_vec(),
                     known: true,
                     running: true,
@@ -731,7 +917,7 @@ mod tests {
         fg(&mut session, 1, b"", &mut out);
         session.submit(JobTag(2), b"f", b"", b"", JobMode::Background, Priority::Low, &mut out);
         fg(&mut session, 3, b"", &mut out);
-        session.get_status(b"H:gm:9", &mut out);
+        session.get_status(b"H:gm:9", 0, &mut out);
         session.submit(JobTag(4), b"f", b"", b"", JobMode::Background, Priority::Low, &mut out);
         let wire = [
             response(OptionRes, &[b"exceptions"]),
@@ -747,6 +933,270 @@ mod tests {
         // Queued events survive the reset; the next connection starts from scratch.
         assert_eq!(events(&mut session).len(), 2);
         assert!(feed(&mut session, &mut input, &response(JobCreated, &[b"H:gm:3"])).is_err());
+    }
+
+    #[test]
+    fn error_answering_get_status_reaches_the_asker() {
+        let (mut session, mut out, mut input) = setup();
+        fg(&mut session, 1, b"", &mut out);
+        session.get_status(b"H:gm:1", 42, &mut out);
+        session.get_status(b"H:gm:1", 43, &mut out);
+        let wire = [
+            response(JobCreated, &[b"H:gm:1"]),
+            response(Error, &[b"INVALID_COMMAND", b"Command not expected"]),
+            response(StatusRes, &[b"H:gm:1", b"1", b"0", b"0", b"0"]),
+        ]
+        .concat();
+        feed_byte_at_a_time(&mut session, &mut input, &wire);
+        assert_eq!(
+            events(&mut session),
+            vec![
+                JobEvent::Created { tag: JobTag(1), handle: b"H:gm:1".to_vec() },
+                JobEvent::StatusFailed {
+                    ask: 42,
+                    handle: b"H:gm:1".to_vec(),
+                    code: "INVALID_COMMAND".into(),
+                    message: "Command not expected".into()
+                },
+                JobEvent::StatusRes {
+                    ask: 43,
+                    handle: b"H:gm:1".to_vec(),
+                    known: true,
+                    running: false,
+                    numerator: 0,
+                    denominator: 0
+                },
+            ]
+        );
+        assert_eq!(session.awaiting_replies(), 0);
+    }
+
+    #[test]
+    fn probe_is_an_echo_answered_silently() {
+        let (mut session, mut out, mut input) = setup();
+        session.probe(&mut out);
+        let (packet, used) = crate::gearman::packet::decode_request(&out, MAX).unwrap().unwrap();
+        assert_eq!((packet.kind, packet.args, used), (EchoReq, vec![PROBE_BODY.to_vec()], out.len()));
+        assert_eq!((session.awaiting_replies(), session.has_answered()), (1, false));
+        let wire = response(EchoRes, &[PROBE_BODY]);
+        let (head, last) = wire.split_at(wire.len() - 1);
+        feed(&mut session, &mut input, head).unwrap();
+        assert!(!session.has_answered(), "half a packet is no answer");
+        feed(&mut session, &mut input, last).unwrap();
+        assert_eq!((session.awaiting_replies(), session.has_answered()), (0, true));
+        assert_eq!(session.poll_event(), None);
+
+        // An ERROR in place of ECHO_RES is swallowed too, and the next reply still pairs.
+        session.probe(&mut out);
+        fg(&mut session, 1, b"", &mut out);
+        let wire =
+            [response(Error, &[b"ERR", b"no echo today"]), response(JobCreated, &[b"H:gm:1"])].concat();
+        feed(&mut session, &mut input, &wire).unwrap();
+        assert_eq!(
+            events(&mut session),
+            vec![JobEvent::Created { tag: JobTag(1), handle: b"H:gm:1".to_vec() }]
+        );
+
+        // A new connection has not answered yet.
+        session.take_all_tags();
+        assert!(!session.has_answered());
+        assert_eq!(
+            feed(&mut session, &mut input, &response(EchoRes, &[PROBE_BODY])),
+            Err(ProtocolError::Unexpected { kind: EchoRes, expected: "nothing" })
+        );
+        let (mut session, mut out, mut input) = setup();
+        fg(&mut session, 1, b"", &mut out);
+        assert_eq!(
+            feed(&mut session, &mut input, &response(EchoRes, &[PROBE_BODY])),
+            Err(ProtocolError::Unexpected { kind: EchoRes, expected: "JOB_CREATED" })
+        );
+    }
+
+    /// The limit in the oversized tests: small, so a 1,000-byte body is over it.
+    const SMALL: usize = 64;
+
+    fn small_setup() -> (ClientSession, Vec<u8>, InBuf) {
+        // As the shell sizes it: one packet at the limit, header included.
+        (ClientSession::new(SMALL), Vec::new(), InBuf::new(SMALL + HEADER_BYTES))
+    }
+
+    /// A packet of `kind` whose `body_bytes`-long body is `handle`, NUL, then filler.
+    fn oversized(kind: PacketType, handle: &[u8], body_bytes: usize) -> Vec<u8> {
+        let mut body = handle.to_vec();
+        body.push(0);
+        body.resize(body_bytes, b'x');
+        let mut out = Vec::new();
+        encode_raw(&mut out, Magic::Res, kind.as_u32(), &body);
+        out
+    }
+
+    /// Feeds `wire` in `chunk`-byte reads, checking the input never holds more than the shell's
+    /// bound: the skipped body is dropped, not buffered.
+    fn feed_in_chunks(session: &mut ClientSession, input: &mut InBuf, wire: &[u8], chunk: usize) {
+        for piece in wire.chunks(chunk) {
+            input.extend(piece);
+            session.handle_input(input).unwrap();
+            assert!(input.len() <= SMALL + HEADER_BYTES, "input grew to {}", input.len());
+        }
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn oversized_work_data_ends_its_submission_only_byte_at_a_time() {
+        let (mut session, mut out, mut input) = small_setup();
+        fg(&mut session, 1, b"", &mut out);
+        fg(&mut session, 2, b"", &mut out);
+        let wire = [
+            response(JobCreated, &[b"H:gm:1"]),
+            response(JobCreated, &[b"H:gm:2"]),
+            oversized(WorkData, b"H:gm:1", 1000),
+            response(WorkComplete, &[b"H:gm:2", b"ok"]),
+            // gearmand's terminal copy for the detached submission goes nowhere.
+            response(WorkComplete, &[b"H:gm:1", b"late"]),
+        ]
+        .concat();
+        feed_in_chunks(&mut session, &mut input, &wire, 1);
+        assert_eq!(
+            events(&mut session),
+            vec![
+                JobEvent::Created { tag: JobTag(1), handle: b"H:gm:1".to_vec() },
+                JobEvent::Created { tag: JobTag(2), handle: b"H:gm:2".to_vec() },
+                JobEvent::TooLarge { tag: JobTag(1), kind: WorkData, size_bytes: 1000 },
+                JobEvent::Complete { tag: JobTag(2), data: b"ok".to_vec() },
+            ]
+        );
+        assert_eq!(session.in_flight(), 0);
+    }
+
+    #[test]
+    fn coalesced_oversized_copies_reach_each_submission_once_in_chunks() {
+        let (mut session, mut out, mut input) = small_setup();
+        fg(&mut session, 1, b"same", &mut out);
+        fg(&mut session, 2, b"same", &mut out);
+        fg(&mut session, 3, b"", &mut out);
+        let wire = [
+            response(JobCreated, &[b"H:gm:1"]),
+            response(JobCreated, &[b"H:gm:1"]),
+            oversized(WorkComplete, b"H:gm:1", 1000),
+            oversized(WorkComplete, b"H:gm:1", 1000),
+            // The link is still in step: the next reply and a small result decode.
+            response(JobCreated, &[b"H:gm:2"]),
+            response(WorkComplete, &[b"H:gm:2", b"small"]),
+        ]
+        .concat();
+        for chunk in [7, 64, 100] {
+            let (mut session, mut input) = (ClientSession::new(SMALL), InBuf::new(SMALL + HEADER_BYTES));
+            for tag in [1, 2] {
+                fg(&mut session, tag, b"same", &mut Vec::new());
+            }
+            fg(&mut session, 3, b"", &mut Vec::new());
+            feed_in_chunks(&mut session, &mut input, &wire, chunk);
+            assert_eq!(events(&mut session).len(), 6, "chunk {chunk}");
+        }
+        feed_in_chunks(&mut session, &mut input, &wire, 7);
+        assert_eq!(
+            events(&mut session),
+            vec![
+                JobEvent::Created { tag: JobTag(1), handle: b"H:gm:1".to_vec() },
+                JobEvent::Created { tag: JobTag(2), handle: b"H:gm:1".to_vec() },
+                JobEvent::TooLarge { tag: JobTag(1), kind: WorkComplete, size_bytes: 1000 },
+                JobEvent::TooLarge { tag: JobTag(2), kind: WorkComplete, size_bytes: 1000 },
+                JobEvent::Created { tag: JobTag(3), handle: b"H:gm:2".to_vec() },
+                JobEvent::Complete { tag: JobTag(3), data: b"small".to_vec() },
+            ]
+        );
+        assert_eq!(session.in_flight(), 0);
+    }
+
+    #[test]
+    fn detached_submissions_keep_absorbing_their_copies() {
+        let (mut session, mut out, mut input) = small_setup();
+        fg(&mut session, 1, b"same", &mut out);
+        fg(&mut session, 2, b"same", &mut out);
+        let wire = [
+            response(JobCreated, &[b"H:gm:1"]),
+            response(JobCreated, &[b"H:gm:1"]),
+            oversized(WorkStatus, b"H:gm:1", 500),
+            oversized(WorkStatus, b"H:gm:1", 500),
+        ]
+        .concat();
+        feed_in_chunks(&mut session, &mut input, &wire, 30);
+        assert_eq!(session.in_flight(), 0);
+        // A third submission joins; gearmand now sends three copies of everything.
+        fg(&mut session, 3, b"same", &mut out);
+        let three = |kind, args: &[&[u8]]| [response(kind, args), response(kind, args), response(kind, args)];
+        let wire = [
+            vec![response(JobCreated, &[b"H:gm:1"])],
+            three(WorkData, &[b"H:gm:1", b"d"]).to_vec(),
+            three(WorkComplete, &[b"H:gm:1", b"r"]).to_vec(),
+        ]
+        .concat()
+        .concat();
+        feed_in_chunks(&mut session, &mut input, &wire, 5);
+        let tag = JobTag(1);
+        assert_eq!(
+            events(&mut session),
+            vec![
+                JobEvent::Created { tag, handle: b"H:gm:1".to_vec() },
+                JobEvent::Created { tag: JobTag(2), handle: b"H:gm:1".to_vec() },
+                JobEvent::TooLarge { tag, kind: WorkStatus, size_bytes: 500 },
+                JobEvent::TooLarge { tag: JobTag(2), kind: WorkStatus, size_bytes: 500 },
+                JobEvent::Created { tag: JobTag(3), handle: b"H:gm:1".to_vec() },
+                JobEvent::Data { tag: JobTag(3), data: b"d".to_vec() },
+                JobEvent::Complete { tag: JobTag(3), data: b"r".to_vec() },
+            ]
+        );
+        assert_eq!(session.in_flight(), 0);
+    }
+
+    #[test]
+    fn oversized_work_for_an_unknown_handle_is_skipped_silently() {
+        let (mut session, mut out, mut input) = small_setup();
+        session.get_status(b"H:gm:9", 5, &mut out);
+        let wire = [
+            oversized(WorkWarning, b"H:gm:9", 1000),
+            oversized(WorkException, b"H:gm:9", SMALL + 1),
+            response(StatusRes, &[b"H:gm:9", b"0", b"0", b"0", b"0"]),
+        ]
+        .concat();
+        feed_in_chunks(&mut session, &mut input, &wire, 1);
+        assert!(matches!(events(&mut session)[..], [JobEvent::StatusRes { ask: 5, known: false, .. }]));
+    }
+
+    #[test]
+    fn oversized_reply_other_than_work_is_refused_from_the_header() {
+        for kind in [JobCreated, StatusRes, Error, EchoRes, OptionRes] {
+            let (mut session, mut out, mut input) = small_setup();
+            fg(&mut session, 1, b"", &mut out);
+            let wire = oversized(kind, b"H:gm:1", SMALL + 1);
+            assert_eq!(
+                feed(&mut session, &mut input, &wire[..HEADER_BYTES]),
+                Err(ProtocolError::BodyTooLarge { size_bytes: SMALL as u64 + 1, max_bytes: SMALL }),
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_work_whose_handle_does_not_end_in_time_is_an_error() {
+        let big = 1 << 10;
+        let (mut session, mut input) = (ClientSession::new(big), InBuf::new(big + HEADER_BYTES));
+        let mut wire = Vec::new();
+        encode_raw(&mut wire, Magic::Res, WorkData.as_u32(), &vec![b'h'; big + 1]);
+        // Short of the 256-byte window: wait, consuming nothing.
+        let waiting = HEADER_BYTES + HANDLE_SCAN_BYTES - 1;
+        feed(&mut session, &mut input, &wire[..waiting]).unwrap();
+        assert_eq!(input.len(), waiting);
+        assert_eq!(
+            feed(&mut session, &mut input, &wire[waiting..waiting + 1]),
+            Err(ProtocolError::BodyTooLarge { size_bytes: big as u64 + 1, max_bytes: big })
+        );
+        // Under a limit below the window, the window shrinks to the limit: the shell's input is
+        // only sure to hold that much of the body.
+        let (mut session, _, mut input) = small_setup();
+        let wire = oversized(WorkData, &[b'h'; SMALL], 1000);
+        assert!(feed(&mut session, &mut input, &wire[..HEADER_BYTES + SMALL - 1]).is_ok());
+        assert!(feed(&mut session, &mut input, &wire[HEADER_BYTES + SMALL - 1..][..1]).is_err());
     }
 
     #[test]

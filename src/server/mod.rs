@@ -694,7 +694,7 @@ impl Server {
             Effect::GetStatus { link, handle } => {
                 let l = &mut self.links[link];
                 if l.is_up() {
-                    l.session.get_status(&handle, &mut l.output);
+                    l.session.get_status(&handle, 0, &mut l.output);
                     self.links_dirty = true;
                 }
             }
