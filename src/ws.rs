@@ -4,6 +4,10 @@
 //! It owns no socket and never reads the clock. The shell appends received bytes to `input()`,
 //! calls `poll_event()` until it returns `None`, and writes out `output()`. Everything that waits
 //! to be sent waits in that one `Vec`, so it is the one number backpressure checks.
+//!
+//! The shell reports what it wrote with `consume_output(n)`. That keeps track of where the
+//! first frame not yet started begins, so [`Ws::abort`] can drop a slow reader's queue and still
+//! end the stream with a well-formed close frame.
 
 use std::io::{self, Read, Write};
 
@@ -45,12 +49,83 @@ impl From<&crate::config::Config> for WsLimits {
     }
 }
 
+/// Bytes waiting for the socket, and where the first frame not yet started begins in them.
+///
+/// Whole frames are only ever appended (tungstenite runs with `write_buffer_size(0)` over a
+/// stream whose writes never fail short), so the bytes after `kept` are a sequence of whole
+/// frames that no byte of has reached the socket.
+#[derive(Debug, Default)]
+struct OutQueue {
+    bytes: Vec<u8>,
+    /// Leading bytes that must go out whole before any frame can be dropped: the rest of the 101
+    /// answer, or the rest of a frame already partly on the wire.
+    kept: usize,
+    /// The bytes after `kept` are WebSocket frames. False before the upgrade: then everything is
+    /// raw HTTP and is never cut.
+    framed: bool,
+}
+
+impl OutQueue {
+    /// The shell wrote the first `n` bytes. Costs nothing when they were all written; otherwise
+    /// steps over the headers of the frames it finished, plus the one it started.
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.bytes.len());
+        if n == self.bytes.len() {
+            self.bytes.clear();
+            self.kept = 0;
+            return;
+        }
+        if self.framed && n > self.kept {
+            let mut at = self.kept;
+            while at < n {
+                // Our own frames are whole, so a header is never cut short; if one were, keep
+                // everything rather than guess where frames start.
+                at = frame_len(&self.bytes[at..]).map_or(usize::MAX, |len| at.saturating_add(len));
+            }
+            self.kept = at.min(self.bytes.len()) - n;
+        } else {
+            self.kept = self.kept.saturating_sub(n);
+        }
+        self.bytes.drain(..n);
+    }
+}
+
+/// Length (header plus payload) of the frame at the start of `bytes`, from its header alone;
+/// `None` if the header is cut short or the length does not fit in a `usize`.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let second = *bytes.get(1)?;
+    let (header, payload) = match second & 0x7f {
+        126 => (4, u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?))),
+        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
+        short => (2, u64::from(short)),
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 }; // ours are unmasked; counted for safety
+    usize::try_from(payload).ok()?.checked_add(header + mask)
+}
+
+/// Appends a server close frame: code, then the reason cut to 123 bytes at a char boundary.
+fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
+    let reason = truncate_reason(reason);
+    out.extend_from_slice(&[0x88, (2 + reason.len()) as u8]);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(reason.as_bytes());
+}
+
+/// Close reasons are limited to 123 bytes by the frame format (125 minus the code).
+fn truncate_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
 /// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
 /// `write` appends to `output` and never fails.
 #[derive(Debug)]
 pub struct MemStream {
     input: InBuf,
-    output: Vec<u8>,
+    output: OutQueue,
     /// The peer sent FIN: once `input` is drained, reads return 0 (end of stream).
     eof: bool,
 }
@@ -70,7 +145,7 @@ impl Read for MemStream {
 
 impl Write for MemStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
+        self.output.bytes.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -78,11 +153,39 @@ impl Write for MemStream {
     }
 }
 
+/// What the upgrade request said that bears on whether to trust the client (DESIGN.md, "Who
+/// may report a result"). Header names are matched case-insensitively.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The `Origin` header. A value that is not UTF-8 is kept (lossily converted) rather than
+    /// dropped, so that it can never pass for an absent header.
+    pub origin: Option<String>,
+    /// The `Host` header, if present and UTF-8.
+    pub host: Option<String>,
+    /// A `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header is present: a proxy stands between
+    /// the client and us, so the peer address says nothing about the client.
+    pub forwarded: bool,
+}
+
+impl Upgrade {
+    /// True when there is no `Origin` (not a browser page) or it is our own page's origin,
+    /// `http://` + `Host`, compared ASCII case-insensitively. `Origin: null` (sandboxed frames,
+    /// `file:` pages) is not our own.
+    pub fn origin_is_own_or_absent(&self) -> bool {
+        let Some(origin) = &self.origin else { return true };
+        let Some(host) = &self.host else { return false };
+        let (origin, host) = (origin.as_bytes(), host.as_bytes());
+        origin.len() == "http://".len() + host.len()
+            && origin[..7].eq_ignore_ascii_case(b"http://")
+            && origin[7..].eq_ignore_ascii_case(host)
+    }
+}
+
 /// What a connection has to tell the application.
 #[derive(Debug, PartialEq)]
 pub enum WsEvent {
     /// The upgrade succeeded; the 101 answer is queued.
-    Opened,
+    Opened(Upgrade),
     /// A plain HTTP request (no upgrade); answer it with [`Ws::respond`].
     Http { method: String, path: String },
     /// A complete text message.
@@ -99,16 +202,17 @@ pub enum WsEvent {
 /// Where a connection is in its life.
 ///
 /// ```text
-/// Handshaking --upgrade--> Open --close sent/received--> Done
-///      |                                                   ^
-///      +--plain HTTP request / bad request----------------+
+/// Handshaking --upgrade--> Open --close sent/received, protocol error, abort--> Done
+///      |                                                                          ^
+///      +--plain HTTP request / bad request / abort--------------------------------+
 /// ```
-/// `Done` only drains `output`; the shell then hangs up.
+/// `Done` only drains `output`; the shell then hangs up. `close_queued` says whether a close
+/// frame is in `output` or already went out (in `Open`, tungstenite's `can_write()` says it).
 #[derive(Debug)]
 enum WsState {
-    Handshaking { input: InBuf, output: Vec<u8> },
+    Handshaking { input: InBuf, output: OutQueue },
     Open(Box<WebSocket<MemStream>>),
-    Done { output: Vec<u8> },
+    Done { output: OutQueue, close_queued: bool },
 }
 
 /// One client's protocol state.
@@ -120,7 +224,7 @@ pub struct Ws {
 impl Ws {
     /// A connection that has not sent its request yet.
     pub fn new() -> Self {
-        Ws { state: WsState::Handshaking { input: InBuf::new(MAX_HEAD_BYTES), output: Vec::new() } }
+        Ws { state: WsState::Handshaking { input: InBuf::new(MAX_HEAD_BYTES), output: OutQueue::default() } }
     }
 
     /// Where the shell appends bytes read from the socket (`None` once nothing more is read).
@@ -132,20 +236,62 @@ impl Ws {
         }
     }
 
-    /// Bytes waiting to be written to the socket.
-    pub fn output(&mut self) -> &mut Vec<u8> {
+    fn out_queue(&self) -> &OutQueue {
+        match &self.state {
+            WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Open(ws) => &ws.get_ref().output,
+        }
+    }
+
+    fn out_queue_mut(&mut self) -> &mut OutQueue {
         match &mut self.state {
-            WsState::Handshaking { output, .. } | WsState::Done { output } => output,
+            WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
             WsState::Open(ws) => &mut ws.get_mut().output,
         }
     }
 
-    /// Bytes waiting to be written, without a mutable borrow.
+    /// Bytes waiting to be written to the socket. Report what was written with
+    /// [`Ws::consume_output`].
+    pub fn output(&self) -> &[u8] {
+        &self.out_queue().bytes
+    }
+
+    /// Bytes waiting to be written.
     pub fn output_len(&self) -> usize {
-        match &self.state {
-            WsState::Handshaking { output, .. } | WsState::Done { output } => output.len(),
-            WsState::Open(ws) => ws.get_ref().output.len(),
+        self.out_queue().bytes.len()
+    }
+
+    /// The shell wrote the first `n` bytes of [`Ws::output`]: drop them. Free when the socket
+    /// took everything; after a partial write it steps over the frames it finished, so that
+    /// [`Ws::abort`] knows which bytes belong to a frame already partly on the wire.
+    pub fn consume_output(&mut self, n: usize) {
+        self.out_queue_mut().consume(n);
+    }
+
+    /// Gives up on a reader that does not keep up: keeps only the unsent rest of what is
+    /// partly on the wire (a frame, or the 101 answer), drops every frame not yet started,
+    /// appends a close frame with `code` and `reason` (cut to 123 bytes) if the WebSocket was
+    /// open, and moves to `Done`: nothing more is read or sent. Returns whether a close frame
+    /// was queued; false before the upgrade (an HTTP answer is never cut) and when our close
+    /// frame has already started to leave.
+    pub fn abort(&mut self, code: u16, reason: &str) -> bool {
+        self.finish();
+        let WsState::Done { output, close_queued } = &mut self.state else {
+            unreachable!("finish() moves to Done")
+        };
+        if !output.framed {
+            return false;
         }
+        // tungstenite sends nothing after its close frame, so a queued close is the last frame:
+        // if no whole frame waits behind `kept`, it has started to leave.
+        let close_started = *close_queued && output.bytes.len() == output.kept;
+        output.bytes.truncate(output.kept);
+        if close_started {
+            return false;
+        }
+        encode_close(&mut output.bytes, code, reason);
+        *close_queued = true;
+        true
     }
 
     /// True while the WebSocket is open for messages both ways.
@@ -180,8 +326,8 @@ impl Ws {
         if let WsState::Open(ws) = &mut self.state {
             let stream = ws.get_mut();
             stream.input.release();
-            if stream.output.is_empty() && stream.output.capacity() > 0 {
-                stream.output = Vec::new();
+            if stream.output.bytes.is_empty() && stream.output.bytes.capacity() > 0 {
+                stream.output.bytes = Vec::new();
             }
         }
     }
@@ -222,10 +368,11 @@ impl Ws {
         let head_len = match request.parse(input.data()) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if len >= MAX_HEAD_BYTES => {
-                return Some(self.refuse(431, "Request Header Fields Too Large", "request head too large"));
+                let (status, reason) = (431, "Request Header Fields Too Large");
+                return Some(self.refuse(status, reason, "request head too large", &[]));
             }
             Ok(httparse::Status::Partial) => return None,
-            Err(e) => return Some(self.refuse(400, "Bad Request", &format!("malformed request: {e}"))),
+            Err(e) => return Some(self.refuse(400, "Bad Request", &format!("malformed request: {e}"), &[])),
         };
         let method = request.method.unwrap_or("").to_string();
         let path = request.path.unwrap_or("").to_string();
@@ -237,38 +384,53 @@ impl Ws {
                 .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
         };
         if !has_token("upgrade", "websocket") {
-            let output = self.take_output();
-            self.state = WsState::Done { output };
+            self.finish();
             return Some(WsEvent::Http { method, path });
         }
         if method != "GET" {
-            return Some(self.refuse(405, "Method Not Allowed", "upgrade needs GET"));
+            return Some(self.refuse(405, "Method Not Allowed", "upgrade needs GET", &[]));
         }
         if !has_token("connection", "upgrade") {
-            return Some(self.refuse(400, "Bad Request", "upgrade without Connection: upgrade"));
+            return Some(self.refuse(400, "Bad Request", "upgrade without Connection: upgrade", &[]));
         }
         if header("sec-websocket-version") != Some(b"13") {
-            return Some(self.refuse(426, "Upgrade Required", "only WebSocket version 13"));
+            // RFC 6455 4.4: say which version we speak.
+            let version = [("Sec-WebSocket-Version", "13")];
+            return Some(self.refuse(426, "Upgrade Required", "only WebSocket version 13", &version));
         }
         let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-            return Some(self.refuse(400, "Bad Request", "no Sec-WebSocket-Key"));
+            return Some(self.refuse(400, "Bad Request", "no Sec-WebSocket-Key", &[]));
         };
         if !limits.allowed_origins.is_empty() {
             let origin = header("origin").and_then(|o| std::str::from_utf8(o).ok()).unwrap_or("");
             if !limits.allowed_origins.iter().any(|allowed| allowed == origin) {
-                return Some(self.refuse(403, "Forbidden", "origin not allowed"));
+                return Some(self.refuse(403, "Forbidden", "origin not allowed", &[]));
             }
         }
+        let upgrade = Upgrade {
+            origin: header("origin").map(|o| String::from_utf8_lossy(o).into_owned()),
+            host: header("host").and_then(|h| std::str::from_utf8(h).ok()).map(str::to_string),
+            forwarded: request.headers.iter().any(|h| {
+                ["forwarded", "x-forwarded-for", "x-real-ip"]
+                    .iter()
+                    .any(|name| h.name.eq_ignore_ascii_case(name))
+            }),
+        };
         let accept = tungstenite::handshake::derive_accept_key(key);
-        let WsState::Handshaking { mut input, mut output } =
-            std::mem::replace(&mut self.state, WsState::Done { output: Vec::new() })
-        else {
+        let WsState::Handshaking { mut input, mut output } = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
             unreachable!("checked above")
         };
-        output.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n");
-        output.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
-        output.extend_from_slice(accept.as_bytes());
-        output.extend_from_slice(b"\r\n\r\n");
+        let bytes = &mut output.bytes;
+        bytes.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n");
+        bytes.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
+        bytes.extend_from_slice(accept.as_bytes());
+        bytes.extend_from_slice(b"\r\n\r\n");
+        // Frames follow the 101 answer, which must go out whole first.
+        output.kept = bytes.len();
+        output.framed = true;
         // Frames the client sent right behind its request stay in the input.
         input.consume(head_len);
         let mut frames = InBuf::new(limits.in_limit_bytes);
@@ -280,18 +442,32 @@ impl Ws {
             .max_frame_size(Some(limits.max_frame_bytes));
         let stream = MemStream { input: frames, output, eof: false };
         self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
-        Some(WsEvent::Opened)
+        Some(WsEvent::Opened(upgrade))
     }
 
-    fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(self.output())
+    /// Moves to `Done`, keeping what waits in `output`.
+    fn finish(&mut self) {
+        let close_queued = match &self.state {
+            WsState::Handshaking { .. } => false,
+            WsState::Open(ws) => !ws.can_write(),
+            WsState::Done { close_queued, .. } => *close_queued,
+        };
+        let output = std::mem::take(self.out_queue_mut());
+        self.state = WsState::Done { output, close_queued };
     }
 
-    /// Answers before the upgrade with an HTTP error and ends the connection.
-    fn refuse(&mut self, status: u16, reason: &str, why: &str) -> WsEvent {
-        let mut output = self.take_output();
-        write_http(&mut output, status, reason, "text/plain; charset=utf-8", format!("{why}\n").as_bytes());
-        self.state = WsState::Done { output };
+    /// Answers before the upgrade with an HTTP error (plus `headers`) and ends the connection.
+    fn refuse(&mut self, status: u16, reason: &str, why: &str, headers: &[(&str, &str)]) -> WsEvent {
+        let body = format!("{why}\n");
+        write_http_with(
+            &mut self.out_queue_mut().bytes,
+            status,
+            reason,
+            "text/plain; charset=utf-8",
+            headers,
+            body.as_bytes(),
+        );
+        self.finish();
         WsEvent::Failed { code: status, why: why.to_string() }
     }
 
@@ -314,8 +490,7 @@ impl Ws {
         if code != CloseCode::Abnormal {
             self.close(number, &why);
         }
-        let output = self.take_output();
-        self.state = WsState::Done { output };
+        self.finish();
         WsEvent::Failed { code: number, why }
     }
 
@@ -340,12 +515,10 @@ impl Ws {
     /// peer answers; the shell bounds that with a timer.
     pub fn close(&mut self, code: u16, reason: &str) {
         if let WsState::Open(ws) = &mut self.state {
-            // Close reasons are limited to 123 bytes by the frame format.
-            let mut end = reason.len().min(123);
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            let frame = CloseFrame { code: CloseCode::from(code), reason: reason[..end].to_string().into() };
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: truncate_reason(reason).to_string().into(),
+            };
             let _ = ws.close(Some(frame));
             let _ = ws.flush();
         }
@@ -353,9 +526,8 @@ impl Ws {
 
     /// Answers a plain HTTP request; the connection ends once it is written.
     pub fn respond(&mut self, status: u16, reason: &str, content_type: &str, body: &[u8]) {
-        let mut output = self.take_output();
-        write_http(&mut output, status, reason, content_type, body);
-        self.state = WsState::Done { output };
+        write_http(&mut self.out_queue_mut().bytes, status, reason, content_type, body);
+        self.finish();
     }
 }
 
@@ -367,11 +539,27 @@ impl Default for Ws {
 
 /// Writes a complete HTTP/1.1 response that closes the connection.
 pub fn write_http(out: &mut Vec<u8>, status: u16, reason: &str, content_type: &str, body: &[u8]) {
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+    write_http_with(out, status, reason, content_type, &[], body);
+}
+
+/// [`write_http`] with extra `(name, value)` headers, such as the `Sec-WebSocket-Version` a 426
+/// answer must carry.
+pub fn write_http_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) {
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
-    );
+    ));
     out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(body);
 }
@@ -407,6 +595,13 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         f
     }
 
+    /// What the shell does when the socket takes everything.
+    fn drain(ws: &mut Ws) -> Vec<u8> {
+        let out = ws.output().to_vec();
+        ws.consume_output(out.len());
+        out
+    }
+
     fn feed(ws: &mut Ws, bytes: &[u8], limits: &WsLimits) -> Vec<WsEvent> {
         ws.input().expect("reading").extend(bytes);
         std::iter::from_fn(|| ws.poll_event(limits)).collect()
@@ -419,20 +614,25 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         for byte in UPGRADE {
             events.extend(feed(&mut ws, &[*byte], &l));
         }
-        assert_eq!(events, vec![WsEvent::Opened]);
-        let out = String::from_utf8(std::mem::take(ws.output())).unwrap();
+        let upgrade = Upgrade { origin: None, host: Some("x".into()), forwarded: false };
+        assert_eq!(events, vec![WsEvent::Opened(upgrade)]);
+        let out = String::from_utf8(drain(&mut ws)).unwrap();
         // RFC 6455's own example key and answer.
         assert!(out.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{out}");
         assert_eq!(feed(&mut ws, &client_frame(1, b"hi"), &l), vec![WsEvent::Text("hi".into())]);
         assert!(ws.send_text("got it!"));
-        assert_eq!(ws.output().as_slice(), b"\x81\x07got it!");
+        assert_eq!(ws.output(), b"\x81\x07got it!");
     }
 
     #[test]
     fn frame_glued_to_the_request_is_not_lost() {
         let (l, mut ws) = (limits(), Ws::new());
         let bytes = [UPGRADE, &client_frame(1, b"early")].concat();
-        assert_eq!(feed(&mut ws, &bytes, &l), vec![WsEvent::Opened, WsEvent::Text("early".into())]);
+        let events = feed(&mut ws, &bytes, &l);
+        assert!(
+            matches!(events.as_slice(), [WsEvent::Opened(_), WsEvent::Text(t)] if t.as_str() == "early"),
+            "{events:?}"
+        );
     }
 
     #[test]
@@ -440,7 +640,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let l = limits();
         let mut ws = Ws::new();
         feed(&mut ws, UPGRADE, &l);
-        ws.output().clear();
+        drain(&mut ws);
         let events = feed(&mut ws, &client_frame(1, &[b'x'; 2000]), &l);
         assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1009, .. }]), "{events:?}");
         let out = ws.output();
@@ -479,10 +679,275 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let l = limits();
         let mut ws = Ws::new();
         feed(&mut ws, UPGRADE, &l);
-        ws.output().clear();
+        drain(&mut ws);
         let events = feed(&mut ws, &client_frame(8, &[0x03, 0xe8]), &l);
         assert_eq!(events, vec![WsEvent::Closed]);
-        assert_eq!(ws.output().as_slice(), &[0x88, 0x02, 0x03, 0xe8]);
+        assert_eq!(ws.output(), &[0x88, 0x02, 0x03, 0xe8]);
         assert!(ws.is_done());
+    }
+
+    fn upgrade_with(headers: &str) -> Upgrade {
+        let req = format!(
+            "GET / HTTP/1.1\r\n{headers}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        match feed(&mut Ws::new(), req.as_bytes(), &limits()).as_slice() {
+            [WsEvent::Opened(upgrade)] => upgrade.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upgrade_reports_origin_host_and_proxies() {
+        let up = upgrade_with("host: Gear.example:8080\r\norigin: http://gear.EXAMPLE:8080\r\n");
+        assert_eq!(up.origin.as_deref(), Some("http://gear.EXAMPLE:8080"));
+        assert_eq!(up.host.as_deref(), Some("Gear.example:8080"));
+        assert!(!up.forwarded);
+        assert!(up.origin_is_own_or_absent());
+        assert!(upgrade_with("Host: x\r\n").origin_is_own_or_absent());
+        assert!(upgrade_with("").origin_is_own_or_absent());
+        for name in ["Forwarded: for=1.2.3.4", "x-forwarded-for: 1.2.3.4", "X-REAL-IP: 1.2.3.4"] {
+            assert!(upgrade_with(&format!("Host: x\r\n{name}\r\n")).forwarded, "{name}");
+        }
+    }
+
+    #[test]
+    fn foreign_null_and_lookalike_origins_are_not_own() {
+        let own = |origin: &str, host: &str| {
+            upgrade_with(&format!("Host: {host}\r\nOrigin: {origin}\r\n")).origin_is_own_or_absent()
+        };
+        assert!(!own("null", "x"));
+        assert!(!own("http://evil.example", "x"));
+        assert!(!own("https://x", "x")); // the demo page is served over plain http only
+        assert!(!own("http://x:80", "x"));
+        assert!(!own("http://xx", "x"));
+        assert!(!own("http://", "x"));
+        assert!(!upgrade_with("Origin: http://x\r\n").origin_is_own_or_absent()); // no Host
+        // An Origin that is not UTF-8 is still an Origin, and never our own.
+        let up = upgrade_with("Host: x\r\nOrigin: http://\u{ff}\r\n");
+        assert!(up.origin.is_some() && !up.origin_is_own_or_absent());
+        // Short or non-ASCII values must not panic the comparison.
+        let up = Upgrade { origin: Some("é".into()), host: Some(String::new()), forwarded: false };
+        assert!(!up.origin_is_own_or_absent());
+    }
+
+    #[test]
+    fn wrong_version_is_426_naming_13() {
+        let mut ws = Ws::new();
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n";
+        assert!(matches!(feed(&mut ws, req, &limits()).as_slice(), [WsEvent::Failed { code: 426, .. }]));
+        let out = String::from_utf8(ws.output().to_vec()).unwrap();
+        assert!(out.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{out}");
+        assert!(out.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{out}");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())), "{out}");
+    }
+
+    /// An open connection whose 101 answer is already on the wire.
+    fn open_ws() -> Ws {
+        let mut ws = Ws::new();
+        assert!(matches!(feed(&mut ws, UPGRADE, &limits()).as_slice(), [WsEvent::Opened(_)]));
+        drain(&mut ws);
+        ws
+    }
+
+    /// The server frame a text message of `len` bytes becomes.
+    fn text_frame(len: usize) -> Vec<u8> {
+        let mut f = vec![0x81];
+        if len < 126 {
+            f.push(len as u8);
+        } else if len <= 0xffff {
+            f.push(126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        f.extend(std::iter::repeat_n(b'a', len));
+        f
+    }
+
+    fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+        [&[0x88, 2 + reason.len() as u8][..], &code.to_be_bytes(), reason.as_bytes()].concat()
+    }
+
+    /// Everything the client receives, parsed by a tungstenite client: the messages up to and
+    /// including the close frame, which must be the very last byte.
+    fn client_reads(wire: &[u8]) -> Vec<Message> {
+        let mut input = InBuf::new(wire.len().max(1));
+        input.extend(wire);
+        let stream = MemStream { input, output: OutQueue::default(), eof: true };
+        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+        let mut client = WebSocket::from_raw_socket(stream, Role::Client, Some(config));
+        let mut got = Vec::new();
+        loop {
+            let message = client.read().expect("a well-formed frame sequence");
+            let last = message.is_close();
+            got.push(message);
+            if last {
+                break got;
+            }
+        }
+    }
+
+    fn close_code(message: &Message) -> Option<u16> {
+        match message {
+            Message::Close(Some(frame)) => Some(frame.code.into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn abort_keeps_the_rest_of_a_started_frame_then_closes_1008() {
+        let mut ws = open_ws();
+        for len in [5, 300] {
+            assert!(ws.send_text("a".repeat(len)));
+        }
+        let mut wire = ws.output()[..3].to_vec(); // the socket took 3 bytes of "\x81\x05aaaaa"
+        ws.consume_output(3);
+        assert!(ws.abort(1008, "slow reader"));
+        assert!(ws.is_done() && ws.input().is_none() && !ws.send_text("late"));
+        let expected = [&text_frame(5)[3..], &close_frame(1008, "slow reader")].concat();
+        assert_eq!(ws.output(), expected.as_slice());
+        wire.extend_from_slice(ws.output());
+        let got = client_reads(&wire);
+        assert_eq!(got[0], Message::Text("aaaaa".into()));
+        assert_eq!((got.len(), close_code(&got[1])), (2, Some(1008)));
+    }
+
+    #[test]
+    fn abort_drops_frames_not_started_and_survives_byte_at_a_time_writes() {
+        // Nothing started: only the close frame is left.
+        let mut ws = open_ws();
+        for _ in 0..3 {
+            ws.send_text("queued");
+        }
+        assert!(ws.abort(1008, "slow"));
+        assert_eq!(ws.output(), close_frame(1008, "slow").as_slice());
+
+        // Everything written: only the close frame.
+        let mut ws = open_ws();
+        ws.send_text("gone");
+        drain(&mut ws);
+        assert!(ws.abort(1008, ""));
+        assert_eq!(ws.output(), close_frame(1008, "").as_slice());
+
+        // A write that ends exactly on a frame boundary leaves nothing to keep.
+        let mut ws = open_ws();
+        ws.send_text("one");
+        ws.send_text("two");
+        ws.consume_output(text_frame(3).len());
+        assert!(ws.abort(1008, "x"));
+        assert_eq!(ws.output(), close_frame(1008, "x").as_slice());
+
+        // The socket takes one byte at a time: wherever it stops, the client gets whole frames.
+        let queue = [text_frame(1), text_frame(200), text_frame(3)].concat();
+        for written in 0..=queue.len() {
+            let mut ws = open_ws();
+            for len in [1, 200, 3] {
+                ws.send_text("a".repeat(len));
+            }
+            for _ in 0..written {
+                ws.consume_output(1);
+            }
+            assert!(ws.abort(1008, "slow"));
+            let wire = [&queue[..written], ws.output()].concat();
+            let got = client_reads(&wire);
+            assert_eq!(close_code(got.last().unwrap()), Some(1008), "after {written} bytes");
+        }
+    }
+
+    #[test]
+    fn abort_steps_over_16_and_64_bit_lengths() {
+        for len in [126, 0xffff, 0x1_0000 + 7] {
+            let mut ws = open_ws();
+            for _ in 0..3 {
+                assert!(ws.send_text("a".repeat(len)));
+            }
+            let frame = text_frame(len);
+            let header = frame.len() - len;
+            assert_eq!(ws.output_len(), 3 * frame.len());
+            // Writes that stop in the second frame's header, then in its payload, then cross
+            // into the third frame's header.
+            let mut written = 0;
+            for step in [frame.len() + header - 1, 6, frame.len() - header - 4] {
+                ws.consume_output(step);
+                written += step;
+                assert_eq!(ws.output_len(), 3 * frame.len() - written);
+            }
+            assert_eq!(written, 2 * frame.len() + 1);
+            assert!(ws.abort(1008, "slow"));
+            let expected = [&frame[1..], &close_frame(1008, "slow")].concat();
+            assert_eq!(ws.output(), expected.as_slice(), "len {len}");
+            let wire = [&frame[..], &frame, &frame[..1], ws.output()].concat();
+            let got = client_reads(&wire);
+            assert_eq!(got.len(), 4, "len {len}");
+            assert_eq!(got[2], Message::Text("a".repeat(len).into()));
+            assert_eq!(close_code(&got[3]), Some(1008));
+        }
+    }
+
+    #[test]
+    fn abort_keeps_an_unsent_101_answer() {
+        let mut ws = Ws::new();
+        feed(&mut ws, UPGRADE, &limits());
+        ws.send_text("dropped");
+        let head_len = ws.output_len() - text_frame(7).len();
+        ws.consume_output(10);
+        assert!(ws.abort(1008, "slow"));
+        let out = ws.output();
+        assert_eq!(out.len(), head_len - 10 + close_frame(1008, "slow").len());
+        assert!(out.ends_with(b"\r\n\r\n\x88\x06\x03\xf0slow"), "{out:?}");
+    }
+
+    #[test]
+    fn abort_before_the_upgrade_or_after_our_close_sends_no_close() {
+        let mut ws = Ws::new();
+        assert!(!ws.abort(1008, "slow"));
+        assert!(ws.is_done() && ws.output().is_empty() && ws.input().is_none());
+
+        // An HTTP answer is raw bytes: never cut, nothing appended.
+        let mut ws = Ws::new();
+        feed(&mut ws, b"GET /healthz HTTP/1.1\r\n\r\n", &limits());
+        ws.respond(200, "OK", "text/plain", b"ok\n");
+        ws.consume_output(5);
+        let pending = ws.output().to_vec();
+        assert!(!ws.abort(1008, "slow"));
+        assert_eq!(ws.output(), pending.as_slice());
+
+        // Our 1001 close has started to leave: finish it, do not send a second one.
+        let mut ws = open_ws();
+        ws.send_text("aaaaa");
+        ws.close(1001, "going away");
+        ws.consume_output(text_frame(5).len() + 1);
+        let rest = ws.output().to_vec();
+        assert!(!ws.abort(1008, "slow"));
+        assert_eq!(ws.output(), rest.as_slice());
+
+        // Our close has not started: it is dropped with the rest and 1008 takes its place.
+        let mut ws = open_ws();
+        ws.send_text("aaaaa");
+        ws.close(1001, "going away");
+        ws.consume_output(2);
+        assert!(ws.abort(1008, "slow"));
+        assert_eq!(ws.output(), [&text_frame(5)[2..], &close_frame(1008, "slow")].concat().as_slice());
+        // Aborting twice changes nothing that matters: still one close at the end.
+        assert!(ws.abort(1008, "slow"));
+        assert_eq!(
+            close_code(client_reads(&[&text_frame(5)[..2], ws.output()].concat()).last().unwrap()),
+            Some(1008)
+        );
+    }
+
+    #[test]
+    fn abort_cuts_a_long_reason_at_a_char_boundary() {
+        let mut ws = open_ws();
+        let reason = "é".repeat(100); // 200 bytes
+        assert!(ws.abort(1008, &reason));
+        let out = ws.output();
+        assert_eq!((out[1], out.len()), (124, 126)); // 2-byte code + 61 two-byte chars
+        let got = client_reads(out);
+        assert_eq!(close_code(&got[0]), Some(1008));
     }
 }

@@ -70,23 +70,28 @@ pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> io::Result<(Io, usiz
     Ok((Io::Paused, total))
 }
 
+/// Writes `out` until all of it is written or the socket would block, and says how many bytes
+/// went out; the caller drops them (`Ws::consume_output` tracks frame boundaries as it does).
+/// On an error the count is lost: the connection is beyond saving anyway.
+pub fn write_some(sock: &mut impl Write, out: &[u8]) -> io::Result<(Io, usize)> {
+    let mut written = 0;
+    while written < out.len() {
+        match sock.write(&out[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n, // partial writes are normal: the caller keeps the tail
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, written)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((Io::Paused, written))
+}
+
 /// Writes `out` until it is empty or the socket would block; keeps the unwritten tail.
 pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> io::Result<Io> {
-    let mut written = 0;
-    let result = loop {
-        if written == out.len() {
-            break Ok(Io::Paused);
-        }
-        match sock.write(&out[written..]) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n, // partial writes are normal: keep the tail
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(Io::Blocked),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
-        }
-    };
+    let (io, written) = write_some(sock, out)?;
     out.drain(..written);
-    result
+    Ok(io)
 }
 
 #[cfg(test)]
@@ -121,6 +126,17 @@ mod tests {
         sock.cap = 100;
         assert_eq!(flush(&mut sock, &mut out).unwrap(), Io::Paused);
         assert_eq!(sock.got, b"0123456789");
+    }
+
+    #[test]
+    fn write_some_counts_and_leaves_the_buffer_alone() {
+        let mut sock = Trickle { got: vec![], cap: 7 };
+        let out = b"0123456789";
+        assert_eq!(write_some(&mut sock, out).unwrap(), (Io::Blocked, 7));
+        sock.cap = 100;
+        assert_eq!(write_some(&mut sock, &out[7..]).unwrap(), (Io::Paused, 3));
+        assert_eq!(write_some(&mut sock, b"").unwrap(), (Io::Paused, 0));
+        assert_eq!(sock.got, out);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::wheel::TimerWheel;
 use crate::ws::{WsEvent, WsLimits};
 use conn::{CloseReason, Conn, Life};
 use gearman_link::{GearmanLink, LinkState};
-use io::{Io, discard, fill, flush};
+use io::{Io, discard, fill, flush, write_some};
 use token::{LISTENER, SIGNALS, Tok, Tokens};
 
 /// Errors that stop the server. Everything else is a connection's problem, not the server's.
@@ -526,7 +526,7 @@ impl Server {
 
     fn on_ws_event(&mut self, key: usize, id: ConnId, event: WsEvent, now: Instant) {
         match event {
-            WsEvent::Opened => {
+            WsEvent::Opened(_) => {
                 let conn = &mut self.conns[key];
                 self.app.metrics.handshakes += 1;
                 debug!("conn={key} open");
@@ -753,9 +753,13 @@ impl Server {
             conn.timer = Some(self.wheel.insert(at, TimerEvent::Conn(conn.id(key))));
         }
         if !conn.write_blocked && conn.ws.output_len() > 0 {
-            match flush(&mut conn.sock, conn.ws.output()) {
-                Ok(Io::Blocked) => conn.write_blocked = true,
-                Ok(_) => {}
+            match write_some(&mut conn.sock, conn.ws.output()) {
+                Ok((io, written)) => {
+                    conn.ws.consume_output(written);
+                    if io == Io::Blocked {
+                        conn.write_blocked = true;
+                    }
+                }
                 Err(e) => {
                     let id = conn.id(key);
                     conn.kill(CloseReason::Io(e.kind()));
