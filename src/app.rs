@@ -10,7 +10,7 @@
 //! `H:host:1` again, and an old job must never answer for a new one.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use base64::Engine;
@@ -20,7 +20,10 @@ use slab::Slab;
 
 use crate::config::Config;
 use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
+use crate::gearman::packet;
 use crate::metrics::{ERROR_CODES, MESSAGE_TYPES, Metrics};
+use crate::random::Entropy;
+use log::debug;
 
 /// A client connection: its slab key and the generation of that slot, so that a stale id (a
 /// timer or job of a connection that has gone) never reaches the slot's next occupant.
@@ -59,7 +62,7 @@ pub enum Effect {
         tag: JobTag,
         /// Gearman function.
         function: Vec<u8>,
-        /// Unique id (empty: none).
+        /// Unique id as gearmand and the worker see it (empty: none).
         unique: Vec<u8>,
         /// Workload.
         payload: Vec<u8>,
@@ -68,15 +71,23 @@ pub enum Effect {
         /// Priority.
         priority: Priority,
     },
-    /// Write a GET_STATUS to a gearmand link.
+    /// Write a GET_STATUS to a gearmand link; its answer comes back with `ask`.
     GetStatus {
         /// Index of the gearmand link.
         link: usize,
         /// The job handle.
         handle: Vec<u8>,
+        /// Names the question in the `StatusRes` / `StatusFailed` that answers it.
+        ask: u64,
     },
     /// Arm a one-shot timer.
     Arm(Instant, AppTimer),
+    /// This gearmand connection holds too many abandoned jobs: open a fresh connection to the
+    /// same gearmand for new work, and call [`App::handle_link_retiring`] for this one.
+    Retire(usize),
+    /// A retiring connection has no live job left: close it (gearmand then drops its orphans).
+    /// The App already counts it as down.
+    CloseLink(usize),
 }
 
 /// The article's ping and the two modes of `submit`.
@@ -104,6 +115,7 @@ impl Kind {
 ///   |                     |                         |                              |
 ///   +-timeout-> end       +-ERROR/link lost-> end   +-WORK_COMPLETE/FAIL/EXCEPTION/link lost-> end
 /// ```
+/// A job holds its gearmand connection while `Submitted` or `Running` (`holds_link`).
 #[derive(Debug)]
 enum Phase {
     /// Waiting for a gearmand; holds what to submit.
@@ -119,7 +131,6 @@ enum Phase {
 #[derive(Debug)]
 struct Submission {
     function: Vec<u8>,
-    unique: Vec<u8>,
     payload: Vec<u8>,
     priority: Priority,
 }
@@ -137,22 +148,60 @@ struct Job {
     link: usize,
     link_gen: u32,
     handle: Option<Box<[u8]>>,
+    /// The unique gearmand and the worker see (empty for a stream job without one).
+    unique: Box<[u8]>,
     last_status: Option<StatusTuple>,
     value: Option<String>,
-    /// GET_STATUS sent for the poll timer / for the client's `status`, answers outstanding.
-    polls_out: u32,
-    asks_out: u32,
     next_poll: Instant,
     accepted_at: Instant,
 }
 
-/// A gearmand link as the App sees it.
+impl Job {
+    fn holds_link(&self) -> bool {
+        matches!(self.phase, Phase::Submitted | Phase::Running)
+    }
+}
+
+/// A gearmand connection as the App sees it.
 #[derive(Debug, Default)]
 struct Link {
     up: bool,
     generation: u32,
+    /// Takes no new work; closes once `holding` reaches 0.
+    retiring: bool,
+    /// Bytes queued for gearmand (the shell's figure after each flush, plus what the App has
+    /// routed there since); above the high water mark the link is `stalled`.
+    out_bytes: usize,
+    stalled: bool,
+    /// Jobs submitted here on this generation and not yet done with it.
+    holding: usize,
+    /// Stream jobs whose client left: gearmand still holds them for this connection.
+    orphans: HashSet<JobTag>,
     /// Handle → jobs that gearmand named so, on this connection generation only.
     handles: HashMap<Box<[u8]>, Vec<JobTag>>,
+}
+
+impl Link {
+    fn takes_work(&self) -> bool {
+        self.up && !self.retiring && !self.stalled
+    }
+}
+
+/// Who asked a GET_STATUS, so the answer reaches them even if the job has ended since.
+#[derive(Debug)]
+struct Ask {
+    link: usize,
+    link_gen: u32,
+    handle: Box<[u8]>,
+    by: Asker,
+}
+
+#[derive(Debug)]
+enum Asker {
+    /// The poll timer of a background job or ping.
+    Poll(JobTag),
+    /// A client's `status` message.
+    Client { conn: ConnId, reference: Option<Value> },
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +209,9 @@ struct Client {
     generation: u32,
     open: bool,
     trusted: bool,
+    /// Prefix of this client's uniques on the gearmand side, so they never meet another
+    /// client's (`--shared-uniques` leaves it empty).
+    namespace: Vec<u8>,
     jobs: Vec<JobTag>,
 }
 
@@ -181,6 +233,8 @@ pub struct AppConfig {
     pub value_ttl: std::time::Duration,
     /// At most this many unclaimed values.
     pub max_stored_values: usize,
+    /// At most this many bytes of unclaimed values.
+    pub max_stored_bytes: usize,
     /// Unfinished jobs per connection.
     pub max_jobs_per_connection: usize,
     /// Submissions held while no gearmand is up.
@@ -189,6 +243,16 @@ pub struct AppConfig {
     pub queue_timeout: std::time::Duration,
     /// Shared secret for `worker.complete`, if any.
     pub worker_token: Option<String>,
+    /// Clients' uniques go to gearmand unchanged.
+    pub shared_uniques: bool,
+    /// Abandoned stream jobs per gearmand connection before it is retired.
+    pub max_orphans: usize,
+    /// Largest packet from gearmand (for the reason given when one is over it).
+    pub max_job_bytes: usize,
+    /// Bytes queued for one gearmand above which it takes no new jobs ...
+    pub link_out_high_bytes: usize,
+    /// ... and below which it takes them again.
+    pub link_out_low_bytes: usize,
 }
 
 impl From<&Config> for AppConfig {
@@ -198,10 +262,16 @@ impl From<&Config> for AppConfig {
             value_grace: c.value_grace,
             value_ttl: c.value_ttl,
             max_stored_values: c.max_stored_values,
+            max_stored_bytes: c.max_stored_bytes,
             max_jobs_per_connection: c.max_jobs_per_connection,
             queue_limit: c.queue_limit,
             queue_timeout: c.queue_timeout,
             worker_token: c.worker_token.clone(),
+            shared_uniques: c.shared_uniques,
+            max_orphans: c.max_orphans,
+            max_job_bytes: c.max_job_bytes,
+            link_out_high_bytes: c.gearman_out_high_bytes,
+            link_out_low_bytes: c.gearman_out_low_bytes,
         }
     }
 }
@@ -232,6 +302,11 @@ struct Incoming<'a> {
 pub const PING_ACK: &str = "before the 'received' message";
 /// gearmand keeps 63 bytes of a unique id.
 const MAX_UNIQUE_BYTES: usize = 63;
+/// Characters of a client's namespace (72 random bits), followed by `NAMESPACE_END`.
+const NAMESPACE_CHARS: usize = 12;
+const NAMESPACE_END: u8 = b'~';
+/// Characters of a unique gearsock makes up for a job (96 random bits).
+const RANDOM_UNIQUE_CHARS: usize = 16;
 /// libgearman's limit on function names.
 const MAX_FUNCTION_BYTES: usize = 512;
 
@@ -246,9 +321,15 @@ pub struct App {
     next_link: usize,
     queue: VecDeque<JobTag>,
     queued: usize,
+    /// Background jobs and pings by the unique gearmand and their worker see.
+    by_unique: HashMap<Box<[u8]>, Vec<JobTag>>,
+    /// GET_STATUS questions gearmand has not answered yet.
+    asks: Slab<Ask>,
     stored: HashMap<Box<str>, Stored>,
     stored_order: VecDeque<Box<str>>,
+    stored_bytes: usize,
     sweep_armed: bool,
+    entropy: Entropy,
     effects: Vec<Effect>,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
@@ -280,8 +361,8 @@ fn handle_text(handle: &[u8]) -> String {
 }
 
 impl App {
-    /// An App for `links` gearmand servers, all down.
-    pub fn new(cfg: AppConfig, links: usize) -> Self {
+    /// An App for `links` gearmand connections, all down. `entropy` makes the uniques.
+    pub fn new(cfg: AppConfig, links: usize, entropy: Entropy) -> Self {
         App {
             cfg,
             jobs: Slab::new(),
@@ -291,12 +372,21 @@ impl App {
             next_link: 0,
             queue: VecDeque::new(),
             queued: 0,
+            by_unique: HashMap::new(),
+            asks: Slab::new(),
             stored: HashMap::new(),
             stored_order: VecDeque::new(),
+            stored_bytes: 0,
             sweep_armed: false,
+            entropy,
             effects: Vec::new(),
             metrics: Metrics::default(),
         }
+    }
+
+    /// True when effects wait to be drained (the loop then polls without sleeping).
+    pub fn has_effects(&self) -> bool {
+        !self.effects.is_empty()
     }
 
     /// Moves the pending effects into `out` (which should be empty), keeping both allocations.
@@ -317,6 +407,17 @@ impl App {
     /// Unclaimed `worker.complete` values.
     pub fn stored_values(&self) -> usize {
         self.stored.len()
+    }
+
+    /// Their bytes.
+    pub fn stored_bytes(&self) -> usize {
+        self.stored_bytes
+    }
+
+    /// True when gearmand link `link` is up but takes no new jobs because its output is over
+    /// the high water mark.
+    pub fn is_link_stalled(&self, link: usize) -> bool {
+        self.links.get(link).is_some_and(|l| l.up && l.stalled)
     }
 
     fn client(&mut self, id: ConnId) -> Option<&mut Client> {
@@ -362,23 +463,46 @@ impl App {
         self.send(conn, reply.to_string());
     }
 
-    /// A client finished its handshake. `trusted` says whether its peer may report values
-    /// without a token (a loopback address).
+    /// A client finished its handshake. `trusted` says whether it may report values without
+    /// a token (see [`is_trusted_peer`]).
     pub fn handle_client_open(&mut self, id: ConnId, trusted: bool) {
         let key = id.key as usize;
         if self.clients.len() <= key {
             self.clients.resize_with(key + 1, Client::default);
         }
-        self.clients[key] = Client { generation: id.generation, open: true, trusted, jobs: Vec::new() };
+        let mut namespace = Vec::new();
+        if !self.cfg.shared_uniques {
+            namespace = self.entropy.id(NAMESPACE_CHARS);
+            namespace.push(NAMESPACE_END);
+        }
+        self.clients[key] =
+            Client { generation: id.generation, open: true, trusted, namespace, jobs: Vec::new() };
     }
 
-    /// A client has gone: its jobs stop being watched. gearmand cannot cancel a running
-    /// foreground job, so its events still come and are dropped by generation.
+    /// A client has gone: its jobs stop being watched. gearmand cannot cancel a foreground job;
+    /// it forgets a queued one only when the connection that submitted it closes. So each
+    /// unfinished stream job becomes an orphan of its gearmand connection, and a connection
+    /// with too many is retired.
     pub fn handle_client_closed(&mut self, id: ConnId) {
         let Some(client) = self.client(id) else { return };
         client.open = false;
         for tag in std::mem::take(&mut client.jobs) {
+            if let Some(job) = self.job(tag)
+                && job.kind == Kind::Stream
+                && job.holds_link()
+            {
+                let (link, link_gen) = (job.link, job.link_gen);
+                let l = &mut self.links[link];
+                if l.up && l.generation == link_gen {
+                    l.orphans.insert(tag);
+                }
+            }
             self.end_job(tag, "abandoned");
+        }
+        for (i, link) in self.links.iter().enumerate() {
+            if link.up && !link.retiring && link.orphans.len() > self.cfg.max_orphans {
+                self.effects.push(Effect::Retire(i));
+            }
         }
     }
 
@@ -424,74 +548,127 @@ impl App {
     }
 
     fn on_worker_complete(&mut self, id: ConnId, msg: Incoming, now: Instant) {
+        let r = msg.reference.as_ref();
         let trusted = self.client(id).is_some_and(|c| c.trusted);
         let allowed = match &self.cfg.worker_token {
-            Some(token) => msg.token.as_deref() == Some(token.as_str()),
+            Some(token) => msg.token.as_deref().is_some_and(|t| same_secret(t.as_bytes(), token.as_bytes())),
             None => trusted,
         };
         if !allowed {
             let why = match self.cfg.worker_token {
-                Some(_) => "worker.complete needs the right \"token\"",
-                None => "worker.complete is only taken from loopback peers",
+                Some(_) => "worker.complete needs the server's --worker-token as \"token\"",
+                None => {
+                    "worker.complete is taken only from this machine (loopback), without a foreign \
+                     Origin and not through a proxy; elsewhere start the server with --worker-token \
+                     and send it as \"token\""
+                }
             };
-            return self.error(id, "forbidden", why, msg.reference.as_ref());
+            return self.error(id, "forbidden", why, r);
+        }
+        let value = match msg.value {
+            Some(Value::String(s)) => s,
+            Some(other) => other.to_string(),
+            None => return self.error(id, "bad_request", "worker.complete needs \"value\"", r),
+        };
+        if let Some(unique) = msg.unique {
+            // The unique names one gearmand job exactly (or the submissions of one client that
+            // coalesced into it): no other job can take the value.
+            let takers = self.by_unique.get(unique.as_bytes()).cloned().unwrap_or_default();
+            if takers.is_empty() {
+                let text = "no unfinished background job has that unique";
+                return self.error(id, "unknown_job", text, r);
+            }
+            self.send(id, "got it!".to_string());
+            return self.deliver_value(&takers, &value);
         }
         let handle = match msg.id {
             Some(Value::String(s)) => s,
             Some(Value::Number(n)) => n.to_string(),
-            _ => return self.error(id, "bad_request", "worker.complete needs \"id\" (a job handle)", None),
+            _ => {
+                let text = "worker.complete needs \"unique\" (from GRAB_JOB_UNIQ) or \"id\" (a job handle)";
+                return self.error(id, "bad_request", text, r);
+            }
         };
-        let value = match msg.value {
-            Some(Value::String(s)) => s,
-            Some(other) => other.to_string(),
-            None => return self.error(id, "bad_request", "worker.complete needs \"value\"", None),
-        };
-        self.send(id, "got it!".to_string());
-        if !self.deliver_value(&handle, &value) {
-            self.store_value(handle, value, now);
+        match self.jobs_with_handle(handle.as_bytes()) {
+            HandleOwners::None => {
+                // The article's server stores every value; a worker may report before our
+                // JOB_CREATED was read. Kept until claimed or its TTL.
+                self.send(id, "got it!".to_string());
+                self.store_value(handle, value, now);
+            }
+            HandleOwners::One(tags) => {
+                self.send(id, "got it!".to_string());
+                self.deliver_value(&tags, &value);
+            }
+            HandleOwners::Several => {
+                let text = "several gearmand servers gave out this handle; report with \"unique\" \
+                            to name the job";
+                self.error(id, "ambiguous_job", text, r);
+            }
         }
     }
 
-    /// Gives a reported value to the live jobs gearmand named `handle` on its current
-    /// connections. Returns false if none took it.
-    fn deliver_value(&mut self, handle: &str, value: &str) -> bool {
-        let mut takers = Vec::new();
-        for link in &self.links {
-            if let Some(tags) = link.handles.get(handle.as_bytes()) {
-                takers.extend(tags.iter().copied());
-            }
+    /// Which live jobs gearmand named `handle`: one gearmand job (on one connection, possibly
+    /// several coalesced submissions of one client), or jobs on several connections.
+    fn jobs_with_handle(&self, handle: &[u8]) -> HandleOwners {
+        let mut owners = self.links.iter().filter(|l| l.up).filter_map(|l| l.handles.get(handle));
+        match (owners.next(), owners.next()) {
+            (None, _) => HandleOwners::None,
+            (Some(tags), None) => HandleOwners::One(tags.clone()),
+            (Some(_), Some(_)) => HandleOwners::Several,
         }
-        let mut taken = false;
-        for tag in takers {
+    }
+
+    /// Gives a reported value to `takers` (stream jobs have their own result and ignore it).
+    fn deliver_value(&mut self, takers: &[JobTag], value: &str) {
+        for &tag in takers {
             let Some(job) = self.job(tag) else { continue };
             if job.kind == Kind::Stream {
                 continue;
             }
             job.value = Some(value.to_string());
-            taken = true;
             if matches!(job.phase, Phase::Grace) {
                 self.finish_polled(tag);
             }
         }
-        taken
     }
 
     fn store_value(&mut self, handle: String, value: String, now: Instant) {
         if let Some(s) = self.stored.get_mut(handle.as_str()) {
+            // Replaced in place; if that pushes the store over its bytes, the oldest go below.
+            self.stored_bytes = self.stored_bytes - s.value.len() + value.len();
             *s = Stored { value, at: now };
-            return;
+            return self.evict_stored(0, 0);
         }
-        while self.stored.len() >= self.cfg.max_stored_values.max(1) {
-            let Some(oldest) = self.stored_order.pop_front() else { break };
-            self.stored.remove(&oldest);
+        if value.len() > self.cfg.max_stored_bytes {
+            return; // larger than the whole store: nothing to keep
         }
+        self.evict_stored(1, value.len());
         let key: Box<str> = handle.into();
         self.stored_order.push_back(key.clone());
+        self.stored_bytes += value.len();
         self.stored.insert(key, Stored { value, at: now });
         if !self.sweep_armed {
             self.sweep_armed = true;
             self.effects.push(Effect::Arm(now + self.cfg.value_ttl, AppTimer::Sweep));
         }
+    }
+
+    /// Drops the oldest stored values until `values` more of `bytes` in all fit.
+    fn evict_stored(&mut self, values: usize, bytes: usize) {
+        while self.stored.len() + values > self.cfg.max_stored_values.max(1)
+            || self.stored_bytes + bytes > self.cfg.max_stored_bytes
+        {
+            let Some(oldest) = self.stored_order.pop_front() else { break };
+            self.take_stored(&oldest);
+        }
+    }
+
+    /// Takes a stored value out of the store.
+    fn take_stored(&mut self, handle: &str) -> Option<Stored> {
+        let stored = self.stored.remove(handle)?;
+        self.stored_bytes -= stored.value.len();
+        Some(stored)
     }
 
     fn sweep(&mut self, now: Instant) {
@@ -501,7 +678,7 @@ impl App {
             let Some(key) = self.stored_order.pop_front() else { break };
             match self.stored.get(&key) {
                 Some(s) if s.at + self.cfg.value_ttl <= now => {
-                    self.stored.remove(&key);
+                    self.take_stored(&key);
                 }
                 Some(_) => {
                     self.stored_order.push_front(key);
@@ -518,13 +695,9 @@ impl App {
     }
 
     fn on_ping(&mut self, id: ConnId, reference: Option<Value>, now: Instant) {
-        let submission = Submission {
-            function: b"ping".to_vec(),
-            unique: Vec::new(),
-            payload: b"noop".to_vec(),
-            priority: Priority::Normal,
-        };
-        if self.accept_job(id, Kind::Ping, reference, submission, now).is_some() {
+        let submission =
+            Submission { function: b"ping".to_vec(), payload: b"noop".to_vec(), priority: Priority::Normal };
+        if self.accept_job(id, Kind::Ping, reference, submission, None, now).is_some() {
             // The article answers at once, before anything is known about the job.
             self.send(id, PING_ACK.to_string());
         }
@@ -568,23 +741,47 @@ impl App {
                 return self.error(id, "bad_request", &text, r);
             }
         };
-        let unique = msg.unique.unwrap_or_default();
-        if unique.len() > MAX_UNIQUE_BYTES || unique.contains('\0') {
-            return self.error(id, "bad_request", "unique ids are at most 63 bytes, without NUL", r);
+        let unique = msg.unique.filter(|u| !u.is_empty());
+        if let Some(u) = &unique {
+            let max = self.max_client_unique_bytes();
+            if u.len() > max || u.contains('\0') {
+                let text = format!("unique ids are at most {max} bytes, without NUL");
+                return self.error(id, "bad_request", &text, r);
+            }
         }
-        let submission =
-            Submission { function: function.into_bytes(), unique: unique.into_bytes(), payload, priority };
-        self.accept_job(id, kind, msg.reference, submission, now);
+        let submission = Submission { function: function.into_bytes(), payload, priority };
+        self.accept_job(id, kind, msg.reference, submission, unique, now);
+    }
+
+    /// gearmand keeps 63 bytes of a unique; a client's namespace takes its share of them.
+    fn max_client_unique_bytes(&self) -> usize {
+        if self.cfg.shared_uniques { MAX_UNIQUE_BYTES } else { MAX_UNIQUE_BYTES - NAMESPACE_CHARS - 1 }
+    }
+
+    /// The unique gearmand and the worker see: the client's own in its namespace, or for a
+    /// background job or ping without one a fresh random id (so a report can name it); a
+    /// stream job without one gets none (nothing is reported for it).
+    fn gearman_unique(&mut self, id: ConnId, kind: Kind, unique: Option<String>) -> Vec<u8> {
+        match unique {
+            Some(u) => {
+                let mut full = self.client(id).map(|c| c.namespace.clone()).unwrap_or_default();
+                full.extend_from_slice(u.as_bytes());
+                full
+            }
+            None if kind == Kind::Stream => Vec::new(),
+            None => self.entropy.id(RANDOM_UNIQUE_CHARS),
+        }
     }
 
     /// Admits a job for a client: checks its limits, then submits it to a gearmand or holds it
-    /// until one is up. Replies with an error and returns None when it cannot.
+    /// until one takes work. Replies with an error and returns None when it cannot.
     fn accept_job(
         &mut self,
         id: ConnId,
         kind: Kind,
         reference: Option<Value>,
         submission: Submission,
+        unique: Option<String>,
         now: Instant,
     ) -> Option<JobTag> {
         let max_jobs = self.cfg.max_jobs_per_connection;
@@ -596,17 +793,18 @@ impl App {
         }
         let link = self.pick_link();
         if link.is_none() && self.queued >= self.cfg.queue_limit {
-            self.error(
-                id,
-                "unavailable",
-                "no gearmand is connected and the wait queue is full",
-                reference.as_ref(),
-            );
+            let text = "no gearmand is taking jobs (disconnected or stalled) and the wait queue is full";
+            self.error(id, "unavailable", text, reference.as_ref());
             return None;
         }
+        let unique = self.gearman_unique(id, kind, unique).into_boxed_slice();
         self.next_gen = self.next_gen.wrapping_add(1);
         let entry = self.jobs.vacant_entry();
         let tag = tag_of(entry.key(), self.next_gen);
+        if kind != Kind::Stream {
+            // Indexed from the start: a report may come before our JOB_CREATED is read.
+            self.by_unique.entry(unique.clone()).or_default().push(tag);
+        }
         entry.insert(Job {
             generation: self.next_gen,
             conn: id,
@@ -616,10 +814,9 @@ impl App {
             link: 0,
             link_gen: 0,
             handle: None,
+            unique,
             last_status: None,
             value: None,
-            polls_out: 0,
-            asks_out: 0,
             next_poll: now,
             accepted_at: now,
         });
@@ -645,10 +842,10 @@ impl App {
         Some(tag)
     }
 
-    /// Round robin over the connected links.
+    /// Round robin over the links that take work (up, not retiring, not stalled).
     fn pick_link(&mut self) -> Option<usize> {
         let n = self.links.len();
-        (0..n).map(|i| (self.next_link + i) % n).find(|&i| self.links[i].up).inspect(|&i| {
+        (0..n).map(|i| (self.next_link + i) % n).find(|&i| self.links[i].takes_work()).inspect(|&i| {
             self.next_link = (i + 1) % n;
         })
     }
@@ -660,8 +857,28 @@ impl App {
         job.link = link;
         job.link_gen = link_gen;
         let mode = if job.kind == Kind::Stream { JobMode::Foreground } else { JobMode::Background };
-        let Submission { function, unique, payload, priority } = *sub;
+        let unique = job.unique.to_vec();
+        let Submission { function, payload, priority } = *sub;
+        let l = &mut self.links[link];
+        l.holding += 1;
+        // What the packet will add to the link's output, so a burst within one pass cannot
+        // route more than the high water mark to a link before the shell reports its figure.
+        l.out_bytes += packet::HEADER_BYTES + function.len() + unique.len() + payload.len() + 2;
+        if l.out_bytes > self.cfg.link_out_high_bytes {
+            l.stalled = true;
+        }
         self.effects.push(Effect::Submit { link, tag, function, unique, payload, mode, priority });
+    }
+
+    /// Asks gearmand for a job's status on the connection that holds it.
+    fn ask_status(&mut self, tag: JobTag, by: Asker) {
+        let Some(job) = self.job(tag) else { return };
+        let Some(handle) = job.handle.clone() else { return };
+        let (link, link_gen) = (job.link, job.link_gen);
+        let ask = self.asks.insert(Ask { link, link_gen, handle: handle.clone(), by }) as u64;
+        let l = &mut self.links[link];
+        l.out_bytes += packet::HEADER_BYTES + handle.len();
+        self.effects.push(Effect::GetStatus { link, handle: handle.into_vec(), ask });
     }
 
     fn on_status(&mut self, id: ConnId, msg: Incoming) {
@@ -676,36 +893,81 @@ impl App {
         };
         let mine = client.jobs.iter().rev().copied().find(|t| {
             let (k, g) = split_tag(*t);
-            self.jobs
-                .get(k)
-                .is_some_and(|j| j.generation == g && j.handle.as_deref() == Some(handle.as_bytes()))
+            self.jobs.get(k).is_some_and(|j| {
+                j.generation == g && j.holds_link() && j.handle.as_deref() == Some(handle.as_bytes())
+            })
         });
         let Some(tag) = mine else {
             return self.error(id, "unknown_job", "no unfinished job of this connection has that handle", r);
         };
-        let job = self.job(tag).expect("found above");
-        job.asks_out += 1;
-        let link = job.link;
-        self.effects.push(Effect::GetStatus { link, handle: handle.into_bytes() });
+        // The answer is about the job: it carries the job's `ref`, unless the question had its own.
+        let reference = msg.reference.or_else(|| self.job(tag).and_then(|j| j.reference.clone()));
+        self.ask_status(tag, Asker::Client { conn: id, reference });
     }
 
-    /// A gearmand link connected (again): a new generation starts, held submissions go out.
+    /// A gearmand connection answered (again): a new generation starts, held submissions go
+    /// out.
     pub fn handle_link_up(&mut self, link: usize) {
         let l = &mut self.links[link];
-        l.up = true;
-        l.generation = l.generation.wrapping_add(1);
-        l.handles.clear();
-        while let Some(tag) = self.queue.pop_front() {
-            if self.job(tag).is_some_and(|j| matches!(j.phase, Phase::Queued(_))) {
-                self.queued -= 1;
-                let target = self.pick_link().unwrap_or(link);
-                self.submit_to(tag, target);
+        let generation = l.generation.wrapping_add(1);
+        *l = Link { up: true, generation, ..Link::default() };
+        self.submit_queued();
+    }
+
+    /// Held submissions go to the links that take work, while any does.
+    fn submit_queued(&mut self) {
+        while let Some(&tag) = self.queue.front() {
+            if !self.job(tag).is_some_and(|j| matches!(j.phase, Phase::Queued(_))) {
+                self.queue.pop_front();
+                continue;
             }
+            let Some(target) = self.pick_link() else { return };
+            self.queue.pop_front();
+            self.queued -= 1;
+            self.submit_to(tag, target);
         }
     }
 
-    /// A gearmand link was lost: every job it held ends now, with exactly one terminal reply
-    /// (`job.failed` for stream jobs, `job.lost` for background ones).
+    /// The shell's count of bytes waiting for gearmand on `link`, after its flush. Above the
+    /// high water mark the link takes no new jobs (they go to another link or wait in the
+    /// queue); below the low one it takes them again.
+    pub fn handle_link_output(&mut self, link: usize, bytes: usize) {
+        let (high, low) = (self.cfg.link_out_high_bytes, self.cfg.link_out_low_bytes);
+        let l = &mut self.links[link];
+        l.out_bytes = bytes;
+        if bytes > high {
+            l.stalled = true;
+        } else if l.stalled && bytes < low {
+            l.stalled = false;
+            self.submit_queued();
+        }
+    }
+
+    /// The shell opened a fresh connection in place of `link` (after `Effect::Retire`): `link`
+    /// takes no new work and is closed once the jobs it holds are done.
+    pub fn handle_link_retiring(&mut self, link: usize) {
+        let l = &mut self.links[link];
+        if !l.up || l.retiring {
+            return;
+        }
+        l.retiring = true;
+        self.metrics.gearmand_retired += 1;
+        self.close_if_retired(link);
+    }
+
+    fn close_if_retired(&mut self, link: usize) {
+        let l = &mut self.links[link];
+        if l.up && l.retiring && l.holding == 0 {
+            l.up = false;
+            l.handles.clear();
+            l.orphans.clear();
+            self.effects.push(Effect::CloseLink(link));
+        }
+    }
+
+    /// A gearmand connection was lost: every job it held ends now, with exactly one terminal
+    /// reply (`job.failed` for stream jobs, `job.lost` for background ones), and every
+    /// question asked on it gets an answer.
     pub fn handle_link_down(&mut self, link: usize) {
         let l = &mut self.links[link];
         if !l.up {
@@ -713,15 +975,12 @@ impl App {
         }
         l.up = false;
         l.handles.clear();
+        l.orphans.clear();
         let generation = l.generation;
         let lost: Vec<JobTag> = self
             .jobs
             .iter()
-            .filter(|(_, j)| {
-                j.link == link
-                    && j.link_gen == generation
-                    && matches!(j.phase, Phase::Submitted | Phase::Running)
-            })
+            .filter(|(_, j)| j.link == link && j.link_gen == generation && j.holds_link())
             .map(|(k, j)| tag_of(k, j.generation))
             .collect();
         for tag in lost {
@@ -735,6 +994,20 @@ impl App {
                 self.end_job(tag, "lost");
             }
         }
+        let unanswered: Vec<usize> = self
+            .asks
+            .iter()
+            .filter(|(_, a)| a.link == link && a.link_gen == generation)
+            .map(|(k, _)| k)
+            .collect();
+        for key in unanswered {
+            let ask = self.asks.remove(key);
+            if let Asker::Client { conn, reference } = ask.by {
+                let text = "the gearmand connection was lost before it answered";
+                self.error(conn, "unavailable", text, reference.as_ref());
+            }
+        }
+        self.links[link] = Link { generation, ..Link::default() };
     }
 
     /// One event from a gearmand link's ClientSession.
@@ -751,32 +1024,48 @@ impl App {
             JobEvent::Complete { tag, data } => {
                 if self.job(tag).is_some() {
                     self.stream_bytes(tag, "job.complete", "result", &data);
-                    self.end_job(tag, "complete");
                 }
+                self.end_submission(link, tag, "complete");
             }
-            JobEvent::Failed { tag } | JobEvent::TooLarge { tag, .. } => {
-                if self.job(tag).is_some() {
-                    self.job_reply(tag, "job.failed", json!({"reason": "the worker reported failure"}));
-                    self.end_job(tag, "failed");
-                }
+            JobEvent::Failed { tag } => {
+                self.job_reply(tag, "job.failed", json!({"reason": "the worker reported failure"}));
+                self.end_submission(link, tag, "failed");
             }
             JobEvent::Exception { tag, data } => {
-                if self.job(tag).is_some() {
-                    self.stream_bytes(tag, "job.exception", "data", &data);
-                    self.end_job(tag, "exception");
-                }
+                self.stream_bytes(tag, "job.exception", "data", &data);
+                self.end_submission(link, tag, "exception");
+            }
+            JobEvent::TooLarge { tag, kind, size_bytes } => {
+                let reason = format!(
+                    "the worker's {kind} of {size_bytes} bytes is over the server's limit of {} \
+                     (--max-job-bytes); the job was dropped",
+                    self.cfg.max_job_bytes
+                );
+                self.job_reply(tag, "job.failed", json!({ "reason": reason }));
+                self.end_submission(link, tag, "failed");
             }
             JobEvent::Rejected { tag, code, message } => {
-                if self.job(tag).is_some() {
-                    let reason = format!("gearmand refused the job: {code} {message}");
-                    self.job_reply(tag, "job.failed", json!({ "reason": reason }));
-                    self.end_job(tag, "rejected");
-                }
+                let reason = format!("gearmand refused the job: {code} {message}");
+                self.job_reply(tag, "job.failed", json!({ "reason": reason }));
+                self.end_submission(link, tag, "rejected");
             }
-            JobEvent::StatusRes { ask: _, handle, known, running, numerator, denominator } => {
-                self.on_status_res(link, &handle, (known, running, numerator, denominator), now)
+            JobEvent::StatusRes { ask, handle: _, known, running, numerator, denominator } => {
+                self.on_status_res(ask, Ok((known, running, numerator, denominator)), now)
             }
-            JobEvent::StatusFailed { .. } => {}
+            JobEvent::StatusFailed { ask, handle: _, code, message } => {
+                self.on_status_res(ask, Err(format!("{code} {message}")), now)
+            }
+        }
+    }
+
+    /// The last event of a submission: its job ends, or, if its client has left, the orphan
+    /// it left on `link` is gone from gearmand.
+    fn end_submission(&mut self, link: usize, tag: JobTag, outcome: &'static str) {
+        if self.job(tag).is_some() {
+            return self.end_job(tag, outcome);
+        }
+        if let Some(l) = self.links.get_mut(link) {
+            l.orphans.remove(&tag);
         }
     }
 
@@ -795,12 +1084,17 @@ impl App {
         job.phase = Phase::Running;
         job.handle = Some(handle.clone().into_boxed_slice());
         let (kind, accepted_at) = (job.kind, job.accepted_at);
+        let handle: Box<[u8]> = handle.into_boxed_slice();
         if kind != Kind::Stream {
-            // A value reported for this handle after we submitted cannot belong to an older
-            // job: take it (a worker that reports before our JOB_CREATED was read).
-            let stored = std::str::from_utf8(&handle).ok().and_then(|h| self.stored.remove(h));
+            // An id-only value reported for this handle after we submitted, while no other
+            // connection has a job so named, can only be this job's (its worker reported
+            // before our JOB_CREATED was read).
+            let alone = matches!(self.jobs_with_handle(&handle), HandleOwners::None);
+            let stored =
+                std::str::from_utf8(&handle).ok().filter(|_| alone).and_then(|h| self.take_stored(h));
             if let Some(stored) = stored.filter(|s| s.at >= accepted_at)
                 && let Some(job) = self.job(tag)
+                && job.value.is_none()
             {
                 job.value = Some(stored.value);
             }
@@ -808,27 +1102,50 @@ impl App {
             job.next_poll = now + interval;
             self.effects.push(Effect::Arm(now + interval, AppTimer::Poll(tag)));
         }
-        self.links[link].handles.entry(handle.into_boxed_slice()).or_default().push(tag);
+        self.links[link].handles.entry(handle).or_default().push(tag);
         if kind != Kind::Ping {
             self.job_reply(tag, "job.created", json!({}));
         }
     }
 
-    fn on_status_res(&mut self, link: usize, handle: &[u8], status: StatusTuple, now: Instant) {
-        let Some(tags) = self.links[link].handles.get(handle).cloned() else { return };
-        // One answer per GET_STATUS: a client's question first, then a poll.
-        let asked = tags.iter().copied().find(|t| self.job(*t).is_some_and(|j| j.asks_out > 0));
-        if let Some(tag) = asked {
-            let job = self.job(tag).expect("found above");
-            job.asks_out -= 1;
-            return self.job_reply(tag, "job.status", status_fields(status));
-        }
-        let Some(tag) = tags.iter().copied().find(|t| self.job(*t).is_some_and(|j| j.polls_out > 0)) else {
-            return;
+    /// The answer to a GET_STATUS: to the client who asked, or to a job's poll.
+    fn on_status_res(&mut self, ask: u64, answer: Result<StatusTuple, String>, now: Instant) {
+        let Some(ask) = usize::try_from(ask).ok().and_then(|k| self.asks.try_remove(k)) else { return };
+        let tag = match ask.by {
+            Asker::Client { conn, reference } => {
+                return match answer {
+                    Ok(status) => {
+                        let mut reply = status_fields(status);
+                        reply["type"] = "job.status".into();
+                        reply["job"] = handle_text(&ask.handle).into();
+                        if let Some(r) = reference {
+                            reply["ref"] = r;
+                        }
+                        self.send(conn, reply.to_string());
+                    }
+                    Err(why) => {
+                        let text = format!("gearmand answered the status request with ERROR {why}");
+                        self.error(conn, "gearmand_error", &text, reference.as_ref());
+                    }
+                };
+            }
+            Asker::Poll(tag) => tag,
         };
         let interval = self.cfg.poll_interval;
-        let job = self.job(tag).expect("found above");
-        job.polls_out -= 1;
+        let Some(job) = self.job(tag).filter(|j| matches!(j.phase, Phase::Running)) else { return };
+        let status = match answer {
+            Ok(status) => status,
+            Err(why) => {
+                // gearmand cannot say what became of the job; it ends now rather than never.
+                debug!("status poll of {:?} failed: {why}", ask.handle.escape_ascii());
+                if job.kind == Kind::Background {
+                    let reason = format!("gearmand answered the status poll with ERROR {why}");
+                    self.job_reply(tag, "job.lost", json!({ "reason": reason }));
+                    return self.end_job(tag, "lost");
+                }
+                (false, false, 0, 0)
+            }
+        };
         let changed = job.last_status != Some(status);
         job.last_status = Some(status);
         let kind = job.kind;
@@ -845,13 +1162,14 @@ impl App {
             }
             return;
         }
-        // gearmand no longer knows the job: it finished (or was lost in a restart).
+        // gearmand no longer knows the job: it finished (or was lost in a restart). The job no
+        // longer needs its connection.
+        let (link, conn) = (job.link, job.conn);
         job.phase = Phase::Grace;
         let has_value = job.value.is_some();
+        self.release_link(link);
         if kind == Kind::Ping {
-            let handle = handle_text(handle);
-            let conn = job.conn;
-            self.send(conn, format!("job: {handle}"));
+            self.send(conn, format!("job: {}", handle_text(&ask.handle)));
         } else if changed {
             self.job_reply(tag, "job.status", status_fields(status));
         }
@@ -860,6 +1178,13 @@ impl App {
         } else {
             self.effects.push(Effect::Arm(now + self.cfg.value_grace, AppTimer::Grace(tag)));
         }
+    }
+
+    /// A job stopped holding `link`; a retiring link with nothing left closes.
+    fn release_link(&mut self, link: usize) {
+        let l = &mut self.links[link];
+        l.holding = l.holding.saturating_sub(1);
+        self.close_if_retired(link);
     }
 
     /// The last words about a polled job: `value: V` for a ping (the article's line, empty when
@@ -880,14 +1205,20 @@ impl App {
     pub fn handle_timer(&mut self, timer: AppTimer, now: Instant) {
         match timer {
             AppTimer::Poll(tag) => {
-                let Some(job) = self.job(tag) else { return };
-                if !matches!(job.phase, Phase::Running) {
+                let interval = self.cfg.poll_interval;
+                let Some(link) = self.job(tag).filter(|j| matches!(j.phase, Phase::Running)).map(|j| j.link)
+                else {
                     return;
+                };
+                if self.links[link].stalled {
+                    let job = self.job(tag).expect("found above");
+                    // gearmand is not taking our bytes: ask on the next beat instead of adding
+                    // to a backlog.
+                    job.next_poll += interval;
+                    let at = job.next_poll.max(now + interval);
+                    return self.effects.push(Effect::Arm(at, AppTimer::Poll(tag)));
                 }
-                let Some(handle) = job.handle.as_deref().map(<[u8]>::to_vec) else { return };
-                job.polls_out += 1;
-                let link = job.link;
-                self.effects.push(Effect::GetStatus { link, handle });
+                self.ask_status(tag, Asker::Poll(tag));
             }
             AppTimer::Grace(tag) => {
                 if self.job(tag).is_some_and(|j| matches!(j.phase, Phase::Grace)) {
@@ -900,7 +1231,7 @@ impl App {
                         let job = self.job(tag).expect("checked above");
                         (job.conn, job.reference.clone())
                     };
-                    let text = "no gearmand connected in time; the job was not submitted";
+                    let text = "no gearmand took the job in time; it was not submitted";
                     self.error(conn, "unavailable", text, reference.as_ref());
                     self.end_job(tag, "unavailable");
                 }
@@ -925,17 +1256,61 @@ impl App {
         if let Some(client) = self.client(job.conn) {
             client.jobs.retain(|t| *t != tag);
         }
-        let link = &mut self.links[job.link];
-        if let Some(handle) = job.handle
-            && link.generation == job.link_gen
-            && let Some(tags) = link.handles.get_mut(&handle)
+        if job.kind != Kind::Stream
+            && let Some(tags) = self.by_unique.get_mut(&job.unique)
         {
             tags.retain(|t| *t != tag);
             if tags.is_empty() {
-                link.handles.remove(&handle);
+                self.by_unique.remove(&job.unique);
             }
         }
+        let link = &mut self.links[job.link];
+        if link.generation != job.link_gen || !link.up {
+            return;
+        }
+        if let Some(handle) = &job.handle
+            && let Some(tags) = link.handles.get_mut(handle)
+        {
+            tags.retain(|t| *t != tag);
+            if tags.is_empty() {
+                link.handles.remove(handle);
+            }
+        }
+        if job.holds_link() {
+            self.release_link(job.link);
+        }
     }
+}
+
+/// Who holds a handle among the live jobs.
+enum HandleOwners {
+    None,
+    /// Jobs on one connection: one gearmand job.
+    One(Vec<JobTag>),
+    /// Jobs on several connections: the handle alone cannot say which is meant.
+    Several,
+}
+
+/// Compares a secret without an early exit, so the time taken does not reveal how many
+/// leading bytes of a guess were right.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, &b) in expected.iter().enumerate() {
+        diff |= usize::from(b ^ given.get(i).copied().unwrap_or(!b));
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// Whether a client may report values without a token: a loopback peer (IPv4, IPv6 or
+/// IPv4-mapped on a dual-stack listener) whose upgrade had no foreign `Origin` and did not come
+/// through a proxy. Anything else, a page from another site in a local browser or every client
+/// behind a reverse proxy on this host, needs `--worker-token`.
+pub fn is_trusted_peer(peer: std::net::IpAddr, own_origin_or_none: bool, forwarded: bool) -> bool {
+    let loopback = match peer {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    };
+    loopback && own_origin_or_none && !forwarded
 }
 
 #[cfg(test)]
@@ -949,10 +1324,16 @@ mod tests {
             value_grace: Duration::from_millis(500),
             value_ttl: Duration::from_secs(60),
             max_stored_values: 3,
+            max_stored_bytes: 1000,
             max_jobs_per_connection: 2,
             queue_limit: 1,
             queue_timeout: Duration::from_secs(10),
             worker_token: None,
+            shared_uniques: false,
+            max_orphans: 3,
+            max_job_bytes: 1 << 20,
+            link_out_high_bytes: 4096,
+            link_out_low_bytes: 1024,
         }
     }
 
@@ -979,8 +1360,29 @@ mod tests {
             .collect()
     }
 
+    /// Fires a job's poll timer and returns the question it put to gearmand.
+    fn poll(app: &mut App, tag: JobTag, now: Instant) -> u64 {
+        app.handle_timer(AppTimer::Poll(tag), now);
+        let e = effects(app);
+        e.iter()
+            .find_map(|e| if let Effect::GetStatus { ask, .. } = e { Some(*ask) } else { None })
+            .expect("GET_STATUS")
+    }
+
+    /// gearmand's answer: it no longer knows the job.
+    fn gone(ask: u64, handle: &[u8]) -> JobEvent {
+        JobEvent::StatusRes {
+            ask,
+            handle: handle.to_vec(),
+            known: false,
+            running: false,
+            numerator: 0,
+            denominator: 0,
+        }
+    }
+
     fn up_app() -> App {
-        let mut app = App::new(cfg(), 1);
+        let mut app = App::new(cfg(), 1, Entropy::counter());
         app.handle_link_up(0);
         app.handle_client_open(A, true);
         app.handle_client_open(B, false);
@@ -1003,19 +1405,13 @@ mod tests {
             vec![Effect::Arm(t0 + Duration::from_millis(100), AppTimer::Poll(tag))]
         );
         app.handle_timer(AppTimer::Poll(tag), t0 + Duration::from_millis(100));
-        assert_eq!(effects(&mut app), vec![Effect::GetStatus { link: 0, handle: b"H:vm:1".to_vec() }]);
+        let e = effects(&mut app);
+        let [Effect::GetStatus { link: 0, handle, ask }] = &e[..] else { panic!("{e:?}") };
+        assert_eq!(handle, b"H:vm:1");
         // The worker reports while the job still runs.
         app.handle_client_text(A, r#"{"type":"worker.complete","id":"H:vm:1","value":"done"}"#, t0);
         assert_eq!(sent(&effects(&mut app)), vec![(A, "got it!")]);
-        let gone = JobEvent::StatusRes {
-            ask: 0,
-            handle: b"H:vm:1".to_vec(),
-            known: false,
-            running: false,
-            numerator: 0,
-            denominator: 0,
-        };
-        app.handle_job_event(0, gone, t0 + Duration::from_millis(101));
+        app.handle_job_event(0, gone(*ask, b"H:vm:1"), t0 + Duration::from_millis(101));
         assert_eq!(sent(&effects(&mut app)), vec![(A, "job: H:vm:1"), (A, "value: done")]);
         assert_eq!(app.jobs_in_flight(), 0);
         assert_eq!(app.stored_values(), 0, "a delivered value is not kept");
@@ -1031,16 +1427,8 @@ mod tests {
         let tags = submitted(&effects(&mut app));
         for (i, tag) in tags.iter().enumerate() {
             app.handle_job_event(0, JobEvent::Created { tag: *tag, handle: format!("H:vm:{i}").into() }, t0);
-            app.handle_timer(AppTimer::Poll(*tag), t0);
-            let gone = JobEvent::StatusRes {
-                ask: 0,
-                handle: format!("H:vm:{i}").into(),
-                known: false,
-                running: false,
-                numerator: 0,
-                denominator: 0,
-            };
-            app.handle_job_event(0, gone, t0);
+            let ask = poll(&mut app, *tag, t0);
+            app.handle_job_event(0, gone(ask, format!("H:vm:{i}").as_bytes()), t0);
         }
         effects(&mut app);
         app.handle_client_text(A, r#"{"type":"worker.complete","id":"H:vm:0","value":"late"}"#, t0);
@@ -1065,16 +1453,8 @@ mod tests {
         app.handle_client_text(A, r#"{"type":"ping"}"#, t1);
         let tag = submitted(&effects(&mut app))[0];
         app.handle_job_event(0, JobEvent::Created { tag, handle: b"4".to_vec() }, t0);
-        app.handle_timer(AppTimer::Poll(tag), t0);
-        let gone = JobEvent::StatusRes {
-            ask: 0,
-            handle: b"4".to_vec(),
-            known: false,
-            running: false,
-            numerator: 0,
-            denominator: 0,
-        };
-        app.handle_job_event(0, gone, t0);
+        let ask = poll(&mut app, tag, t0);
+        app.handle_job_event(0, gone(ask, b"4"), t0);
         app.handle_timer(AppTimer::Grace(tag), t0 + Duration::from_secs(1));
         assert!(sent(&effects(&mut app)).contains(&(A, "value: ")));
         app.handle_timer(AppTimer::Sweep, t0 + Duration::from_secs(61));
@@ -1166,7 +1546,7 @@ mod tests {
     #[test]
     fn held_submission_times_out_as_unavailable() {
         let t0 = Instant::now();
-        let mut app = App::new(cfg(), 1);
+        let mut app = App::new(cfg(), 1, Entropy::counter());
         app.handle_client_open(A, true);
         app.handle_client_text(A, r#"{"type":"ping"}"#, t0);
         let e = effects(&mut app);
@@ -1174,5 +1554,273 @@ mod tests {
         app.handle_timer(*timer, *at);
         assert!(sent(&effects(&mut app))[0].1.contains("unavailable"));
         assert_eq!((app.jobs_in_flight(), app.jobs_queued()), (0, 0));
+    }
+
+    fn submits(effects: &[Effect]) -> Vec<(usize, JobTag, Vec<u8>)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Submit { link, tag, unique, .. } => Some((*link, *tag, unique.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn codes(effects: &[Effect]) -> Vec<String> {
+        sent(effects)
+            .iter()
+            .filter_map(|(_, t)| serde_json::from_str::<Value>(t).ok())
+            .filter_map(|v| v["code"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn a_report_names_its_job_by_unique_and_an_ambiguous_handle_reaches_none() {
+        let t0 = Instant::now();
+        let mut app = App::new(cfg(), 2, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_link_up(1);
+        app.handle_client_open(A, true);
+        app.handle_client_open(B, true);
+        app.handle_client_text(A, r#"{"type":"ping"}"#, t0);
+        app.handle_client_text(B, r#"{"type":"ping"}"#, t0);
+        let subs = submits(&effects(&mut app));
+        let [(la, ta, ua), (lb, tb, ub)] = &subs[..] else { panic!("{subs:?}") };
+        assert_ne!(la, lb, "round robin over both gearmands");
+        assert!(ua.len() >= 16 && ua != ub, "every ping carries its own random unique");
+        // Both gearmands hand out the same handle.
+        app.handle_job_event(*la, JobEvent::Created { tag: *ta, handle: b"H:vm:1".to_vec() }, t0);
+        app.handle_job_event(*lb, JobEvent::Created { tag: *tb, handle: b"H:vm:1".to_vec() }, t0);
+        effects(&mut app);
+        app.handle_client_text(A, r#"{"type":"worker.complete","id":"H:vm:1","value":"pwned","ref":3}"#, t0);
+        let e = effects(&mut app);
+        assert_eq!(codes(&e), ["ambiguous_job"]);
+        assert!(sent(&e)[0].1.contains("\"ref\":3"));
+        let report = json!({"type":"worker.complete","id":"H:vm:1","unique":String::from_utf8_lossy(ua),"value":"mine"});
+        app.handle_client_text(B, &report.to_string(), t0);
+        assert_eq!(sent(&effects(&mut app)), vec![(B, "got it!")]);
+        let mut e = Vec::new();
+        for (link, tag) in [(*la, *ta), (*lb, *tb)] {
+            let ask = poll(&mut app, tag, t0);
+            app.handle_job_event(link, gone(ask, b"H:vm:1"), t0);
+            e.extend(effects(&mut app));
+        }
+        app.handle_timer(AppTimer::Grace(*tb), t0 + Duration::from_secs(1));
+        e.extend(effects(&mut app));
+        assert!(sent(&e).contains(&(A, "value: mine")), "{e:?}");
+        assert!(sent(&e).contains(&(B, "value: ")), "B's job never got A's value: {e:?}");
+        // A unique that names no live job is refused, not stored.
+        app.handle_client_text(A, r#"{"type":"worker.complete","unique":"nope","value":"x"}"#, t0);
+        assert_eq!(codes(&effects(&mut app)), ["unknown_job"]);
+        assert_eq!(app.stored_values(), 0);
+    }
+
+    #[test]
+    fn a_report_with_unique_reaches_a_job_gearmand_has_not_named_yet() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        app.handle_client_text(A, r#"{"type":"submit","function":"f","mode":"background"}"#, t0);
+        let (_, tag, unique) = submits(&effects(&mut app)).remove(0);
+        let report =
+            json!({"type":"worker.complete","unique":String::from_utf8_lossy(&unique),"value":"early"});
+        app.handle_client_text(A, &report.to_string(), t0);
+        app.handle_job_event(0, JobEvent::Created { tag, handle: b"H:vm:7".to_vec() }, t0);
+        effects(&mut app);
+        let ask = poll(&mut app, tag, t0);
+        app.handle_job_event(0, gone(ask, b"H:vm:7"), t0);
+        let e = effects(&mut app);
+        let done: Value = serde_json::from_str(sent(&e).last().unwrap().1).unwrap();
+        assert_eq!((done["type"].as_str(), done["result"].as_str()), (Some("job.complete"), Some("early")));
+    }
+
+    #[test]
+    fn uniques_live_in_each_clients_namespace_unless_shared() {
+        let t0 = Instant::now();
+        for shared in [false, true] {
+            let mut app = App::new(AppConfig { shared_uniques: shared, ..cfg() }, 1, Entropy::counter());
+            app.handle_link_up(0);
+            app.handle_client_open(A, true);
+            app.handle_client_open(B, true);
+            for c in [A, B] {
+                app.handle_client_text(c, r#"{"type":"submit","function":"f","unique":"invoice-42"}"#, t0);
+            }
+            let subs = submits(&effects(&mut app));
+            let (ua, ub) = (&subs[0].2, &subs[1].2);
+            assert!(ua.ends_with(b"invoice-42") && ub.ends_with(b"invoice-42"));
+            assert_eq!(ua == ub, shared, "{:?} {:?}", ua.escape_ascii(), ub.escape_ascii());
+            assert!(ua.len() <= MAX_UNIQUE_BYTES);
+        }
+        // The namespace takes its share of gearmand's 63 bytes.
+        let mut app = up_app();
+        let long = "u".repeat(MAX_UNIQUE_BYTES);
+        app.handle_client_text(A, &json!({"type":"submit","function":"f","unique":long}).to_string(), t0);
+        assert_eq!(codes(&effects(&mut app)), ["bad_request"]);
+    }
+
+    #[test]
+    fn stored_values_are_bounded_in_bytes_too() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        let big = "x".repeat(400);
+        for i in 0..3 {
+            let msg = json!({"type":"worker.complete","id":format!("H:{i}"),"value":big});
+            app.handle_client_text(A, &msg.to_string(), t0);
+        }
+        assert_eq!((app.stored_values(), app.stored_bytes()), (2, 800), "1000 bytes hold two of 400");
+        let huge = json!({"type":"worker.complete","id":"H:9","value":"y".repeat(2000)});
+        app.handle_client_text(A, &huge.to_string(), t0);
+        assert_eq!(app.stored_bytes(), 800, "a value larger than the store is not kept");
+    }
+
+    #[test]
+    fn the_token_is_required_when_set() {
+        let t0 = Instant::now();
+        let mut app =
+            App::new(AppConfig { worker_token: Some("s3cret".into()), ..cfg() }, 1, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_client_open(A, true);
+        app.handle_client_open(B, false);
+        app.handle_client_text(A, r#"{"type":"worker.complete","id":1,"value":"x"}"#, t0);
+        app.handle_client_text(A, r#"{"type":"worker.complete","id":1,"value":"x","token":"s3cre"}"#, t0);
+        app.handle_client_text(B, r#"{"type":"worker.complete","id":1,"value":"x","token":"s3cret"}"#, t0);
+        let e = effects(&mut app);
+        assert_eq!(codes(&e), ["forbidden", "forbidden"]);
+        assert_eq!(sent(&e)[2], (B, "got it!"), "a token holder is taken from anywhere");
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc") && !same_secret(b"ab", b"abc") && !same_secret(b"abcd", b"abc"));
+    }
+
+    #[test]
+    fn trusted_peers_are_local_own_origin_and_not_proxied() {
+        let v4: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let remote: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped_remote: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        for ip in [v4, v6, mapped] {
+            assert!(is_trusted_peer(ip, true, false), "{ip}");
+            assert!(!is_trusted_peer(ip, false, false), "{ip} with a foreign Origin");
+            assert!(!is_trusted_peer(ip, true, true), "{ip} through a proxy");
+        }
+        assert!(!is_trusted_peer(remote, true, false));
+        assert!(!is_trusted_peer(mapped_remote, true, false));
+    }
+
+    #[test]
+    fn a_connection_with_too_many_orphans_retires_and_closes_when_its_live_jobs_end() {
+        let t0 = Instant::now();
+        let mut app = App::new(cfg(), 2, Entropy::counter()); // max_orphans 3, 2 jobs each
+        app.handle_link_up(0);
+        app.handle_client_open(B, true);
+        let leavers = [ConnId { key: 2, generation: 1 }, ConnId { key: 3, generation: 1 }];
+        for c in [A].iter().chain(&leavers) {
+            app.handle_client_open(*c, true);
+            for _ in 0..2 {
+                app.handle_client_text(*c, r#"{"type":"submit","function":"nobody"}"#, t0);
+            }
+        }
+        let subs = submits(&effects(&mut app));
+        assert_eq!(subs.len(), 6);
+        app.handle_client_closed(leavers[0]);
+        assert_eq!(effects(&mut app), vec![], "2 orphans are within the bound");
+        app.handle_client_closed(leavers[1]);
+        assert_eq!(effects(&mut app), vec![Effect::Retire(0)]);
+        // The shell opened link 1 for new work; link 0 still holds A's two live jobs.
+        app.handle_link_retiring(0);
+        app.handle_link_up(1);
+        assert_eq!(effects(&mut app), vec![]);
+        app.handle_client_text(B, r#"{"type":"submit","function":"f"}"#, t0);
+        assert_eq!(submits(&effects(&mut app))[0].0, 1, "new work avoids the retiring connection");
+        // An orphan's end on the old connection is just forgotten.
+        app.handle_job_event(0, JobEvent::Failed { tag: subs[2].1 }, t0);
+        assert_eq!(effects(&mut app), vec![]);
+        app.handle_job_event(0, JobEvent::Complete { tag: subs[0].1, data: b"ok".to_vec() }, t0);
+        assert!(!effects(&mut app).contains(&Effect::CloseLink(0)));
+        app.handle_job_event(0, JobEvent::Complete { tag: subs[1].1, data: b"ok".to_vec() }, t0);
+        assert!(effects(&mut app).contains(&Effect::CloseLink(0)));
+    }
+
+    #[test]
+    fn a_stalled_link_takes_no_new_jobs_until_it_drains() {
+        let t0 = Instant::now();
+        let mut app = App::new(AppConfig { queue_limit: 4, ..cfg() }, 1, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_client_open(A, true);
+        let big = json!({"type":"submit","function":"f","payload":"p".repeat(5000)}).to_string();
+        app.handle_client_text(A, &big, t0);
+        app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
+        assert_eq!(submits(&effects(&mut app)).len(), 1, "the second job waits: 5000 bytes are queued");
+        assert!(app.is_link_stalled(0));
+        app.handle_link_output(0, 2000);
+        assert_eq!(submits(&effects(&mut app)).len(), 0, "still above the low water mark");
+        app.handle_link_output(0, 0);
+        assert_eq!(submits(&effects(&mut app)).len(), 1);
+        assert!(!app.is_link_stalled(0));
+    }
+
+    #[test]
+    fn every_status_question_gets_an_answer() {
+        let t0 = Instant::now();
+        let mut app = App::new(AppConfig { max_jobs_per_connection: 4, ..cfg() }, 1, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_client_open(A, true);
+        app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
+        app.handle_client_text(A, r#"{"type":"submit","function":"f","mode":"background"}"#, t0);
+        let subs = submits(&effects(&mut app));
+        app.handle_job_event(0, JobEvent::Created { tag: subs[0].1, handle: b"H:1".to_vec() }, t0);
+        app.handle_job_event(0, JobEvent::Created { tag: subs[1].1, handle: b"H:2".to_vec() }, t0);
+        effects(&mut app);
+        // Asked, then the job ends before STATUS_RES arrives: the answer still comes.
+        app.handle_client_text(A, r#"{"type":"status","job":"H:1","ref":"q1"}"#, t0);
+        let e = effects(&mut app);
+        let [Effect::GetStatus { ask, .. }] = &e[..] else { panic!("{e:?}") };
+        app.handle_job_event(0, JobEvent::Complete { tag: subs[0].1, data: vec![] }, t0);
+        let status = JobEvent::StatusRes {
+            ask: *ask,
+            handle: b"H:1".to_vec(),
+            known: false,
+            running: false,
+            numerator: 0,
+            denominator: 0,
+        };
+        app.handle_job_event(0, status, t0);
+        let replies: Vec<Value> =
+            sent(&effects(&mut app)).iter().map(|(_, t)| serde_json::from_str(t).unwrap()).collect();
+        assert_eq!(replies[1]["type"], "job.status");
+        assert_eq!(replies[1]["ref"], "q1");
+        // An ERROR in place of STATUS_RES: the asker hears it, and a poll ends its job.
+        app.handle_client_text(A, r#"{"type":"status","job":"H:2"}"#, t0);
+        let e = effects(&mut app);
+        let [Effect::GetStatus { ask, .. }] = &e[..] else { panic!("{e:?}") };
+        let failed = JobEvent::StatusFailed {
+            ask: *ask,
+            handle: b"H:2".to_vec(),
+            code: "X".into(),
+            message: "y".into(),
+        };
+        app.handle_job_event(0, failed, t0);
+        assert_eq!(codes(&effects(&mut app)), ["gearmand_error"]);
+        let ask = poll(&mut app, subs[1].1, t0);
+        let failed =
+            JobEvent::StatusFailed { ask, handle: b"H:2".to_vec(), code: "X".into(), message: "y".into() };
+        app.handle_job_event(0, failed, t0);
+        let e = effects(&mut app);
+        assert!(sent(&e)[0].1.contains("job.lost"), "{e:?}");
+        assert_eq!(app.jobs_in_flight(), 0);
+    }
+
+    #[test]
+    fn a_lost_link_answers_its_open_questions() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        app.handle_client_text(A, r#"{"type":"submit","function":"f","mode":"background"}"#, t0);
+        let tag = submitted(&effects(&mut app))[0];
+        app.handle_job_event(0, JobEvent::Created { tag, handle: b"H:1".to_vec() }, t0);
+        app.handle_client_text(A, r#"{"type":"status","job":"H:1"}"#, t0);
+        effects(&mut app);
+        app.handle_link_down(0);
+        let e = effects(&mut app);
+        assert_eq!(codes(&e), ["unavailable"]);
+        assert!(sent(&e)[0].1.contains("job.lost"));
     }
 }

@@ -52,9 +52,17 @@ pub struct Config {
     /// With no traffic for this long the server pings; with none for twice this it closes
     /// (1001). Default 60 s: dead peers behind NAT are found.
     pub idle_timeout: Duration,
-    /// Bytes queued for one client before it is dropped as a slow reader. Default 1 MiB:
-    /// bounds memory per client whatever the client does.
-    pub client_out_limit_bytes: usize,
+    /// Bytes queued for one client above which it is dropped at once (the hard limit of a
+    /// Redis-style soft/hard pair). Default 32 MiB: bounds memory per client whatever it does.
+    pub client_out_hard_bytes: usize,
+    /// Bytes queued for one client that it may stay above for `client_out_soft_time` before it
+    /// is dropped. Default 4 MiB: a reader that keeps up with a burst is never dropped for it.
+    pub client_out_soft_bytes: usize,
+    /// How long a client may stay above the soft limit. Default 10 s.
+    pub client_out_soft_time: Duration,
+    /// Bytes queued for all clients together; beyond it the largest backlog is dropped first.
+    /// Default 1 GiB: the server's memory stays bounded however many readers stall.
+    pub client_out_total_bytes: usize,
     /// Unparsed bytes held per client. Default 64 KiB plus one frame header: a peer that
     /// sends faster than we parse simply stops being read.
     pub client_in_limit_bytes: usize,
@@ -82,12 +90,26 @@ pub struct Config {
     pub reconnect_min: Duration,
     /// Largest reconnect delay. Default 5 s.
     pub reconnect_max: Duration,
-    /// Largest Gearman packet body accepted from gearmand. Default 16 MiB.
-    pub gearman_max_body_bytes: usize,
-    /// Bytes waiting for one gearmand above which clients are no longer read. Default 4 MiB.
+    /// Largest Gearman packet body accepted from gearmand. A bigger WORK_* packet fails its own
+    /// job only (its body is skipped as it streams). Default 16 MiB.
+    pub max_job_bytes: usize,
+    /// Bytes waiting for one gearmand above which no new job is routed to it (it counts as
+    /// stalled). Default 4 MiB.
     pub gearman_out_high_bytes: usize,
-    /// ... and below which reading resumes. Default 1 MiB.
+    /// ... and below which it takes new jobs again. Default 1 MiB.
     pub gearman_out_low_bytes: usize,
+    /// Connecting, an unanswered probe, or owed replies with no byte from gearmand for this
+    /// long: the link is dead. Default 5 s.
+    pub gearmand_timeout: Duration,
+    /// Abandoned stream jobs one gearmand connection may hold before it is retired (a fresh
+    /// connection takes new work; the old one closes once its live jobs end, and gearmand drops
+    /// the orphans). Default 1024.
+    pub max_orphans: usize,
+    /// Pass clients' `unique` to gearmand unchanged, so that jobs coalesce across clients
+    /// (Gearman's own behaviour). Default off: each client's uniques live in its own namespace.
+    pub shared_uniques: bool,
+    /// Total bytes of stored `worker.complete` values nobody has claimed yet. Default 8 MiB.
+    pub max_stored_bytes: usize,
     /// After a server-initiated close, how long to wait for the peer to hang up. Default 2 s.
     pub close_timeout: Duration,
     /// `log` level for simple_logger. Default `info`.
@@ -109,7 +131,10 @@ impl Default for Config {
             max_frame_bytes: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
-            client_out_limit_bytes: 1024 * 1024,
+            client_out_hard_bytes: 32 * 1024 * 1024,
+            client_out_soft_bytes: 4 * 1024 * 1024,
+            client_out_soft_time: Duration::from_secs(10),
+            client_out_total_bytes: 1024 * 1024 * 1024,
             client_in_limit_bytes: 64 * 1024 + 14,
             read_budget_bytes: 64 * 1024,
             ws_read_buffer_bytes: 512,
@@ -122,9 +147,13 @@ impl Default for Config {
             queue_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
-            gearman_max_body_bytes: 16 * 1024 * 1024,
+            max_job_bytes: 16 * 1024 * 1024,
             gearman_out_high_bytes: 4 * 1024 * 1024,
             gearman_out_low_bytes: 1024 * 1024,
+            gearmand_timeout: Duration::from_secs(5),
+            max_orphans: 1024,
+            shared_uniques: false,
+            max_stored_bytes: 8 * 1024 * 1024,
             close_timeout: Duration::from_secs(2),
             log_level: log::LevelFilter::Info,
         }
@@ -138,7 +167,7 @@ impl Config {
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
-        if self.max_connections + FD_RESERVE > files {
+        if self.max_connections.saturating_add(FD_RESERVE) > files {
             return Err(format!(
                 "--max-connections {} does not fit the open-file limit {files} (keep {FD_RESERVE} spare)",
                 self.max_connections
@@ -153,8 +182,20 @@ impl Config {
         if self.max_message_bytes < 64 {
             return Err("--max-message-bytes must be at least 64".into());
         }
-        if self.poll_interval.is_zero() || self.handshake_timeout.is_zero() || self.idle_timeout.is_zero() {
+        if self.poll_interval.is_zero()
+            || self.handshake_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+            || self.gearmand_timeout.is_zero()
+        {
             return Err("intervals and timeouts must be above zero".into());
+        }
+        if self.client_out_soft_bytes > self.client_out_hard_bytes
+            || self.client_out_hard_bytes > self.client_out_total_bytes
+        {
+            return Err("client output limits must be soft <= hard <= total".into());
+        }
+        if self.max_job_bytes > u32::MAX as usize {
+            return Err("--max-job-bytes is at most 4294967295 (Gearman's size field)".into());
         }
         if self.gearman_out_low_bytes > self.gearman_out_high_bytes {
             return Err("gearman output low water mark above the high one".into());
@@ -191,7 +232,10 @@ usage: gearsock [serve] [flags]
   --max-frame-bytes N        largest WebSocket frame (65536)
   --handshake-timeout-ms N   to finish the HTTP request/upgrade (10000)
   --idle-timeout-ms N        ping after this much silence, close after twice (60000)
-  --client-out-limit-bytes N bytes queued for a slow reader before it is dropped (1048576)
+  --client-out-soft-bytes N  a reader may stay above this backlog for --client-out-soft-ms (4194304)
+  --client-out-soft-ms N     ... this long, then it is dropped with close 1008 (10000)
+  --client-out-hard-bytes N  backlog that drops a reader at once (33554432; alias --client-out-limit-bytes)
+  --client-out-total-bytes N backlog of all clients; past it the largest is dropped (1073741824)
   --allowed-origin ORIGIN    allow this Origin (repeatable; default any)
   --max-jobs-per-connection N  unfinished jobs per connection (64)
   --value-grace-ms N         wait this long for a worker.complete value (500)
@@ -200,6 +244,11 @@ usage: gearsock [serve] [flags]
   --queue-timeout-ms N       how long a held submission waits (10000)
   --reconnect-min-ms N       first gearmand reconnect delay (100)
   --reconnect-max-ms N       largest gearmand reconnect delay (5000)
+  --gearmand-timeout-ms N    connect, probe and stalled-write timeout per gearmand (5000)
+  --max-job-bytes N          largest gearmand packet; a bigger one fails its job only (16777216)
+  --max-orphans N            abandoned stream jobs per gearmand connection before it is retired (1024)
+  --shared-uniques           pass clients' unique ids through unchanged (coalesce across clients)
+  --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
   --log-level LEVEL          off, error, warn, info, debug, trace (info)
   -h, --help                 this text
 ";
@@ -294,7 +343,17 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("max-frame-bytes") => c.max_frame_bytes = value(parser)?,
             Long("handshake-timeout-ms") => c.handshake_timeout = millis(parser)?,
             Long("idle-timeout-ms") => c.idle_timeout = millis(parser)?,
-            Long("client-out-limit-bytes") => c.client_out_limit_bytes = value(parser)?,
+            Long("client-out-limit-bytes" | "client-out-hard-bytes") => {
+                c.client_out_hard_bytes = value(parser)?
+            }
+            Long("client-out-soft-bytes") => c.client_out_soft_bytes = value(parser)?,
+            Long("client-out-soft-ms") => c.client_out_soft_time = millis(parser)?,
+            Long("client-out-total-bytes") => c.client_out_total_bytes = value(parser)?,
+            Long("gearmand-timeout-ms") => c.gearmand_timeout = millis(parser)?,
+            Long("max-job-bytes") => c.max_job_bytes = value(parser)?,
+            Long("max-orphans") => c.max_orphans = value(parser)?,
+            Long("shared-uniques") => c.shared_uniques = true,
+            Long("max-stored-bytes") => c.max_stored_bytes = value(parser)?,
             Long("allowed-origin") => c.allowed_origins.push(value(parser)?),
             Long("max-jobs-per-connection") => c.max_jobs_per_connection = value(parser)?,
             Long("value-grace-ms") => c.value_grace = millis(parser)?,
@@ -314,6 +373,8 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
     // A smaller message limit must not be undercut by the frame default.
     c.max_frame_bytes = c.max_frame_bytes.min(c.max_message_bytes);
     c.client_in_limit_bytes = c.max_frame_bytes + 14;
+    // A hard limit given alone (the old --client-out-limit-bytes) pulls the soft one down with it.
+    c.client_out_soft_bytes = c.client_out_soft_bytes.min(c.client_out_hard_bytes);
     c.validate()?;
     Ok(Command::Serve(Box::new(c)))
 }

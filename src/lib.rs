@@ -18,6 +18,7 @@ pub mod buf;
 pub mod config;
 pub mod gearman;
 pub mod metrics;
+pub mod random;
 pub mod server;
 pub mod submit;
 pub mod wheel;

@@ -7,7 +7,7 @@ use std::fmt::Write;
 /// Kinds of client message, for `gearsock_messages_in_total{type=…}`.
 pub const MESSAGE_TYPES: [&str; 6] = ["ping", "worker.complete", "submit", "status", "invalid", "binary"];
 /// Error codes sent to clients, for `gearsock_errors_total{code=…}`.
-pub const ERROR_CODES: [&str; 9] = [
+pub const ERROR_CODES: [&str; 11] = [
     "bad_json",
     "bad_request",
     "unknown_type",
@@ -17,6 +17,8 @@ pub const ERROR_CODES: [&str; 9] = [
     "forbidden",
     "unknown_job",
     "binary",
+    "ambiguous_job",
+    "gearmand_error",
 ];
 /// Job modes, for `mode=…`.
 pub const MODES: [&str; 3] = ["stream", "background", "ping"];
@@ -51,6 +53,10 @@ pub struct Metrics {
     pub gearmand_connects: u64,
     /// gearmand connections lost or failed.
     pub gearmand_disconnects: u64,
+    /// gearmand connections retired for holding too many abandoned jobs.
+    pub gearmand_retired: u64,
+    /// Clients dropped for not reading their replies (soft, hard or total output limit).
+    pub slow_readers_dropped: u64,
     /// Passes of the event loop.
     pub loop_iterations: u64,
 }
@@ -68,6 +74,10 @@ pub struct Gauges {
     pub timers: usize,
     /// Stored `worker.complete` values nobody has claimed yet.
     pub stored_values: usize,
+    /// Their bytes.
+    pub stored_bytes: usize,
+    /// Bytes queued for all clients.
+    pub client_output_bytes: usize,
     /// gearmand links by state name (`connected`, `connecting`, `disconnected`).
     pub links: Vec<(String, &'static str)>,
 }
@@ -119,9 +129,15 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_jobs_queued {}", g.jobs_queued);
         family(&mut o, "stored_values", "gauge", "worker.complete values not yet claimed.");
         let _ = writeln!(o, "gearsock_stored_values {}", g.stored_values);
+        family(&mut o, "stored_value_bytes", "gauge", "Bytes of worker.complete values not yet claimed.");
+        let _ = writeln!(o, "gearsock_stored_value_bytes {}", g.stored_bytes);
+        family(&mut o, "client_output_bytes", "gauge", "Bytes queued for all clients.");
+        let _ = writeln!(o, "gearsock_client_output_bytes {}", g.client_output_bytes);
+        family(&mut o, "slow_readers_dropped_total", "counter", "Clients dropped for not reading.");
+        let _ = writeln!(o, "gearsock_slow_readers_dropped_total {}", self.slow_readers_dropped);
         family(&mut o, "gearmand_up", "gauge", "1 when the gearmand link is connected, by server and state.");
         for (addr, state) in &g.links {
-            for s in ["connected", "connecting", "disconnected"] {
+            for s in ["connected", "stalled", "connecting", "disconnected"] {
                 let v = u8::from(*state == s);
                 let _ = writeln!(o, "gearsock_gearmand_up{{server=\"{addr}\",state=\"{s}\"}} {v}");
             }
@@ -130,6 +146,8 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_gearmand_connects_total {}", self.gearmand_connects);
         family(&mut o, "gearmand_disconnects_total", "counter", "gearmand connections lost or failed.");
         let _ = writeln!(o, "gearsock_gearmand_disconnects_total {}", self.gearmand_disconnects);
+        family(&mut o, "gearmand_retired_total", "counter", "gearmand connections retired (orphans).");
+        let _ = writeln!(o, "gearsock_gearmand_retired_total {}", self.gearmand_retired);
         family(&mut o, "timers_armed", "gauge", "Timers in the wheel.");
         let _ = writeln!(o, "gearsock_timers_armed {}", g.timers);
         family(&mut o, "loop_iterations_total", "counter", "Passes of the event loop.");

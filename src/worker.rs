@@ -89,7 +89,9 @@ impl Job<'_> {
         &self.assignment.payload
     }
 
-    /// The client's unique id (empty if it gave none).
+    /// The job's unique id as gearmand has it (empty if the submitter gave none). gearsock
+    /// gives every background job one; send it back as `"unique"` in `worker.complete` so the
+    /// value reaches exactly this job.
     pub fn unique(&self) -> &[u8] {
         &self.assignment.unique
     }
@@ -566,7 +568,7 @@ fn ping_job(
         thread::sleep(interval);
     }
     if let Some(reporter) = reporter {
-        match reporter.report(job.handle()) {
+        match reporter.report(job.handle(), job.unique()) {
             Ok(reply) => say(&format!("response: {reply}")),
             Err(e) => say(&format!("response: error: {e}")),
         }
@@ -586,10 +588,16 @@ impl Reporter {
         Reporter { url, token, ws: None }
     }
 
-    /// Sends `worker.complete` for `handle` and returns the server's text reply. A kept
-    /// connection that turns out broken is replaced once.
-    fn report(&mut self, handle: &str) -> Result<String, String> {
+    /// Sends `worker.complete` for the job (`unique` names it exactly, `handle` is what the
+    /// article sends) and returns the server's text reply. A kept connection that turns out
+    /// broken is replaced once.
+    fn report(&mut self, handle: &str, unique: &[u8]) -> Result<String, String> {
         let mut message = serde_json::json!({"type": "worker.complete", "id": handle, "value": "done"});
+        if let Ok(unique) = std::str::from_utf8(unique)
+            && !unique.is_empty()
+        {
+            message["unique"] = unique.into();
+        }
         if let Some(token) = &self.token {
             message["token"] = token.as_str().into();
         }

@@ -19,7 +19,8 @@ pub enum CloseReason {
     Io(std::io::ErrorKind),
     /// The peer broke HTTP or WebSocket rules (the code it was sent).
     Protocol(u16),
-    /// More than `client_out_limit_bytes` waited for a reader that does not read.
+    /// A reader that does not read: over the hard output limit, over the soft one for too
+    /// long, or the largest backlog when all clients together are over the total.
     OutputLimit,
     /// No request head within the handshake timeout.
     HandshakeTimeout,
@@ -91,6 +92,10 @@ pub struct Conn {
     pub hup_seen: bool,
     /// The timer now holds the close deadline (set once the connection leaves `Live`).
     pub close_armed: bool,
+    /// Output has been above the soft limit since then.
+    pub over_soft_since: Option<Instant>,
+    /// In the loop's `backlog` list (output left after the last write).
+    pub in_backlog: bool,
 }
 
 impl Conn {
@@ -114,6 +119,8 @@ impl Conn {
             peer_eof: false,
             hup_seen: false,
             close_armed: false,
+            over_soft_since: None,
+            in_backlog: false,
         }
     }
 

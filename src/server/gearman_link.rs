@@ -1,36 +1,75 @@
-//! `GearmanLink`: one gearmand connection in the loop: a mio socket, the sans-IO
-//! `ClientSession`, its buffers, and the connect/back-off state.
+//! `GearmanLink`: one connection to a gearmand in the loop: a mio socket, the sans-IO
+//! `ClientSession`, its buffers, the connect/back-off state, and the health check that finds a
+//! gearmand that stopped answering.
+//!
+//! Each gearmand gets `SLOTS_PER_SERVER` links. One is `Active` (it takes new work and
+//! reconnects when lost); a connection retired for holding too many abandoned jobs stays open
+//! as `Retiring` in another slot until its live jobs end; the rest are `Spare`.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
 use crate::buf::InBuf;
 use crate::gearman::client::ClientSession;
+use crate::gearman::packet::HEADER_BYTES;
+
+/// Links per gearmand: the active one plus room for retiring ones.
+pub const SLOTS_PER_SERVER: usize = 4;
 
 /// Where a link is.
 ///
 /// ```text
-/// Down --timer--> Connecting --writable, no error--> Up --error/EOF/garbage--> Down
-///                     |                                                        ^
-///                     +----------------connect failed-----------------------+
+/// Down --timer--> Connecting --writable, no error--> Greeting --first answer--> Up
+///   ^                 |                                  |                       |
+///   +-----------------+--- failed / timeout -------------+---- error/EOF/silent--+
 /// ```
+/// A link counts as up only once gearmand has answered on it (`Greeting` sends OPTION_REQ):
+/// a listening socket whose process is stopped accepts TCP connections but answers nothing.
 #[derive(Debug)]
 pub enum LinkState {
-    /// Not connected; a reconnect timer is armed.
+    /// Not connected.
     Down,
     /// Nonblocking connect in progress.
     Connecting(TcpStream),
-    /// Connected; jobs go here.
+    /// Connected; waiting for gearmand's first answer.
+    Greeting(TcpStream),
+    /// gearmand answered; jobs go here.
     Up(TcpStream),
 }
 
-/// One gearmand server.
+/// What a link slot is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The gearmand's connection for new work; reconnects when lost.
+    Active,
+    /// Retired: finishes its live jobs, then closes. Never reconnects.
+    Retiring,
+    /// Unused.
+    Spare,
+}
+
+/// What the health check concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Nothing to do.
+    Fine,
+    /// Silent for a while with nothing owed: send a probe (ECHO_REQ).
+    Probe,
+    /// Declared dead, with the reason.
+    Dead(&'static str),
+}
+
+/// One gearmand connection.
 #[derive(Debug)]
 pub struct GearmanLink {
     /// `HOST:PORT` as given on the command line.
     pub addr: String,
+    /// Index of the gearmand (`--gearmand` order).
+    pub server: usize,
+    /// What this slot is for.
+    pub role: Role,
     /// Connection state.
     pub state: LinkState,
     /// The protocol session (replaced on every reconnect).
@@ -49,24 +88,32 @@ pub struct GearmanLink {
     pub failures: u32,
     /// Successful connections so far.
     pub connects: u64,
-    max_body: usize,
+    /// When the current state began (connect timeout) ...
+    pub since: Instant,
+    /// ... and when gearmand last sent us a byte (silence timeout).
+    pub last_heard: Instant,
+    max_job_bytes: usize,
 }
 
 impl GearmanLink {
-    /// A link that is down and will be connected by the loop.
-    pub fn new(addr: String, max_body: usize) -> Self {
+    /// A link that is down.
+    pub fn new(addr: String, server: usize, role: Role, max_job_bytes: usize, now: Instant) -> Self {
         GearmanLink {
             addr,
+            server,
+            role,
             state: LinkState::Down,
-            session: ClientSession::new(max_body),
-            input: InBuf::new(max_body + 12),
+            session: ClientSession::new(max_job_bytes),
+            input: InBuf::new(max_job_bytes + HEADER_BYTES),
             output: Vec::new(),
             can_read: false,
             hup_seen: false,
             write_blocked: false,
             failures: 0,
             connects: 0,
-            max_body,
+            since: now,
+            last_heard: now,
+            max_job_bytes,
         }
     }
 
@@ -74,7 +121,7 @@ impl GearmanLink {
     pub fn state_name(&self) -> &'static str {
         match self.state {
             LinkState::Down => "disconnected",
-            LinkState::Connecting(_) => "connecting",
+            LinkState::Connecting(_) | LinkState::Greeting(_) => "connecting",
             LinkState::Up(_) => "connected",
         }
     }
@@ -88,17 +135,18 @@ impl GearmanLink {
     pub fn sock(&mut self) -> Option<&mut TcpStream> {
         match &mut self.state {
             LinkState::Down => None,
-            LinkState::Connecting(s) | LinkState::Up(s) => Some(s),
+            LinkState::Connecting(s) | LinkState::Greeting(s) | LinkState::Up(s) => Some(s),
         }
     }
 
     /// Starts a nonblocking connect. Name resolution is the one blocking step; with the usual
     /// numeric `HOST:PORT` it does not touch the network.
-    pub fn start_connect(&mut self) -> std::io::Result<&mut TcpStream> {
+    pub fn start_connect(&mut self, now: Instant) -> std::io::Result<&mut TcpStream> {
         let addr: SocketAddr = self.addr.to_socket_addrs()?.next().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing")
         })?;
         self.reset_buffers();
+        self.since = now;
         self.state = LinkState::Connecting(TcpStream::connect(addr)?);
         match &mut self.state {
             LinkState::Connecting(s) => Ok(s),
@@ -106,14 +154,71 @@ impl GearmanLink {
         }
     }
 
+    /// The TCP connect finished: greet gearmand (OPTION_REQ) and wait for its answer.
+    pub fn connected(&mut self, now: Instant) {
+        let LinkState::Connecting(sock) = std::mem::replace(&mut self.state, LinkState::Down) else { return };
+        let _ = sock.set_nodelay(true);
+        self.state = LinkState::Greeting(sock);
+        self.since = now;
+        self.last_heard = now;
+        self.can_read = true;
+        self.session.start(&mut self.output);
+    }
+
+    /// gearmand answered: the link is up.
+    pub fn greeted(&mut self, now: Instant) {
+        let LinkState::Greeting(sock) = std::mem::replace(&mut self.state, LinkState::Down) else { return };
+        self.state = LinkState::Up(sock);
+        self.since = now;
+        self.failures = 0;
+        self.connects += 1;
+    }
+
     /// Fresh session and buffers for a new connection (the old one's bytes mean nothing now).
     pub fn reset_buffers(&mut self) {
-        self.session = ClientSession::new(self.max_body);
-        self.input = InBuf::new(self.max_body + 12);
+        self.session = ClientSession::new(self.max_job_bytes);
+        self.input = InBuf::new(self.max_job_bytes + HEADER_BYTES);
         self.output = Vec::new();
         self.can_read = false;
         self.hup_seen = false;
         self.write_blocked = false;
+    }
+
+    /// Is gearmand still there? A connect or greeting that takes longer than `timeout`, or
+    /// replies owed with not one byte from gearmand for `timeout`, mean it is not. A link
+    /// silent for half the timeout with nothing owed is probed, so a stopped gearmand is found
+    /// even when no job is waiting on it.
+    pub fn check_health(&self, now: Instant, timeout: Duration) -> Health {
+        let elapsed = |t: Instant| now.saturating_duration_since(t);
+        match self.state {
+            LinkState::Down => Health::Fine,
+            LinkState::Connecting(_) if elapsed(self.since) >= timeout => Health::Dead("connect timed out"),
+            LinkState::Greeting(_) if elapsed(self.since) >= timeout => {
+                Health::Dead("connected, but gearmand did not answer in time")
+            }
+            LinkState::Connecting(_) | LinkState::Greeting(_) => Health::Fine,
+            LinkState::Up(_) => {
+                let silent = elapsed(self.last_heard);
+                if self.session.awaiting_replies() > 0 {
+                    if silent >= timeout {
+                        return Health::Dead("gearmand owes replies and has said nothing in time");
+                    }
+                    Health::Fine
+                } else if silent >= timeout / 2 {
+                    Health::Probe
+                } else {
+                    Health::Fine
+                }
+            }
+        }
+    }
+
+    /// Up, with replies owed and nothing heard for a quarter of the timeout: worth showing in
+    /// `/healthz` before the link is declared dead.
+    pub fn is_lagging(&self, now: Instant, timeout: Duration) -> bool {
+        self.is_up()
+            && self.session.awaiting_replies() > 0
+            && now.saturating_duration_since(self.last_heard) >= timeout / 4
     }
 
     /// The delay before the next attempt: doubling from `min` to `max`, then "equal jitter"
@@ -130,10 +235,14 @@ impl GearmanLink {
 mod tests {
     use super::*;
 
+    fn link(now: Instant) -> GearmanLink {
+        GearmanLink::new("127.0.0.1:1".into(), 0, Role::Active, 1024, now)
+    }
+
     #[test]
     fn backoff_doubles_caps_and_jitters_within_bounds() {
         let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        let mut link = GearmanLink::new("127.0.0.1:1".into(), 1024);
+        let mut link = link(Instant::now());
         let mut last_cap = Duration::ZERO;
         for failures in 0..12 {
             link.failures = failures;
@@ -146,5 +255,47 @@ mod tests {
             last_cap = cap;
         }
         assert_eq!(last_cap, max);
+    }
+
+    /// A real socket in a given state, so the health check sees what the loop would.
+    fn with_state(now: Instant, up: bool) -> GearmanLink {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut l = link(now);
+        l.state = LinkState::Connecting(sock);
+        l.since = now;
+        if up {
+            l.connected(now);
+            l.greeted(now);
+        }
+        l
+    }
+
+    #[test]
+    fn a_connect_or_greeting_that_takes_too_long_is_dead() {
+        let (t0, timeout) = (Instant::now(), Duration::from_secs(5));
+        let mut l = with_state(t0, false);
+        assert_eq!(l.check_health(t0 + Duration::from_millis(4999), timeout), Health::Fine);
+        assert!(matches!(l.check_health(t0 + timeout, timeout), Health::Dead(_)));
+        l.connected(t0 + Duration::from_secs(1));
+        assert_eq!(l.check_health(t0 + Duration::from_secs(5), timeout), Health::Fine);
+        assert!(matches!(l.check_health(t0 + Duration::from_secs(6), timeout), Health::Dead(_)));
+    }
+
+    #[test]
+    fn silence_is_probed_and_an_unanswered_probe_is_dead() {
+        let (t0, timeout) = (Instant::now(), Duration::from_secs(5));
+        let mut l = with_state(t0, true);
+        // The greeting's OPTION_REQ is owed until answered; pretend it was.
+        l.session = ClientSession::new(1024);
+        assert_eq!(l.check_health(t0 + Duration::from_millis(2499), timeout), Health::Fine);
+        assert_eq!(l.check_health(t0 + Duration::from_millis(2500), timeout), Health::Probe);
+        l.session.probe(&mut l.output);
+        assert_eq!(l.check_health(t0 + Duration::from_millis(4999), timeout), Health::Fine);
+        assert!(l.is_lagging(t0 + Duration::from_millis(4999), timeout));
+        assert!(matches!(l.check_health(t0 + timeout, timeout), Health::Dead(_)));
+        // Any byte from gearmand counts as life.
+        l.last_heard = t0 + Duration::from_secs(4);
+        assert_eq!(l.check_health(t0 + Duration::from_secs(8), timeout), Health::Fine);
     }
 }

@@ -26,13 +26,14 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::app::{App, AppConfig, AppTimer, ConnId, Effect};
+use crate::app::{App, AppConfig, AppTimer, ConnId, Effect, is_trusted_peer};
 use crate::config::Config;
 use crate::metrics::Gauges;
+use crate::random::Entropy;
 use crate::wheel::TimerWheel;
 use crate::ws::{WsEvent, WsLimits};
 use conn::{CloseReason, Conn, Life};
-use gearman_link::{GearmanLink, LinkState};
+use gearman_link::{GearmanLink, Health, LinkState, Role, SLOTS_PER_SERVER};
 use io::{Io, discard, fill, flush, write_some};
 use token::{LISTENER, SIGNALS, Tok, Tokens};
 
@@ -66,6 +67,10 @@ enum TimerEvent {
     Conn(ConnId),
     /// Try gearmand link `i` again.
     Reconnect(usize),
+    /// Check every gearmand link's health (periodic).
+    LinkCheck,
+    /// A client has been over the soft output limit since then; drop it if it still is.
+    SoftLimit(ConnId),
     /// Accepting paused after the process ran out of descriptors; try again.
     AcceptResume,
     /// Shutdown grace is over: exit even if some clients did not hang up.
@@ -79,6 +84,9 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const WHEEL_TICK: Duration = Duration::from_millis(1);
 const WHEEL_SLOTS: usize = 4096;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Bytes read from one gearmand link per pass, so a burst leaves (as client frames, written
+/// each pass) while it arrives, instead of piling up in one pass's output.
+const LINK_READ_BUDGET: usize = 256 * 1024;
 /// The demo page, built into the binary.
 const DEMO_PAGE: &str = include_str!("../demo.html");
 const REFUSAL: &[u8] =
@@ -96,7 +104,10 @@ pub struct Server {
     tokens: Tokens,
     conns: Slab<Conn>,
     next_gen: u32,
+    /// `SLOTS_PER_SERVER` links per gearmand (see `gearman_link`).
     links: Vec<GearmanLink>,
+    /// The active slot of each gearmand.
+    active: Vec<usize>,
     wheel: TimerWheel<TimerEvent>,
     app: App,
     /// Clients with unread input (an event, or a pass that stopped early).
@@ -105,12 +116,12 @@ pub struct Server {
     dirty: Vec<usize>,
     /// Links with output to write this pass.
     links_dirty: bool,
+    /// Clients with output left after their last write (checked against the total limit).
+    backlog: Vec<usize>,
     /// Clients found dead this pass, removed by `reap_closed`.
     dead: Vec<usize>,
     accept_ready: bool,
     accept_paused: bool,
-    /// gearmand output is over the high water mark: clients are not read until it drains.
-    clients_paused: bool,
     /// SIGINT or SIGTERM arrived.
     signalled: bool,
     shutting_down: bool,
@@ -138,19 +149,26 @@ impl Server {
         let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Register)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
-        let links: Vec<GearmanLink> =
-            cfg.gearmand.iter().map(|a| GearmanLink::new(a.clone(), cfg.gearman_max_body_bytes)).collect();
+        let mut links = Vec::new();
+        for (server, addr) in cfg.gearmand.iter().enumerate() {
+            for slot in 0..SLOTS_PER_SERVER {
+                let role = if slot == 0 { Role::Active } else { Role::Spare };
+                links.push(GearmanLink::new(addr.clone(), server, role, cfg.max_job_bytes, now));
+            }
+        }
+        let active: Vec<usize> = (0..cfg.gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
         let mut wheel = TimerWheel::new(now, WHEEL_TICK, WHEEL_SLOTS);
-        for i in 0..links.len() {
+        for &i in &active {
             wheel.insert(now, TimerEvent::Reconnect(i));
         }
+        wheel.insert(now + link_check_period(cfg), TimerEvent::LinkCheck);
         // Reconnect jitter only needs gearsocks on one gearmand not to move in step.
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let seed = clock.as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
         Ok(Server {
             limits: WsLimits::from(cfg),
             tokens: Tokens::new(links.len()),
-            app: App::new(AppConfig::from(cfg), links.len()),
+            app: App::new(AppConfig::from(cfg), links.len(), Entropy::os()),
             cfg: cfg.clone(),
             poll,
             listener: Some(listener),
@@ -159,14 +177,15 @@ impl Server {
             conns: Slab::with_capacity(1024),
             next_gen: 0,
             links,
+            active,
             wheel,
             ready: Vec::new(),
             dirty: Vec::new(),
             links_dirty: false,
+            backlog: Vec::new(),
             dead: Vec::new(),
             accept_ready: true,
             accept_paused: false,
-            clients_paused: false,
             signalled: false,
             shutting_down: false,
             stop: false,
@@ -186,11 +205,16 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while !self.stop {
-            // Work left over from the last pass (a read budget spent) means: do not sleep.
-            let timeout = if self.ready.is_empty() || self.clients_paused {
-                self.wheel.next_deadline().map(|d| d.saturating_duration_since(Instant::now()))
-            } else {
+            // Work left over from the last pass (a read budget spent, effects made after the
+            // last apply) means: do not sleep.
+            let leftover = !self.ready.is_empty()
+                || !self.dirty.is_empty()
+                || self.app.has_effects()
+                || self.links_ready();
+            let timeout = if leftover {
                 Some(Duration::ZERO)
+            } else {
+                self.wheel.next_deadline().map(|d| d.saturating_duration_since(Instant::now()))
             };
             match self.poll.poll(&mut events, timeout) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -208,8 +232,9 @@ impl Server {
             self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
             self.drive_clients(now); // client bytes -> Ws -> App
             self.fire_timers(now); // wheel.expire(now) -> App / connections / links
-            self.apply_effects(); // App effects -> ws frames, SUBMIT_JOB bytes, timers
+            self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
+            self.limit_backlog(); // the total of all clients' output stays bounded
             self.reap_closed(); // deregister + slab.remove, always last
         }
         info!("stopped");
@@ -330,7 +355,10 @@ impl Server {
                     continue;
                 }
                 match (sock.take_error(), sock.peer_addr()) {
-                    (Ok(None), Ok(_)) => self.link_up(i),
+                    (Ok(None), Ok(_)) => {
+                        link.connected(now); // OPTION_REQ queued: up once gearmand answers it
+                        self.links_dirty = true;
+                    }
                     (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => continue,
                     (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => {
                         self.link_down(i, now, &format!("connect failed: {e}"));
@@ -340,34 +368,31 @@ impl Server {
             }
             self.read_link(i, now);
         }
-        self.update_client_pause();
     }
 
-    fn link_up(&mut self, i: usize) {
-        let link = &mut self.links[i];
-        let LinkState::Connecting(sock) = std::mem::replace(&mut link.state, LinkState::Down) else { return };
-        let _ = sock.set_nodelay(true);
-        link.state = LinkState::Up(sock);
-        link.failures = 0;
-        link.connects += 1;
-        link.can_read = true;
-        link.session.start(&mut link.output);
-        self.links_dirty = true;
-        self.app.metrics.gearmand_connects += 1;
-        info!("gearmand {} connected", link.addr);
-        self.app.handle_link_up(i);
+    /// True when some gearmand link stopped reading at its budget with bytes still waiting.
+    fn links_ready(&self) -> bool {
+        self.links.iter().any(|l| l.can_read && matches!(l.state, LinkState::Greeting(_) | LinkState::Up(_)))
     }
 
     fn read_link(&mut self, i: usize, now: Instant) {
         let link = &mut self.links[i];
-        let LinkState::Up(sock) = &mut link.state else { return };
+        let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut link.state else { return };
         if !link.can_read {
             return;
         }
-        // gearmand is trusted to be fast; its input is bounded by the packet limit only.
-        let budget = usize::MAX / 2;
-        let outcome = fill(sock, &mut link.input, &mut self.scratch, budget, !link.hup_seen);
+        let outcome = fill(sock, &mut link.input, &mut self.scratch, LINK_READ_BUDGET, !link.hup_seen);
+        if matches!(outcome, Ok((_, n)) if n > 0) {
+            link.last_heard = now;
+        }
         let decoded = link.session.handle_input(&mut link.input);
+        if matches!(link.state, LinkState::Greeting(_)) && link.session.has_answered() {
+            link.greeted(now);
+            self.app.metrics.gearmand_connects += 1;
+            info!("gearmand {} connected", link.addr);
+            self.app.handle_link_up(i);
+        }
+        let link = &mut self.links[i];
         while let Some(event) = link.session.poll_event() {
             trace!("gearmand {i}: {event:?}");
             self.app.handle_job_event(i, event, now);
@@ -378,12 +403,13 @@ impl Server {
             (Err(e), _) => self.link_down(i, now, &format!("read failed: {e}")),
             (Ok((Io::Eof, _)), _) => self.link_down(i, now, "gearmand closed the connection"),
             (Ok((Io::Blocked, _)), _) => link.can_read = false,
-            (Ok((Io::Paused, _)), _) => {} // input full mid-packet: the next pass reads on
+            (Ok((Io::Paused, _)), _) => {} // budget spent or input full: the next pass reads on
         }
     }
 
-    /// A link failed: its jobs end (the App sends their terminal replies), and a reconnect is
-    /// armed with exponential back-off and jitter.
+    /// A link failed: its jobs end (the App sends their terminal replies). The active link of
+    /// a gearmand reconnects with exponential back-off and jitter; a retiring one is simply
+    /// gone.
     fn link_down(&mut self, i: usize, now: Instant, why: &str) {
         let link = &mut self.links[i];
         let was_up = link.is_up();
@@ -392,6 +418,15 @@ impl Server {
         }
         link.state = LinkState::Down;
         link.reset_buffers();
+        self.app.handle_link_down(i);
+        if was_up {
+            self.app.metrics.gearmand_disconnects += 1;
+        }
+        let link = &mut self.links[i];
+        if link.role != Role::Active {
+            link.role = Role::Spare;
+            return warn!("gearmand {}: a retired connection was lost ({why})", link.addr);
+        }
         link.failures = link.failures.saturating_add(1);
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -402,16 +437,17 @@ impl Server {
         } else {
             debug!("gearmand {}: {why}; retrying in {delay:?}", link.addr);
         }
-        self.app.metrics.gearmand_disconnects += 1;
         self.wheel.insert(now + delay, TimerEvent::Reconnect(i));
-        self.app.handle_link_down(i);
     }
 
     fn connect_link(&mut self, i: usize, now: Instant) {
+        if self.links[i].role != Role::Active || !matches!(self.links[i].state, LinkState::Down) {
+            return;
+        }
         let token = self.tokens.link(i);
         let registry: &Registry = self.poll.registry();
         let result = self.links[i]
-            .start_connect()
+            .start_connect(now)
             .and_then(|sock| registry.register(sock, token, Interest::READABLE | Interest::WRITABLE));
         match result {
             Ok(()) => {
@@ -424,22 +460,67 @@ impl Server {
         }
     }
 
-    /// Stops reading clients while gearmand is not taking our bytes, so that memory stays
-    /// bounded when gearmand is slow; resumes below the low water mark.
-    fn update_client_pause(&mut self) {
-        let worst = self.links.iter().map(|l| l.output.len()).max().unwrap_or(0);
-        if !self.clients_paused && worst > self.cfg.gearman_out_high_bytes {
-            debug!("gearmand output {worst} bytes: pausing client reads");
-            self.clients_paused = true;
-        } else if self.clients_paused && worst < self.cfg.gearman_out_low_bytes {
-            self.clients_paused = false;
+    /// The periodic health check: a link that stopped answering is declared dead (its jobs
+    /// end, it reconnects); a quiet one is probed.
+    fn check_links(&mut self, now: Instant) {
+        let timeout = self.cfg.gearmand_timeout;
+        for i in 0..self.links.len() {
+            match self.links[i].check_health(now, timeout) {
+                Health::Fine => {}
+                Health::Probe => {
+                    let link = &mut self.links[i];
+                    link.session.probe(&mut link.output);
+                    self.links_dirty = true;
+                }
+                Health::Dead(why) => self.link_down(i, now, why),
+            }
         }
+        self.wheel.insert(now + link_check_period(&self.cfg), TimerEvent::LinkCheck);
+    }
+
+    /// The App found a connection with too many abandoned jobs: a spare slot of the same
+    /// gearmand becomes its active link, and the old connection finishes its live jobs.
+    fn retire_link(&mut self, i: usize, now: Instant) {
+        let server = self.links[i].server;
+        if self.active[server] != i || !self.links[i].is_up() {
+            return;
+        }
+        let group = server * SLOTS_PER_SERVER..(server + 1) * SLOTS_PER_SERVER;
+        let spare = group
+            .into_iter()
+            .find(|&s| self.links[s].role == Role::Spare && matches!(self.links[s].state, LinkState::Down));
+        let Some(spare) = spare else {
+            return debug!(
+                "gearmand {}: too many abandoned jobs, but no slot to retire into",
+                self.links[i].addr
+            );
+        };
+        info!(
+            "gearmand {}: connection retired (abandoned jobs over --max-orphans); new work goes to a fresh one",
+            self.links[i].addr
+        );
+        self.links[i].role = Role::Retiring;
+        self.links[spare].role = Role::Active;
+        self.links[spare].failures = 0;
+        self.active[server] = spare;
+        self.app.handle_link_retiring(i);
+        self.connect_link(spare, now);
+    }
+
+    /// A retired connection has no live job left: close it. gearmand forgets the abandoned
+    /// jobs that were queued for it.
+    fn close_link(&mut self, i: usize) {
+        let link = &mut self.links[i];
+        if let Some(sock) = link.sock() {
+            let _ = self.poll.registry().deregister(sock);
+        }
+        debug!("gearmand {}: retired connection closed", link.addr);
+        link.state = LinkState::Down;
+        link.reset_buffers();
+        link.role = Role::Spare;
     }
 
     fn drive_clients(&mut self, now: Instant) {
-        if self.clients_paused {
-            return;
-        }
         let ready = std::mem::take(&mut self.ready);
         for &key in &ready {
             if let Some(conn) = self.conns.get_mut(key) {
@@ -468,6 +549,11 @@ impl Server {
     fn read_client(&mut self, key: usize, now: Instant) {
         let conn = &mut self.conns[key];
         if !conn.can_read || conn.life == Life::Dead {
+            return;
+        }
+        if conn.reason == Some(CloseReason::OutputLimit) {
+            // A dropped slow reader is not read again: a client that only writes is held back
+            // by TCP until the close timeout, not fed by us.
             return;
         }
         let id = conn.id(key);
@@ -526,7 +612,7 @@ impl Server {
 
     fn on_ws_event(&mut self, key: usize, id: ConnId, event: WsEvent, now: Instant) {
         match event {
-            WsEvent::Opened(_) => {
+            WsEvent::Opened(upgrade) => {
                 let conn = &mut self.conns[key];
                 self.app.metrics.handshakes += 1;
                 debug!("conn={key} open");
@@ -534,10 +620,11 @@ impl Server {
                     self.wheel.cancel(t);
                 }
                 conn.timer = Some(self.wheel.insert(now + self.cfg.idle_timeout, TimerEvent::Conn(id)));
-                let trusted = conn.peer.ip().is_loopback();
+                let trusted =
+                    is_trusted_peer(conn.peer.ip(), upgrade.origin_is_own_or_absent(), upgrade.forwarded);
                 self.app.handle_client_open(id, trusted);
             }
-            WsEvent::Http { method, path } => self.answer_http(key, &method, &path),
+            WsEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
             WsEvent::Text(text) => self.app.handle_client_text(id, &text, now),
             WsEvent::Binary => self.app.handle_client_binary(id),
             WsEvent::Closed => {
@@ -553,7 +640,31 @@ impl Server {
         }
     }
 
-    fn answer_http(&mut self, key: usize, method: &str, path: &str) {
+    /// Each gearmand as `/healthz` and `/metrics` show it: address, the active connection's
+    /// state (`stalled` when it is up but not taking bytes or not answering), connections made,
+    /// retiring connections; and whether any takes work.
+    fn link_report(&self, now: Instant) -> (Vec<(String, &'static str, u64, usize)>, bool) {
+        let timeout = self.cfg.gearmand_timeout;
+        let mut any_up = false;
+        let report = self
+            .active
+            .iter()
+            .enumerate()
+            .map(|(server, &i)| {
+                let link = &self.links[i];
+                let group = &self.links[server * SLOTS_PER_SERVER..(server + 1) * SLOTS_PER_SERVER];
+                let connects = group.iter().map(|l| l.connects).sum();
+                let retiring = group.iter().filter(|l| l.role == Role::Retiring).count();
+                let stalled = self.app.is_link_stalled(i) || link.is_lagging(now, timeout);
+                let state = if link.is_up() && stalled { "stalled" } else { link.state_name() };
+                any_up |= state == "connected";
+                (link.addr.clone(), state, connects, retiring)
+            })
+            .collect();
+        (report, any_up)
+    }
+
+    fn answer_http(&mut self, key: usize, method: &str, path: &str, now: Instant) {
         self.app.metrics.http_requests += 1;
         let path = path.split('?').next().unwrap_or("");
         let known = matches!(path, "/" | "/healthz" | "/metrics");
@@ -564,20 +675,21 @@ impl Server {
         } else if path == "/" {
             (200, "OK", "text/html; charset=utf-8", DEMO_PAGE.as_bytes().to_vec())
         } else if path == "/healthz" {
-            let links: Vec<_> = self
-                .links
+            let (links, any_up) = self.link_report(now);
+            let servers: Vec<_> = links
                 .iter()
-                .map(|l| json!({"server": l.addr, "state": l.state_name(), "connects": l.connects}))
+                .map(|(addr, state, connects, retiring)| {
+                    json!({"server": addr, "state": state, "connects": connects, "retiring": retiring})
+                })
                 .collect();
-            let up = self.links.iter().any(GearmanLink::is_up);
             let body = json!({
-                "status": if up { "ok" } else { "unavailable" },
-                "gearmand": links,
+                "status": if any_up { "ok" } else { "unavailable" },
+                "gearmand": servers,
                 "connections": self.conns.len(),
                 "jobs_in_flight": self.app.jobs_in_flight(),
                 "jobs_queued": self.app.jobs_queued(),
             });
-            let (status, reason) = if up { (200, "OK") } else { (503, "Service Unavailable") };
+            let (status, reason) = if any_up { (200, "OK") } else { (503, "Service Unavailable") };
             (status, reason, "application/json", format!("{body}\n").into_bytes())
         } else {
             let gauges = Gauges {
@@ -586,7 +698,9 @@ impl Server {
                 jobs_queued: self.app.jobs_queued(),
                 timers: self.wheel.len(),
                 stored_values: self.app.stored_values(),
-                links: self.links.iter().map(|l| (l.addr.clone(), l.state_name())).collect(),
+                stored_bytes: self.app.stored_bytes(),
+                client_output_bytes: self.backlog_bytes(),
+                links: self.link_report(now).0.into_iter().map(|(addr, state, ..)| (addr, state)).collect(),
             };
             let text = self.app.metrics.render(&gauges);
             (200, "OK", "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
@@ -613,6 +727,8 @@ impl Server {
                     self.stop = true;
                 }
                 TimerEvent::App(timer) => self.app.handle_timer(timer, now),
+                TimerEvent::LinkCheck => self.check_links(now),
+                TimerEvent::SoftLimit(id) => self.check_soft_limit(id, now),
             }
         }
         self.fired = fired;
@@ -663,17 +779,17 @@ impl Server {
         }
     }
 
-    fn apply_effects(&mut self) {
+    fn apply_effects(&mut self, now: Instant) {
         // Swapped out and back so both vectors keep their allocations across passes.
         let mut effects = std::mem::take(&mut self.effects);
         self.app.drain_effects(&mut effects);
         for effect in effects.drain(..) {
-            self.apply_effect(effect);
+            self.apply_effect(effect, now);
         }
         self.effects = effects;
     }
 
-    fn apply_effect(&mut self, effect: Effect) {
+    fn apply_effect(&mut self, effect: Effect, now: Instant) {
         match effect {
             Effect::Send(id, text) => {
                 let key = id.key as usize;
@@ -691,21 +807,24 @@ impl Server {
                     self.links_dirty = true;
                 }
             }
-            Effect::GetStatus { link, handle } => {
+            Effect::GetStatus { link, handle, ask } => {
                 let l = &mut self.links[link];
                 if l.is_up() {
-                    l.session.get_status(&handle, 0, &mut l.output);
+                    l.session.get_status(&handle, ask, &mut l.output);
                     self.links_dirty = true;
                 }
             }
             Effect::Arm(at, timer) => {
                 self.wheel.insert(at, TimerEvent::App(timer));
             }
+            Effect::Retire(link) => self.retire_link(link, now),
+            Effect::CloseLink(link) => self.close_link(link),
         }
     }
 
-    /// Writes each buffer that has bytes, once. A write that blocks adds WRITABLE interest; a
-    /// buffer that empties removes it again, so idle sockets cause no writable wakeups.
+    /// Writes each buffer that has bytes, once. A client write that blocks adds WRITABLE
+    /// interest; a buffer that empties removes it again, so idle sockets cause no writable
+    /// wakeups. gearmand links stay registered for both (they are few and long-lived).
     fn flush_outputs(&mut self, now: Instant) {
         if self.links_dirty {
             self.links_dirty = false;
@@ -714,14 +833,18 @@ impl Server {
                 if link.output.is_empty() || link.write_blocked {
                     continue;
                 }
-                let LinkState::Up(sock) = &mut link.state else { continue };
+                let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut link.state else { continue };
                 match flush(sock, &mut link.output) {
                     Ok(Io::Blocked) => link.write_blocked = true,
                     Ok(_) => {}
                     Err(e) => self.link_down(i, now, &format!("write failed: {e}")),
                 }
             }
-            self.update_client_pause();
+        }
+        for i in 0..self.links.len() {
+            if self.links[i].is_up() {
+                self.app.handle_link_output(i, self.links[i].output.len());
+            }
         }
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
@@ -733,8 +856,11 @@ impl Server {
                 self.dead.push(key);
             }
         }
+        // Keep the allocation, and what was marked dirty during the flush (a dropped reader
+        // whose close frame waits for the next pass).
         let mut dirty = dirty;
         dirty.clear();
+        dirty.append(&mut self.dirty);
         self.dirty = dirty;
     }
 
@@ -755,10 +881,10 @@ impl Server {
         if !conn.write_blocked && conn.ws.output_len() > 0 {
             match write_some(&mut conn.sock, conn.ws.output()) {
                 Ok((io, written)) => {
+                    // Partial writes are normal: the Ws keeps the tail and knows where its
+                    // frames begin, so a slow reader can still be sent a clean close.
                     conn.ws.consume_output(written);
-                    if io == Io::Blocked {
-                        conn.write_blocked = true;
-                    }
+                    conn.write_blocked = io == Io::Blocked;
                 }
                 Err(e) => {
                     let id = conn.id(key);
@@ -768,11 +894,29 @@ impl Server {
             }
         }
         let pending = conn.ws.output_len();
-        if pending > self.cfg.client_out_limit_bytes {
-            // A reader that does not read: drop it rather than buffer without bound.
-            let id = conn.id(key);
-            conn.kill(CloseReason::OutputLimit);
-            return self.app.handle_client_closed(id);
+        if conn.life == Life::Live {
+            if pending > self.cfg.client_out_hard_bytes {
+                self.drop_slow_reader(key, "over the hard output limit");
+            } else if pending > self.cfg.client_out_soft_bytes {
+                // Over the soft limit: allowed for a while (a reader catching up with a burst);
+                // a timer comes back to see whether it still is.
+                if conn.over_soft_since.is_none() {
+                    conn.over_soft_since = Some(now);
+                    let at = now + self.cfg.client_out_soft_time;
+                    self.wheel.insert(at, TimerEvent::SoftLimit(conn.id(key)));
+                }
+            } else {
+                conn.over_soft_since = None;
+            }
+        }
+        let conn = &mut self.conns[key];
+        if conn.life == Life::Dead {
+            return;
+        }
+        let pending = conn.ws.output_len();
+        if pending > 0 && !conn.in_backlog {
+            conn.in_backlog = true;
+            self.backlog.push(key);
         }
         let want_writable = pending > 0;
         if want_writable != conn.writable_interest {
@@ -794,6 +938,73 @@ impl Server {
                 conn.life = Life::Lingering;
             }
         }
+    }
+
+    /// The soft limit's grace is over: a client still above it is dropped.
+    fn check_soft_limit(&mut self, id: ConnId, now: Instant) {
+        let key = id.key as usize;
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
+        let Some(since) = conn.over_soft_since else { return };
+        if conn.life != Life::Live || conn.ws.output_len() <= self.cfg.client_out_soft_bytes {
+            conn.over_soft_since = None;
+        } else if now.saturating_duration_since(since) >= self.cfg.client_out_soft_time {
+            self.drop_slow_reader(key, "over the soft output limit for too long");
+        } else {
+            // It dipped under and went over again since: this timer belongs to the new spell.
+            self.wheel.insert(since + self.cfg.client_out_soft_time, TimerEvent::SoftLimit(id));
+        }
+    }
+
+    /// Bytes queued for all clients (those with a backlog after their last write).
+    fn backlog_bytes(&self) -> usize {
+        self.backlog.iter().filter_map(|&k| self.conns.get(k)).map(|c| c.ws.output_len()).sum()
+    }
+
+    /// Keeps the output of all clients together under `client_out_total_bytes`, dropping the
+    /// largest backlogs first. Only connections whose last write left bytes are looked at.
+    fn limit_backlog(&mut self) {
+        let conns = &mut self.conns;
+        self.backlog.retain(|&k| match conns.get_mut(k) {
+            Some(c) if c.life != Life::Dead && c.ws.output_len() > 0 => true,
+            Some(c) => {
+                c.in_backlog = false;
+                false
+            }
+            None => false,
+        });
+        let mut total = self.backlog_bytes();
+        if total <= self.cfg.client_out_total_bytes {
+            return;
+        }
+        let mut largest: Vec<(usize, usize)> =
+            self.backlog.iter().map(|&k| (self.conns[k].ws.output_len(), k)).collect();
+        largest.sort_unstable_by(|a, b| b.cmp(a));
+        for (bytes, key) in largest {
+            if total <= self.cfg.client_out_total_bytes {
+                break;
+            }
+            if self.conns[key].life == Life::Live {
+                self.drop_slow_reader(key, "largest backlog while all clients' output is over its total");
+                total -= bytes.saturating_sub(self.conns[key].ws.output_len());
+            }
+        }
+    }
+
+    /// A client that does not read its replies is dropped: what was not yet started is
+    /// discarded, and a close 1008 follows the frame already on the wire, if the socket still
+    /// takes it before the close timeout.
+    fn drop_slow_reader(&mut self, key: usize, why: &str) {
+        let conn = &mut self.conns[key];
+        let id = conn.id(key);
+        debug!("conn={key} slow reader dropped: {why} ({} bytes queued)", conn.ws.output_len());
+        self.app.metrics.slow_readers_dropped += 1;
+        if conn.ws.abort(1008, "not reading fast enough") {
+            conn.drain(CloseReason::OutputLimit);
+        } else {
+            conn.kill(CloseReason::OutputLimit);
+        }
+        mark_dirty(&mut self.dirty, conn, key);
+        self.app.handle_client_closed(id);
     }
 
     fn begin_shutdown(&mut self, now: Instant) {
@@ -844,6 +1055,12 @@ impl Server {
             self.stop = true;
         }
     }
+}
+
+/// How often gearmand links are checked: a fifth of the timeout (so a dead link is found at
+/// most a fifth late), between 10 ms and 1 s.
+fn link_check_period(cfg: &Config) -> Duration {
+    (cfg.gearmand_timeout / 5).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 fn mark_dirty(dirty: &mut Vec<usize>, conn: &mut Conn, key: usize) {
