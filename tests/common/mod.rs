@@ -30,6 +30,8 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 pub struct Gearmand {
     pub child: Child,
     pub port: u16,
+    /// True between `stop()` and `cont()`: a stopped gearmand is continued before it is killed.
+    stopped: bool,
 }
 
 impl Gearmand {
@@ -56,7 +58,7 @@ impl Gearmand {
             .stderr(Stdio::null())
             .spawn()
             .expect("start /usr/sbin/gearmand (apt-get install gearman-job-server)");
-        let mut g = Gearmand { child, port };
+        let mut g = Gearmand { child, port, stopped: false };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = g.child.try_wait() {
@@ -82,7 +84,30 @@ impl Gearmand {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// SIGSTOP: the process keeps its sockets (the kernel still accepts connections and buffers
+    /// bytes) but reads, writes and answers nothing: a stuck gearmand.
+    pub fn stop(&mut self) {
+        assert!(self.signal("STOP"), "kill -STOP gearmand");
+        self.stopped = true;
+    }
+
+    /// SIGCONT: a stopped gearmand carries on.
+    pub fn cont(&mut self) {
+        if self.stopped {
+            assert!(self.signal("CONT"), "kill -CONT gearmand");
+            self.stopped = false;
+        }
+    }
+
+    fn signal(&self, sig: &str) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args([&format!("-{sig}"), &pid]).status().is_ok_and(|s| s.success())
+    }
+
     pub fn kill(&mut self) {
+        if std::mem::take(&mut self.stopped) {
+            self.signal("CONT");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -232,4 +257,192 @@ pub fn recv(ws: &mut Ws) -> String {
 pub fn recv_json(ws: &mut Ws) -> serde_json::Value {
     let text = recv(ws);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A WebSocket client whose upgrade request carries `headers` as well (Origin,
+/// X-Forwarded-For, …), as a browser page or a reverse proxy would send them. Every read and
+/// write, the handshake included, times out after 15 s.
+pub fn connect_with(url: &str, headers: &[(&str, &str)]) -> Ws {
+    try_connect_with(url, headers, Duration::from_secs(15)).unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// `connect_with` that reports failure, with `limit` on the TCP connect and on each read and
+/// write of the handshake.
+pub fn try_connect_with(url: &str, headers: &[(&str, &str)], limit: Duration) -> Result<Ws, String> {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::http::{HeaderName, HeaderValue};
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+        req.headers_mut().insert(name, HeaderValue::from_str(value).map_err(|e| e.to_string())?);
+    }
+    let host = req.uri().host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = req.uri().port_u16().unwrap_or(80);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let stream = TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    let (ws, _) = tungstenite::client(req, MaybeTlsStream::Plain(stream)).map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// Sets the read timeout of a client's socket.
+pub fn set_read_timeout(ws: &Ws, limit: Duration) {
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(limit)).unwrap();
+    }
+}
+
+/// A plain HTTP request with `limit` on connect and on every read; returns the whole answer
+/// (status line, headers and body) or why there was none.
+pub fn http_raw(addr: SocketAddr, request: &str, limit: Duration) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    // Read to the end; a server that keeps the connection open ends the answer with a timeout.
+    let mut text = Vec::new();
+    if let Err(e) = s.read_to_end(&mut text)
+        && text.is_empty()
+    {
+        return Err(e.to_string());
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// A job as a `RawWorker` received it.
+#[derive(Clone, Debug)]
+pub struct Grabbed {
+    pub handle: String,
+    pub unique: String,
+    pub payload: Vec<u8>,
+}
+
+/// A tiny blocking Gearman worker on the crate's sans-IO codec, for workers that misbehave on
+/// purpose: huge results, bursts of WORK_DATA, jobs held forever. It registers one function and
+/// grabs with GRAB_JOB_UNIQ (sleeping on NO_JOB until NOOP); everything it sends is written at
+/// once, so its pace is the test's. ERROR packets from gearmand are kept in `errors`.
+pub struct RawWorker {
+    stream: TcpStream,
+    session: gearsock::gearman::worker::WorkerSession,
+    input: gearsock::buf::InBuf,
+    out: Vec<u8>,
+    pub errors: Vec<String>,
+}
+
+impl RawWorker {
+    /// Connects to gearmand at `addr` and registers `function` (CAN_DO).
+    pub fn connect(addr: &str, function: &str) -> RawWorker {
+        let stream = TcpStream::connect(addr).expect("worker connect to gearmand");
+        stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut w = RawWorker {
+            stream,
+            session: gearsock::gearman::worker::WorkerSession::new(64 << 20),
+            input: gearsock::buf::InBuf::new(64 << 20),
+            out: Vec::new(),
+            errors: Vec::new(),
+        };
+        w.session.can_do(function.as_bytes(), &mut w.out);
+        w.flush();
+        w
+    }
+
+    fn flush(&mut self) {
+        self.stream.write_all(&self.out).expect("worker write to gearmand");
+        self.out.clear();
+    }
+
+    /// The next job gearmand hands out, or `None` if none came within `limit`. A grab left
+    /// waiting carries over to the next call.
+    pub fn grab(&mut self, limit: Duration) -> Option<Grabbed> {
+        use gearsock::gearman::worker::WorkerEvent;
+        let deadline = Instant::now() + limit;
+        self.session.grab(&mut self.out);
+        loop {
+            self.flush();
+            while let Some(event) = self.session.poll_event() {
+                match event {
+                    WorkerEvent::Assignment(a) => {
+                        return Some(Grabbed {
+                            handle: String::from_utf8_lossy(&a.handle).into_owned(),
+                            unique: String::from_utf8_lossy(&a.unique).into_owned(),
+                            payload: a.payload,
+                        });
+                    }
+                    WorkerEvent::Error { code, message } => self.errors.push(format!("{code}: {message}")),
+                    WorkerEvent::EchoRes(_) => {}
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left.min(Duration::from_millis(100)))).unwrap();
+            let mut buf = [0u8; 64 * 1024];
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("gearmand closed the worker's connection"),
+                Ok(n) => {
+                    self.input.extend(&buf[..n]);
+                    self.session.handle_input(&mut self.input, &mut self.out).expect("gearmand packet");
+                }
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("worker read: {e}"),
+            }
+        }
+    }
+
+    /// Grabs one job, panicking if none comes within `limit`.
+    pub fn must_grab(&mut self, limit: Duration) -> Grabbed {
+        self.grab(limit).expect("a job for the raw worker")
+    }
+
+    /// WORK_DATA of any size.
+    pub fn data(&mut self, handle: &str, data: &[u8]) {
+        self.session.work_data(handle.as_bytes(), data, &mut self.out);
+        self.flush();
+    }
+
+    /// WORK_STATUS.
+    pub fn status(&mut self, handle: &str, numerator: u64, denominator: u64) {
+        self.session.work_status(handle.as_bytes(), numerator, denominator, &mut self.out);
+        self.flush();
+    }
+
+    /// WORK_COMPLETE with a result of any size.
+    pub fn complete(&mut self, handle: &str, result: &[u8]) {
+        self.session.work_complete(handle.as_bytes(), result, &mut self.out);
+        self.flush();
+    }
+
+    /// `total` bytes of WORK_DATA in packets of `chunk` bytes, all written in one go (as fast
+    /// as gearmand takes them).
+    pub fn burst(&mut self, handle: &str, total: usize, chunk: usize) {
+        let piece = vec![b'x'; chunk];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk);
+            self.session.work_data(handle.as_bytes(), &piece[..n], &mut self.out);
+            left -= n;
+        }
+        self.flush();
+    }
+
+    /// `total` bytes of WORK_DATA in packets of `chunk` bytes, paced at `bytes_per_s`.
+    pub fn paced(&mut self, handle: &str, total: usize, chunk: usize, bytes_per_s: f64) {
+        let piece = vec![b'x'; chunk];
+        let start = Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            let due = start + Duration::from_secs_f64(sent as f64 / bytes_per_s);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let n = (total - sent).min(chunk);
+            self.data(handle, &piece[..n]);
+            sent += n;
+        }
+    }
 }
