@@ -211,7 +211,7 @@ struct Client {
     trusted: bool,
     /// Prefix of this client's uniques on the gearmand side, so they never meet another
     /// client's (`--shared-uniques` leaves it empty).
-    namespace: Vec<u8>,
+    namespace: [u8; NAMESPACE_CHARS + 1],
     jobs: Vec<JobTag>,
 }
 
@@ -470,10 +470,10 @@ impl App {
         if self.clients.len() <= key {
             self.clients.resize_with(key + 1, Client::default);
         }
-        let mut namespace = Vec::new();
+        // Inline rather than a Vec: every open connection carries one.
+        let mut namespace = [NAMESPACE_END; NAMESPACE_CHARS + 1];
         if !self.cfg.shared_uniques {
-            namespace = self.entropy.id(NAMESPACE_CHARS);
-            namespace.push(NAMESPACE_END);
+            self.entropy.fill_id(&mut namespace[..NAMESPACE_CHARS]);
         }
         self.clients[key] =
             Client { generation: id.generation, open: true, trusted, namespace, jobs: Vec::new() };
@@ -764,7 +764,11 @@ impl App {
     fn gearman_unique(&mut self, id: ConnId, kind: Kind, unique: Option<String>) -> Vec<u8> {
         match unique {
             Some(u) => {
-                let mut full = self.client(id).map(|c| c.namespace.clone()).unwrap_or_default();
+                let shared = self.cfg.shared_uniques;
+                let mut full = match self.client(id) {
+                    Some(c) if !shared => c.namespace.to_vec(),
+                    _ => Vec::new(),
+                };
                 full.extend_from_slice(u.as_bytes());
                 full
             }

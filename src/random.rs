@@ -39,7 +39,16 @@ impl Entropy {
 
     /// `chars` characters of `ALPHABET`, 6 random bits each (16 characters carry 96 bits).
     pub fn id(&mut self, chars: usize) -> Vec<u8> {
-        (0..chars).map(|_| ALPHABET[usize::from(self.byte() & 63)]).collect()
+        let mut id = vec![0; chars];
+        self.fill_id(&mut id);
+        id
+    }
+
+    /// Fills `out` with characters of `ALPHABET`, 6 random bits each.
+    pub fn fill_id(&mut self, out: &mut [u8]) {
+        for c in out {
+            *c = ALPHABET[usize::from(self.byte() & 63)];
+        }
     }
 
     fn byte(&mut self) -> u8 {
