@@ -977,9 +977,7 @@ impl App {
         if !l.up {
             return;
         }
-        l.up = false;
-        l.handles.clear();
-        l.orphans.clear();
+        l.up = false; // the jobs ended below no longer touch its indexes, reset at the end
         let generation = l.generation;
         let lost: Vec<JobTag> = self
             .jobs

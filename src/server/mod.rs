@@ -840,10 +840,12 @@ impl Server {
                     Err(e) => self.link_down(i, now, &format!("write failed: {e}")),
                 }
             }
-        }
-        for i in 0..self.links.len() {
-            if self.links[i].is_up() {
-                self.app.handle_link_output(i, self.links[i].output.len());
+            // Link output only shrinks here, and whatever grows it marks the links dirty: the
+            // App's figure is corrected only when it may have changed.
+            for i in 0..self.links.len() {
+                if self.links[i].is_up() {
+                    self.app.handle_link_output(i, self.links[i].output.len());
+                }
             }
         }
         let dirty = std::mem::take(&mut self.dirty);
