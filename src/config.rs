@@ -112,7 +112,7 @@ pub struct Config {
     pub max_stored_bytes: usize,
     /// After a server-initiated close, how long to wait for the peer to hang up. Default 2 s.
     pub close_timeout: Duration,
-    /// `log` level for simple_logger. Default `info`.
+    /// Log level (`--log-level`). Default `info`.
     pub log_level: log::LevelFilter,
 }
 
@@ -251,6 +251,7 @@ usage: gearsock [serve] [flags]
   --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
   --log-level LEVEL          off, error, warn, info, debug, trace (info)
   -h, --help                 this text
+  -V, --version              the version
 ";
 
 const WORKER_HELP: &str = "\
@@ -267,6 +268,7 @@ usage: gearsock worker [flags]
   --concurrency N        jobs run at once, one connection each (1)
   --function NAME        function to register (ping)
   -h, --help             this text
+  -V, --version          the version
 ";
 
 const SUBMIT_HELP: &str = "\
@@ -280,6 +282,7 @@ usage: gearsock submit FUNCTION [PAYLOAD] [flags]   (PAYLOAD defaults to \"noop\
   --unique U             unique id (none)
   --poll-interval-ms N   background status poll (1000, as the article's sleep(1))
   -h, --help             this text
+  -V, --version          the version
 ";
 
 const TOP_HELP: &str = "\
@@ -293,8 +296,11 @@ commands:
   submit    submit a job to gearmand directly (the article's client)
   bench     load generator: connect, roundtrip, jobs
 
-`gearsock COMMAND --help` lists each command's flags.
+`gearsock COMMAND --help` lists each command's flags; `gearsock --version` the version.
 ";
+
+/// `--version`: the program and its version.
+pub const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"), "\n");
 
 /// Turns `std::env::args_os()` (without the program name) into a [`Command`].
 pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
@@ -302,6 +308,7 @@ pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
     let (name, rest) = match first {
         "serve" | "worker" | "submit" | "bench" => (first.to_string(), args[1..].to_vec()),
         "-h" | "--help" | "help" => return Ok(Command::Help(TOP_HELP.into())),
+        "-V" | "--version" => return Ok(Command::Help(VERSION.into())),
         _ => ("serve".to_string(), args),
     };
     let mut parser = lexopt::Parser::from_args(rest);
@@ -364,6 +371,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("reconnect-max-ms") => c.reconnect_max = millis(parser)?,
             Long("log-level") => c.log_level = value(parser)?,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
+            Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
         }
     }
@@ -393,6 +401,7 @@ fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("concurrency") => o.concurrency = value::<u32>(parser)?.max(1),
             Long("function") => o.function = value(parser)?,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(WORKER_HELP.into())),
+            Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
         }
     }
@@ -421,6 +430,7 @@ fn parse_submit(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("unique") => o.unique = value(parser)?,
             Long("poll-interval-ms") => o.poll_interval_ms = value(parser)?,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SUBMIT_HELP.into())),
+            Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             Value(v) => positional.push(v.into_string().map_err(|_| "argument is not UTF-8")?),
             other => return Err(other.unexpected().to_string()),
         }

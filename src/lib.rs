@@ -17,6 +17,7 @@ pub mod bench;
 pub mod buf;
 pub mod config;
 pub mod gearman;
+pub mod logging;
 pub mod metrics;
 pub mod random;
 pub mod server;

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         Command::Serve(cfg) => {
-            let _ = simple_logger::SimpleLogger::new().with_level(cfg.log_level).init();
+            gearsock::logging::init(cfg.log_level);
             gearsock::server::Server::bind(&cfg)
                 .and_then(|mut server| {
                     println!("listening on ws://{}", server.local_addr());
@@ -30,12 +30,14 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Command::Worker(opts) => {
-            let _ = simple_logger::SimpleLogger::new().with_level(log::LevelFilter::Warn).init();
+            gearsock::logging::init(log::LevelFilter::Warn);
             gearsock::worker::run_worker(&opts).map(|()| 0)
         }
         Command::Submit(opts) => gearsock::submit::run_submit(&opts),
         Command::Bench(opts) => gearsock::bench::run_bench(&opts),
     };
+    // The log is written by its own thread: let it finish before the process ends.
+    gearsock::logging::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

@@ -51,8 +51,10 @@ pub struct Metrics {
     pub closed: u64,
     /// Successful gearmand (re)connections.
     pub gearmand_connects: u64,
-    /// gearmand connections lost or failed.
+    /// gearmand connections lost after they were up.
     pub gearmand_disconnects: u64,
+    /// Attempts to reach a gearmand that failed (lookup, connect or greeting).
+    pub gearmand_connect_failures: u64,
     /// gearmand connections retired for holding too many abandoned jobs.
     pub gearmand_retired: u64,
     /// Clients dropped for not reading their replies (soft, hard or total output limit).
@@ -78,7 +80,8 @@ pub struct Gauges {
     pub stored_bytes: usize,
     /// Bytes queued for all clients.
     pub client_output_bytes: usize,
-    /// gearmand links by state name (`connected`, `connecting`, `disconnected`).
+    /// gearmand links by state name (`connected`, `stalled`, `connecting`, `resolving`,
+    /// `disconnected`).
     pub links: Vec<(String, &'static str)>,
 }
 
@@ -137,15 +140,22 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_slow_readers_dropped_total {}", self.slow_readers_dropped);
         family(&mut o, "gearmand_up", "gauge", "1 when the gearmand link is connected, by server and state.");
         for (addr, state) in &g.links {
-            for s in ["connected", "stalled", "connecting", "disconnected"] {
+            for s in ["connected", "stalled", "connecting", "resolving", "disconnected"] {
                 let v = u8::from(*state == s);
                 let _ = writeln!(o, "gearsock_gearmand_up{{server=\"{addr}\",state=\"{s}\"}} {v}");
             }
         }
         family(&mut o, "gearmand_connects_total", "counter", "gearmand connections established.");
         let _ = writeln!(o, "gearsock_gearmand_connects_total {}", self.gearmand_connects);
-        family(&mut o, "gearmand_disconnects_total", "counter", "gearmand connections lost or failed.");
+        family(
+            &mut o,
+            "gearmand_disconnects_total",
+            "counter",
+            "gearmand connections lost after they were up.",
+        );
         let _ = writeln!(o, "gearsock_gearmand_disconnects_total {}", self.gearmand_disconnects);
+        family(&mut o, "gearmand_connect_failures_total", "counter", "Failed attempts to reach a gearmand.");
+        let _ = writeln!(o, "gearsock_gearmand_connect_failures_total {}", self.gearmand_connect_failures);
         family(&mut o, "gearmand_retired_total", "counter", "gearmand connections retired (orphans).");
         let _ = writeln!(o, "gearsock_gearmand_retired_total {}", self.gearmand_retired);
         family(&mut o, "timers_armed", "gauge", "Timers in the wheel.");

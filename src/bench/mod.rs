@@ -213,6 +213,7 @@ flags:
   --timeout-s S          a connection not up after S seconds fails (10)
   --json                 print one JSON object instead of the table
   -h, --help             this text
+  -V, --version          the version
 
 The exit status is 1 when any error, mismatched reply or failed connection was counted.
 ";
@@ -247,6 +248,7 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("source-base") => o.source_base = value(parser)?,
             Long("timeout-s") => o.timeout = seconds(parser)?,
             Long("help") | Short('h') => return Ok(Command::Help(BENCH_HELP.into())),
+            Long("version") | Short('V') => return Ok(Command::Help(crate::config::VERSION.into())),
             Value(v) if mode.is_none() => {
                 mode = Some(v.into_string().map_err(|_| "MODE is not UTF-8")?.parse::<Mode>()?);
             }

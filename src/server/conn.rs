@@ -7,14 +7,18 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use crate::app::ConnId;
+use crate::logging::Event;
 use crate::wheel::TimerKey;
 use crate::ws::Ws;
 
-/// Why a connection ends; logged once, at `debug` for the peer's own goodbyes, else `warn`.
+/// Why a connection ends; logged once at `debug`, and counted for the operator's summary
+/// unless it is an ordinary goodbye.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CloseReason {
     /// The peer closed (close frame, FIN after an HTTP answer).
     PeerClosed,
+    /// The peer hung up without a close frame (FIN before a request or mid-session).
+    Abrupt,
     /// A socket error.
     Io(std::io::ErrorKind),
     /// The peer broke HTTP or WebSocket rules (the code it was sent).
@@ -32,6 +36,26 @@ pub enum CloseReason {
     Shutdown,
     /// A plain HTTP request was answered.
     HttpDone,
+}
+
+impl CloseReason {
+    /// The summary this end counts towards (`None`: an ordinary goodbye). `handshaking`: the
+    /// connection never became a WebSocket.
+    pub fn event(&self, handshaking: bool) -> Option<Event> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        let gone = if handshaking { Event::LeftBeforeHandshake } else { Event::LeftWithoutClose };
+        match self {
+            CloseReason::PeerClosed | CloseReason::HttpDone | CloseReason::Shutdown => None,
+            CloseReason::Abrupt => Some(gone),
+            CloseReason::Io(ConnectionReset | BrokenPipe | ConnectionAborted) => Some(gone),
+            CloseReason::Io(_) => Some(Event::SocketError),
+            CloseReason::Protocol(_) => Some(Event::Protocol),
+            CloseReason::OutputLimit => Some(Event::SlowReader),
+            CloseReason::HandshakeTimeout => Some(Event::HandshakeTimeout),
+            CloseReason::IdleTimeout => Some(Event::IdleTimeout),
+            CloseReason::CloseTimeout => Some(Event::CloseTimeout),
+        }
+    }
 }
 
 /// Where the socket is, apart from the protocol.

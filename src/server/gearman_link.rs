@@ -6,7 +6,7 @@
 //! reconnects when lost); a connection retired for holding too many abandoned jobs stays open
 //! as `Retiring` in another slot until its live jobs end; the rest are `Spare`.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -18,19 +18,27 @@ use crate::gearman::packet::HEADER_BYTES;
 /// Links per gearmand: the active one plus room for retiring ones.
 pub const SLOTS_PER_SERVER: usize = 4;
 
+/// While a gearmand stays unreachable, the operator is reminded this often.
+pub const REMINDER_PERIOD: Duration = Duration::from_secs(60);
+
 /// Where a link is.
 ///
 /// ```text
-/// Down --timer--> Connecting --writable, no error--> Greeting --first answer--> Up
-///   ^                 |                                  |                       |
-///   +-----------------+--- failed / timeout -------------+---- error/EOF/silent--+
+/// Down --timer--> (Resolving --address-->) Connecting --writable, no error--> Greeting
+///   ^                  |                          |                              |
+///   |                  +-- name not found --------+-- failed / timeout ----------+
+///   +------------------------------- error / EOF / silent --- Up <--first answer--+
 /// ```
+/// `Resolving` is skipped for a numeric `HOST:PORT`; a host name is looked up off the loop
+/// (see `resolver`) before every connect.
 /// A link counts as up only once gearmand has answered on it (`Greeting` sends OPTION_REQ):
 /// a listening socket whose process is stopped accepts TCP connections but answers nothing.
 #[derive(Debug)]
 pub enum LinkState {
     /// Not connected.
     Down,
+    /// The resolver thread is looking up the host name.
+    Resolving,
     /// Nonblocking connect in progress.
     Connecting(TcpStream),
     /// Connected; waiting for gearmand's first answer.
@@ -61,11 +69,42 @@ pub enum Health {
     Dead(&'static str),
 }
 
+/// What the operator should hear about a failed attempt to reach a gearmand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutageNote {
+    /// The first failure of an outage: say it is unreachable, and why.
+    First,
+    /// The reason changed (refused, then timed out): say the new one.
+    Changed,
+    /// Still unreachable after `REMINDER_PERIOD`: remind, with the count of attempts.
+    Reminder,
+    /// Nothing new.
+    Quiet,
+}
+
+/// A gearmand that cannot be reached: since when, how often tried, and why.
+#[derive(Clone, Debug)]
+pub struct Outage {
+    /// When it was lost or first failed.
+    pub since: Instant,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// The last failure's reason.
+    pub reason: String,
+    reminded: Instant,
+}
+
 /// One gearmand connection.
 #[derive(Debug)]
 pub struct GearmanLink {
     /// `HOST:PORT` as given on the command line.
     pub addr: String,
+    /// The address when `addr` is numeric (no lookup needed).
+    pub numeric: Option<SocketAddr>,
+    /// A lookup was sent to the resolver and has not been answered yet.
+    pub lookup_pending: bool,
+    /// Set while the gearmand cannot be reached (operator logs).
+    pub outage: Option<Outage>,
     /// Index of the gearmand (`--gearmand` order).
     pub server: usize,
     /// What this slot is for.
@@ -99,6 +138,9 @@ impl GearmanLink {
     /// A link that is down.
     pub fn new(addr: String, server: usize, role: Role, max_job_bytes: usize, now: Instant) -> Self {
         GearmanLink {
+            numeric: addr.parse().ok(),
+            lookup_pending: false,
+            outage: None,
             addr,
             server,
             role,
@@ -121,6 +163,7 @@ impl GearmanLink {
     pub fn state_name(&self) -> &'static str {
         match self.state {
             LinkState::Down => "disconnected",
+            LinkState::Resolving => "resolving",
             LinkState::Connecting(_) | LinkState::Greeting(_) => "connecting",
             LinkState::Up(_) => "connected",
         }
@@ -134,17 +177,19 @@ impl GearmanLink {
     /// The socket, if any.
     pub fn sock(&mut self) -> Option<&mut TcpStream> {
         match &mut self.state {
-            LinkState::Down => None,
+            LinkState::Down | LinkState::Resolving => None,
             LinkState::Connecting(s) | LinkState::Greeting(s) | LinkState::Up(s) => Some(s),
         }
     }
 
-    /// Starts a nonblocking connect. Name resolution is the one blocking step; with the usual
-    /// numeric `HOST:PORT` it does not touch the network.
-    pub fn start_connect(&mut self, now: Instant) -> std::io::Result<&mut TcpStream> {
-        let addr: SocketAddr = self.addr.to_socket_addrs()?.next().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing")
-        })?;
+    /// The host name is being looked up (by the resolver thread).
+    pub fn resolving(&mut self, now: Instant) {
+        self.state = LinkState::Resolving;
+        self.since = now;
+    }
+
+    /// Starts a nonblocking connect to `addr` (never blocks: no name lookup here).
+    pub fn start_connect(&mut self, addr: SocketAddr, now: Instant) -> std::io::Result<&mut TcpStream> {
         self.reset_buffers();
         self.since = now;
         self.state = LinkState::Connecting(TcpStream::connect(addr)?);
@@ -192,6 +237,8 @@ impl GearmanLink {
         let elapsed = |t: Instant| now.saturating_duration_since(t);
         match self.state {
             LinkState::Down => Health::Fine,
+            LinkState::Resolving if elapsed(self.since) >= timeout => Health::Dead("name lookup timed out"),
+            LinkState::Resolving => Health::Fine,
             LinkState::Connecting(_) if elapsed(self.since) >= timeout => Health::Dead("connect timed out"),
             LinkState::Greeting(_) if elapsed(self.since) >= timeout => {
                 Health::Dead("connected, but gearmand did not answer in time")
@@ -219,6 +266,37 @@ impl GearmanLink {
         self.is_up()
             && self.session.awaiting_replies() > 0
             && now.saturating_duration_since(self.last_heard) >= timeout / 4
+    }
+
+    /// An attempt to reach gearmand failed (it was not up): counts it, and says whether the
+    /// operator should hear about it. One line per outage, one per change of reason, and a
+    /// reminder every `REMINDER_PERIOD`, however fast the attempts come.
+    pub fn attempt_failed(&mut self, now: Instant, why: &str) -> OutageNote {
+        let Some(outage) = &mut self.outage else {
+            self.outage = Some(Outage { since: now, attempts: 1, reason: why.to_string(), reminded: now });
+            return OutageNote::First;
+        };
+        outage.attempts = outage.attempts.saturating_add(1);
+        if outage.reason != why {
+            outage.reason = why.to_string();
+            outage.reminded = now;
+            OutageNote::Changed
+        } else if now.saturating_duration_since(outage.reminded) >= REMINDER_PERIOD {
+            outage.reminded = now;
+            OutageNote::Reminder
+        } else {
+            OutageNote::Quiet
+        }
+    }
+
+    /// The connection was lost: an outage begins (the loss itself is logged by the caller).
+    pub fn lost(&mut self, now: Instant, why: &str) {
+        self.outage = Some(Outage { since: now, attempts: 0, reason: why.to_string(), reminded: now });
+    }
+
+    /// gearmand answered again: the outage (if any) is over.
+    pub fn back(&mut self) -> Option<Outage> {
+        self.outage.take()
     }
 
     /// The delay before the next attempt: doubling from `min` to `max`, then "equal jitter"
@@ -297,5 +375,42 @@ mod tests {
         // Any byte from gearmand counts as life.
         l.last_heard = t0 + Duration::from_secs(4);
         assert_eq!(l.check_health(t0 + Duration::from_secs(8), timeout), Health::Fine);
+    }
+
+    #[test]
+    fn an_outage_is_told_once_then_on_change_then_once_a_minute() {
+        let t0 = Instant::now();
+        let mut l = link(t0);
+        let refused = "connection refused";
+        assert_eq!(l.attempt_failed(t0, refused), OutageNote::First);
+        for n in 1..100 {
+            let at = t0 + Duration::from_millis(500 * n);
+            assert_eq!(l.attempt_failed(at, refused), OutageNote::Quiet, "attempt {n}");
+        }
+        assert_eq!(l.attempt_failed(t0 + REMINDER_PERIOD, refused), OutageNote::Reminder);
+        assert_eq!(l.attempt_failed(t0 + REMINDER_PERIOD, refused), OutageNote::Quiet);
+        assert_eq!(l.attempt_failed(t0 + REMINDER_PERIOD, "connect timed out"), OutageNote::Changed);
+        let outage = l.back().expect("an outage was going on");
+        assert_eq!((outage.attempts, outage.since), (103, t0));
+        assert!(l.back().is_none(), "back once");
+        l.lost(t0, "gearmand closed the connection");
+        assert_eq!(
+            l.attempt_failed(t0, refused),
+            OutageNote::Changed,
+            "after a loss, the first refusal is news"
+        );
+    }
+
+    #[test]
+    fn only_host_names_need_the_resolver_and_a_slow_lookup_times_out() {
+        let t0 = Instant::now();
+        assert!(link(t0).numeric.is_some());
+        let mut l = GearmanLink::new("gearmand.internal:4730".into(), 0, Role::Active, 1024, t0);
+        assert_eq!(l.numeric, None);
+        l.resolving(t0);
+        assert_eq!(l.state_name(), "resolving");
+        let timeout = Duration::from_secs(5);
+        assert_eq!(l.check_health(t0 + Duration::from_millis(4999), timeout), Health::Fine);
+        assert_eq!(l.check_health(t0 + timeout, timeout), Health::Dead("name lookup timed out"));
     }
 }

@@ -11,14 +11,16 @@
 pub mod conn;
 pub mod gearman_link;
 pub mod io;
+pub mod resolver;
 pub mod token;
 
 use std::fmt;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, trace, warn};
+use log::{debug, info, log, trace, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry};
 use serde_json::json;
@@ -28,14 +30,16 @@ use slab::Slab;
 
 use crate::app::{App, AppConfig, AppTimer, ConnId, Effect, is_trusted_peer};
 use crate::config::Config;
+use crate::logging::{Event, SUMMARY_PERIOD, Tally};
 use crate::metrics::Gauges;
 use crate::random::Entropy;
 use crate::wheel::TimerWheel;
 use crate::ws::{WsEvent, WsLimits};
 use conn::{CloseReason, Conn, Life};
-use gearman_link::{GearmanLink, Health, LinkState, Role, SLOTS_PER_SERVER};
+use gearman_link::{GearmanLink, Health, LinkState, OutageNote, REMINDER_PERIOD, Role, SLOTS_PER_SERVER};
 use io::{Io, discard, fill, flush, write_some};
-use token::{LISTENER, SIGNALS, Tok, Tokens};
+use resolver::Resolver;
+use token::{LISTENER, RESOLVER, SIGNALS, Tok, Tokens};
 
 /// Errors that stop the server. Everything else is a connection's problem, not the server's.
 #[derive(Debug)]
@@ -67,6 +71,8 @@ enum TimerEvent {
     Conn(ConnId),
     /// Try gearmand link `i` again.
     Reconnect(usize),
+    /// Log the summary of per-connection events counted since the first one.
+    LogSummary,
     /// Check every gearmand link's health (periodic).
     LinkCheck,
     /// A client has been over the soft output limit since then; drop it if it still is.
@@ -108,6 +114,13 @@ pub struct Server {
     links: Vec<GearmanLink>,
     /// The active slot of each gearmand.
     active: Vec<usize>,
+    /// Looks up `--gearmand` host names off the loop (only when some are not numeric).
+    resolver: Option<Resolver>,
+    /// The resolver's waker fired: answers are waiting.
+    resolver_ready: bool,
+    /// Per-connection events since the last summary, and when the first of them came.
+    tally: Tally,
+    tally_since: Instant,
     wheel: TimerWheel<TimerEvent>,
     app: App,
     /// Clients with unread input (an event, or a pass that stopped early).
@@ -157,6 +170,12 @@ impl Server {
             }
         }
         let active: Vec<usize> = (0..cfg.gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
+        let resolver = if links.iter().all(|l| l.numeric.is_some()) {
+            None
+        } else {
+            let waker = mio::Waker::new(poll.registry(), RESOLVER).map_err(ServerError::Register)?;
+            Some(Resolver::spawn(Arc::new(waker)).map_err(ServerError::Register)?)
+        };
         let mut wheel = TimerWheel::new(now, WHEEL_TICK, WHEEL_SLOTS);
         for &i in &active {
             wheel.insert(now, TimerEvent::Reconnect(i));
@@ -178,6 +197,10 @@ impl Server {
             next_gen: 0,
             links,
             active,
+            resolver,
+            resolver_ready: false,
+            tally: Tally::default(),
+            tally_since: now,
             wheel,
             ready: Vec::new(),
             dirty: Vec::new(),
@@ -204,6 +227,7 @@ impl Server {
     /// Runs until SIGINT/SIGTERM, then closes every client with 1001 and returns.
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        self.log_startup();
         while !self.stop {
             // Work left over from the last pass (a read budget spent, effects made after the
             // last apply) means: do not sleep.
@@ -235,8 +259,9 @@ impl Server {
             self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
             self.limit_backlog(); // the total of all clients' output stays bounded
-            self.reap_closed(); // deregister + slab.remove, always last
+            self.reap_closed(now); // deregister + slab.remove, always last
         }
+        self.log_summary(Instant::now());
         info!("stopped");
         Ok(())
     }
@@ -258,6 +283,7 @@ impl Server {
                     self.signalled = true;
                 }
             }
+            Tok::Resolver => self.resolver_ready = true,
             Tok::Link(i) => {
                 let link = &mut self.links[i];
                 // A connecting socket reports completion (or failure) as writable or error.
@@ -309,7 +335,8 @@ impl Server {
                 Err(e) => {
                     // EMFILE/ENFILE/ENOMEM: the backlog stays readable, so retrying now would spin.
                     // Pause, and come back on a timer.
-                    warn!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY:?}");
+                    debug!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY:?}");
+                    note(&mut self.tally, &mut self.tally_since, &mut self.wheel, Event::AcceptFailed, now);
                     self.accept_paused = true;
                     self.wheel.insert(now + ACCEPT_RETRY, TimerEvent::AcceptResume);
                     return;
@@ -321,6 +348,7 @@ impl Server {
                 let _ = sock.write(REFUSAL);
                 self.app.metrics.refused += 1;
                 debug!("refused {peer}: at the limit of {} connections", self.cfg.max_connections);
+                note(&mut self.tally, &mut self.tally_since, &mut self.wheel, Event::Refused, now);
                 continue;
             }
             debug_assert!(sock.nodelay().unwrap_or(false), "TCP_NODELAY is inherited from the listener");
@@ -345,6 +373,9 @@ impl Server {
     }
 
     fn drive_gearman(&mut self, now: Instant) {
+        if std::mem::take(&mut self.resolver_ready) {
+            self.take_lookups(now);
+        }
         for i in 0..self.links.len() {
             let link = &mut self.links[i];
             let event_seen = link.can_read || !link.write_blocked;
@@ -361,7 +392,7 @@ impl Server {
                     }
                     (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => continue,
                     (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => {
-                        self.link_down(i, now, &format!("connect failed: {e}"));
+                        self.link_down(i, now, &connect_error(&e));
                         continue;
                     }
                 }
@@ -389,7 +420,15 @@ impl Server {
         if matches!(link.state, LinkState::Greeting(_)) && link.session.has_answered() {
             link.greeted(now);
             self.app.metrics.gearmand_connects += 1;
-            info!("gearmand {} connected", link.addr);
+            match link.back() {
+                Some(outage) => info!(
+                    "gearmand {} back after {} failed attempts ({:.1} s down)",
+                    link.addr,
+                    outage.attempts,
+                    now.saturating_duration_since(outage.since).as_secs_f64()
+                ),
+                None => info!("gearmand {} connected", link.addr),
+            }
             self.app.handle_link_up(i);
         }
         let link = &mut self.links[i];
@@ -432,31 +471,87 @@ impl Server {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         let delay = link.backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, self.rng);
-        if was_up {
-            warn!("gearmand {} lost ({why}); reconnecting in {delay:?}", link.addr);
-        } else {
-            debug!("gearmand {}: {why}; retrying in {delay:?}", link.addr);
-        }
         self.wheel.insert(now + delay, TimerEvent::Reconnect(i));
+        if was_up {
+            link.lost(now, why);
+            return warn!("gearmand {} lost ({why}); reconnecting", link.addr);
+        }
+        self.app.metrics.gearmand_connect_failures += 1;
+        debug!("gearmand {}: {why}; retrying in {delay:?}", link.addr);
+        // One line per outage and per change of reason, then a reminder at a low rate.
+        let note = link.attempt_failed(now, why);
+        let addr = &link.addr;
+        match note {
+            OutageNote::First | OutageNote::Changed => warn!(
+                "gearmand {addr} unreachable: {why}; retrying with back-off (reminder every {} s)",
+                REMINDER_PERIOD.as_secs()
+            ),
+            OutageNote::Reminder => {
+                if let Some(o) = &link.outage {
+                    let down = now.saturating_duration_since(o.since).as_secs();
+                    warn!("gearmand {addr} still unreachable ({why}): {} attempts in {down} s", o.attempts);
+                }
+            }
+            OutageNote::Quiet => {}
+        }
     }
 
+    /// A down active link tries again: a numeric address connects now; a host name is
+    /// looked up first, off the loop, every time (a gearmand that moved is found).
     fn connect_link(&mut self, i: usize, now: Instant) {
-        if self.links[i].role != Role::Active || !matches!(self.links[i].state, LinkState::Down) {
+        let link = &mut self.links[i];
+        if link.role != Role::Active || !matches!(link.state, LinkState::Down) {
             return;
         }
+        if let Some(addr) = link.numeric {
+            return self.open_link(i, addr, now);
+        }
+        let Some(resolver) = &self.resolver else { return self.link_down(i, now, "no resolver thread") };
+        if !link.lookup_pending {
+            // A lookup that outlived the timeout is still on its way: wait for it.
+            resolver.ask(i, &link.addr);
+            link.lookup_pending = true;
+        }
+        link.resolving(now);
+        debug!("gearmand {}: looking up the name", link.addr);
+    }
+
+    /// The resolver answered: links still waiting for their lookup connect (or fail).
+    fn take_lookups(&mut self, now: Instant) {
+        let Some(resolver) = &self.resolver else { return };
+        let answers: Vec<_> = resolver.answers().collect();
+        for answer in answers {
+            let link = &mut self.links[answer.link];
+            link.lookup_pending = false;
+            if link.role != Role::Active || !matches!(link.state, LinkState::Resolving) {
+                continue; // timed out meanwhile; the next attempt asks again
+            }
+            match answer.result {
+                // Several addresses: each failed attempt moves on to the next one.
+                Ok(addrs) if !addrs.is_empty() => {
+                    let addr = addrs[link.failures as usize % addrs.len()];
+                    self.open_link(answer.link, addr, now);
+                }
+                Ok(_) => self.link_down(answer.link, now, "name not found"),
+                Err(why) => self.link_down(answer.link, now, &why),
+            }
+        }
+    }
+
+    fn open_link(&mut self, i: usize, addr: SocketAddr, now: Instant) {
         let token = self.tokens.link(i);
         let registry: &Registry = self.poll.registry();
         let result = self.links[i]
-            .start_connect(now)
+            .start_connect(addr, now)
             .and_then(|sock| registry.register(sock, token, Interest::READABLE | Interest::WRITABLE));
         match result {
             Ok(()) => {
                 // Gearman links are few and long-lived: registered for both directions once, so
                 // that the connect's completion (a writable edge) is seen.
                 self.links[i].write_blocked = true;
-                debug!("gearmand {}: connecting", self.links[i].addr);
+                debug!("gearmand {}: connecting to {addr}", self.links[i].addr);
             }
-            Err(e) => self.link_down(i, now, &format!("connect failed: {e}")),
+            Err(e) => self.link_down(i, now, &connect_error(&e)),
         }
     }
 
@@ -605,7 +700,7 @@ impl Server {
         }
         if matches!(outcome, Ok((Io::Eof, _))) && conn.life == Life::Live {
             // FIN in the middle of a frame or before any request: nothing more can come.
-            conn.kill(CloseReason::PeerClosed);
+            conn.kill(CloseReason::Abrupt);
             self.app.handle_client_closed(id);
         }
     }
@@ -633,8 +728,10 @@ impl Server {
                 self.app.handle_client_closed(id);
             }
             WsEvent::Failed { code, why } => {
-                warn!("conn={key} reason=protocol code={code}: {why}");
-                self.conns[key].drain(CloseReason::Protocol(code));
+                debug!("conn={key} reason=protocol code={code}: {why}");
+                // 1006 is never sent: it is how the Ws says the peer left without a close frame.
+                let reason = if code == 1006 { CloseReason::Abrupt } else { CloseReason::Protocol(code) };
+                self.conns[key].drain(reason);
                 self.app.handle_client_closed(id);
             }
         }
@@ -717,6 +814,7 @@ impl Server {
             match event {
                 TimerEvent::Conn(id) => self.on_conn_timer(id, now),
                 TimerEvent::Reconnect(i) => self.connect_link(i, now),
+                TimerEvent::LogSummary => self.log_summary(now),
                 TimerEvent::AcceptResume => {
                     self.accept_paused = false;
                     self.accept_ready = true;
@@ -1033,7 +1131,7 @@ impl Server {
         }
     }
 
-    fn reap_closed(&mut self) {
+    fn reap_closed(&mut self, now: Instant) {
         let mut dead = std::mem::take(&mut self.dead);
         for key in dead.drain(..) {
             if !self.conns.get(key).is_some_and(|c| c.life == Life::Dead) {
@@ -1045,17 +1143,87 @@ impl Server {
                 self.wheel.cancel(t);
             }
             self.app.metrics.closed += 1;
-            match conn.reason {
-                Some(CloseReason::PeerClosed | CloseReason::HttpDone | CloseReason::Shutdown) | None => {
-                    debug!("conn={key} closed reason={:?}", conn.reason)
-                }
-                Some(reason) => warn!("conn={key} peer={} closed reason={reason:?}", conn.peer),
+            // One line per connection at debug; the operator's level gets counts (`log_summary`).
+            debug!("conn={key} peer={} closed reason={:?}", conn.peer, conn.reason);
+            if let Some(event) = conn.reason.as_ref().and_then(|r| r.event(conn.ws.is_handshaking())) {
+                self.note(event, now);
             }
         }
         self.dead = dead;
         if self.shutting_down && self.conns.is_empty() {
             self.stop = true;
         }
+    }
+}
+
+impl Server {
+    /// The startup line: what is in force, so an operator can check it against intent.
+    fn log_startup(&self) {
+        let c = &self.cfg;
+        info!(
+            "gearsock {} on ws://{}: gearmand {}; max {} connections, {} per message, {} per job; \
+             client output {} soft, {} hard, {} total; worker token {}",
+            env!("CARGO_PKG_VERSION"),
+            self.local_addr,
+            c.gearmand.join(", "),
+            c.max_connections,
+            human_bytes(c.max_message_bytes),
+            human_bytes(c.max_job_bytes),
+            human_bytes(c.client_out_soft_bytes),
+            human_bytes(c.client_out_hard_bytes),
+            human_bytes(c.client_out_total_bytes),
+            if c.worker_token.is_some() { "required" } else { "not set (loopback peers are trusted)" },
+        );
+    }
+
+    fn note(&mut self, event: Event, now: Instant) {
+        note(&mut self.tally, &mut self.tally_since, &mut self.wheel, event, now);
+    }
+
+    /// One line per kind of event counted since the first of them (at shutdown: whatever is
+    /// left, so no count is lost).
+    fn log_summary(&mut self, now: Instant) {
+        let period = now.saturating_duration_since(self.tally_since).max(Duration::from_secs(1));
+        for (level, line) in self.tally.take_summary(period) {
+            log!(level, "{line}");
+        }
+    }
+}
+
+/// Counts a per-connection event; the first one since the last summary arms its timer. (Takes
+/// the fields it needs, so the accept loop can call it while it holds the listener.)
+fn note(
+    tally: &mut Tally,
+    since: &mut Instant,
+    wheel: &mut TimerWheel<TimerEvent>,
+    event: Event,
+    now: Instant,
+) {
+    if tally.note(event) {
+        *since = now;
+        wheel.insert(now + SUMMARY_PERIOD, TimerEvent::LogSummary);
+    }
+}
+
+/// `65536` as `64 KiB`: limits are usually powers of two; others stay exact.
+fn human_bytes(n: usize) -> String {
+    match n {
+        0 => "0 B".into(),
+        n if n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+/// A failed connect, in an operator's words.
+fn connect_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => {
+            "connection refused (is gearmand running and listening there?)".into()
+        }
+        ErrorKind::TimedOut => "connect timed out".into(),
+        _ => format!("connect failed: {e}"),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The loop's fixed tokens and the mapping between a client's `ConnId` and its `Token`.
 //!
-//! `LISTENER` and `SIGNALS` come first, then one token per `--gearmand` link, then clients:
+//! `LISTENER`, `SIGNALS` and `RESOLVER` come first, then one token per `--gearmand` link, then clients:
 //! a client's token is its slab key plus `first_client`.
 
 use mio::Token;
@@ -9,8 +9,10 @@ use mio::Token;
 pub const LISTENER: Token = Token(0);
 /// The signal pipe (SIGINT, SIGTERM).
 pub const SIGNALS: Token = Token(1);
+/// The resolver thread's waker (a host name was looked up).
+pub const RESOLVER: Token = Token(2);
 /// The first gearmand link.
-const FIRST_LINK: usize = 2;
+const FIRST_LINK: usize = 3;
 
 /// What a token names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +21,8 @@ pub enum Tok {
     Listener,
     /// The signal pipe.
     Signals,
+    /// The resolver's waker.
+    Resolver,
     /// A gearmand link, by index.
     Link(usize),
     /// A client, by slab key.
@@ -52,6 +56,7 @@ impl Tokens {
         match token.0 {
             0 => Tok::Listener,
             1 => Tok::Signals,
+            2 => Tok::Resolver,
             n if n < FIRST_LINK + self.links => Tok::Link(n - FIRST_LINK),
             n => Tok::Client(n - FIRST_LINK - self.links),
         }
@@ -67,6 +72,7 @@ mod tests {
         let t = Tokens::new(2);
         assert_eq!(t.parse(LISTENER), Tok::Listener);
         assert_eq!(t.parse(SIGNALS), Tok::Signals);
+        assert_eq!(t.parse(RESOLVER), Tok::Resolver);
         assert_eq!(t.parse(t.link(1)), Tok::Link(1));
         assert_eq!(t.parse(t.client(0)), Tok::Client(0));
         assert_eq!(t.parse(t.client(7)), Tok::Client(7));

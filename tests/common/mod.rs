@@ -127,14 +127,33 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_env(args, &[], Stdio::null())
+    }
+
+    /// `spawn` with extra environment variables and a choice for standard error.
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn gearsock");
         let stdout = child.stdout.take().map(BufReader::new);
         Proc { child, stdout }
+    }
+
+    /// Collects standard error (spawned with `Stdio::piped()`) line by line on a thread.
+    pub fn collect_stderr(&mut self) -> LogLines {
+        let lines = LogLines::default();
+        let stderr = self.child.stderr.take().expect("stderr was piped");
+        let sink = lines.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        lines
     }
 
     /// The next line of standard output (panics at EOF).
@@ -177,6 +196,21 @@ impl Drop for Proc {
     }
 }
 
+/// Lines a process wrote to standard error so far.
+#[derive(Clone, Default)]
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// How many lines contain `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|l| l.contains(text)).count()
+    }
+}
+
 /// A `gearsock serve` on a free port; `addr` is what it printed.
 pub struct Server {
     pub proc: Proc,
@@ -193,6 +227,18 @@ impl Server {
         let addr = line.strip_prefix("listening on ws://").unwrap_or_else(|| panic!("unexpected: {line}"));
         let addr = addr.parse().expect("address");
         Server { proc, addr }
+    }
+
+    /// A server at the default log level (`info`) with `env` set, and its standard error.
+    pub fn start_logged(gearmand: &str, extra: &[&str], env: &[(&str, &str)]) -> (Server, LogLines) {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--gearmand", gearmand];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn_env(&args, env, Stdio::piped());
+        let log = proc.collect_stderr();
+        let line = proc.line();
+        let addr = line.strip_prefix("listening on ws://").unwrap_or_else(|| panic!("unexpected: {line}"));
+        let addr = addr.parse().expect("address");
+        (Server { proc, addr }, log)
     }
 
     pub fn url(&self) -> String {

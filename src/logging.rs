@@ -1,0 +1,265 @@
+//! The process's log, and the tally that turns per-connection events into summaries.
+//!
+//! `init` installs a `log::Log` that never blocks its caller: a line is formatted on the calling
+//! thread and handed to a bounded queue; a writer thread owns stderr. When stderr is slow (a
+//! full pipe, a paused terminal) the queue fills and further lines are counted and dropped,
+//! never waited for; the writer says how many were lost once it catches up. So the event loop
+//! pays for a `format!` and a channel send per line, whatever happens to stderr.
+//!
+//! `Tally` is sans-IO: the server notes each per-connection event (a client that left without
+//! a close frame, a bad frame, a refusal), logs it at `debug`, and prints the counts as one
+//! line per kind at most once per `SUMMARY_PERIOD`.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Lines the queue holds before it starts dropping (a few hundred KiB at most).
+const QUEUE_LINES: usize = 4096;
+
+/// How often per-connection events are summarised.
+pub const SUMMARY_PERIOD: Duration = Duration::from_secs(10);
+
+enum Msg {
+    Line(String),
+    /// Everything queued before this has been written: tell the sender.
+    Flush(mpsc::Sender<()>),
+}
+
+struct Sink {
+    level: LevelFilter,
+    queue: SyncSender<Msg>,
+    dropped: &'static AtomicU64,
+}
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static QUEUE: OnceLock<Mutex<SyncSender<Msg>>> = OnceLock::new();
+
+/// Installs the non-blocking logger at `level` (once per process; later calls do nothing).
+pub fn init(level: LevelFilter) {
+    let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+    let spawned = std::thread::Builder::new().name("gearsock-log".into()).spawn(move || write_lines(rx));
+    if spawned.is_err() {
+        return; // no thread, no log: the server still runs
+    }
+    let sink = Sink { level, queue: tx.clone(), dropped: &DROPPED };
+    if log::set_logger(Box::leak(Box::new(sink))).is_ok() {
+        log::set_max_level(level);
+        let _ = QUEUE.set(Mutex::new(tx));
+    }
+}
+
+/// Waits (up to `limit`) until every line logged so far is written: called before exit.
+pub fn flush(limit: Duration) {
+    let Some(queue) = QUEUE.get() else { return };
+    let (tx, rx) = mpsc::channel();
+    let sent = queue.lock().map(|q| q.try_send(Msg::Flush(tx)).is_ok()).unwrap_or(false);
+    if sent {
+        let _ = rx.recv_timeout(limit);
+    }
+}
+
+fn write_lines(rx: Receiver<Msg>) {
+    let mut stderr = std::io::stderr();
+    for msg in rx {
+        match msg {
+            Msg::Line(line) => {
+                let _ = stderr.write_all(line.as_bytes());
+            }
+            Msg::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+        let lost = DROPPED.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            let note = format!("{} WARN  {lost} log lines dropped: stderr was not keeping up\n", timestamp());
+            let _ = stderr.write_all(note.as_bytes());
+        }
+    }
+}
+
+impl Log for Sink {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let line = format!("{} {:<5} {}\n", timestamp(), record.level(), record.args());
+        match self.queue.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Now as RFC 3339 UTC with milliseconds (`2026-11-30T12:46:32.123Z`).
+fn timestamp() -> String {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format_utc(since.as_secs(), since.subsec_millis())
+}
+
+fn format_utc(secs: u64, millis: u32) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// A per-connection event worth a count, not a line each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// An open WebSocket ended without a close frame (FIN or reset): a closed tab, a killed
+    /// script, a network that went away.
+    LeftWithoutClose,
+    /// A connection ended before finishing its handshake, without sending a request.
+    LeftBeforeHandshake,
+    /// A client broke HTTP or WebSocket rules and was closed with an error code.
+    Protocol,
+    /// No request head within the handshake timeout (slow or half-open clients).
+    HandshakeTimeout,
+    /// Silent through a keepalive ping.
+    IdleTimeout,
+    /// Did not answer our close in time.
+    CloseTimeout,
+    /// Dropped for not reading its replies.
+    SlowReader,
+    /// Refused with 503 at `--max-connections`.
+    Refused,
+    /// A socket error other than the peer leaving.
+    SocketError,
+    /// `accept` failed (out of descriptors or memory); accepting paused.
+    AcceptFailed,
+}
+
+impl Event {
+    const ALL: [Event; 10] = [
+        Event::LeftWithoutClose,
+        Event::LeftBeforeHandshake,
+        Event::Protocol,
+        Event::HandshakeTimeout,
+        Event::IdleTimeout,
+        Event::CloseTimeout,
+        Event::SlowReader,
+        Event::Refused,
+        Event::SocketError,
+        Event::AcceptFailed,
+    ];
+
+    /// What follows the count in the summary line.
+    fn words(self) -> &'static str {
+        match self {
+            Event::LeftWithoutClose => "clients left without a close frame",
+            Event::LeftBeforeHandshake => "connections closed before a handshake",
+            Event::Protocol => "clients closed for breaking the protocol (bad frame, bad UTF-8, bad request)",
+            Event::HandshakeTimeout => "connections sent no request in time (408)",
+            Event::IdleTimeout => "clients closed as idle (no answer to a keepalive ping)",
+            Event::CloseTimeout => "clients did not finish the close handshake in time",
+            Event::SlowReader => "clients dropped for not reading their replies (1008)",
+            Event::Refused => "connections refused at --max-connections (503)",
+            Event::SocketError => "connections ended on a socket error",
+            Event::AcceptFailed => "accept failures (out of descriptors?); accepting paused each time",
+        }
+    }
+
+    /// The summary's level: what an operator may have to act on is a warning.
+    fn level(self) -> Level {
+        match self {
+            Event::Refused | Event::AcceptFailed | Event::SlowReader => Level::Warn,
+            _ => Level::Info,
+        }
+    }
+}
+
+/// Counts of per-connection events since the last summary.
+#[derive(Debug, Default)]
+pub struct Tally {
+    counts: [u64; Event::ALL.len()],
+}
+
+impl Tally {
+    /// Counts `event`. True when it is the first since the last summary (arm the timer).
+    pub fn note(&mut self, event: Event) -> bool {
+        let first = self.is_empty();
+        self.counts[event as usize] += 1;
+        first
+    }
+
+    /// Nothing counted since the last summary.
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().all(|&n| n == 0)
+    }
+
+    /// The summary lines (level and text) for the counts so far, which are reset.
+    pub fn take_summary(&mut self, period: Duration) -> Vec<(Level, String)> {
+        let secs = period.as_secs_f64();
+        let lines = Event::ALL
+            .iter()
+            .filter(|&&e| self.counts[e as usize] > 0)
+            .map(|&e| {
+                (e.level(), format!("{} {} in the last {secs:.0} s", self.counts[e as usize], e.words()))
+            })
+            .collect();
+        self.counts = Default::default();
+        lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(format_utc(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_utc(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(format_utc(1_796_042_792, 123), "2026-11-30T12:46:32.123Z");
+    }
+
+    #[test]
+    fn a_thousand_events_make_one_line_and_the_tally_starts_again() {
+        let mut tally = Tally::default();
+        assert!(tally.note(Event::LeftWithoutClose), "the first event arms the summary");
+        for _ in 1..1000 {
+            assert!(!tally.note(Event::LeftWithoutClose));
+        }
+        tally.note(Event::Refused);
+        let lines = tally.take_summary(SUMMARY_PERIOD);
+        assert_eq!(
+            lines,
+            vec![
+                (Level::Info, "1000 clients left without a close frame in the last 10 s".to_string()),
+                (
+                    Level::Warn,
+                    "1 connections refused at --max-connections (503) in the last 10 s".to_string()
+                ),
+            ]
+        );
+        assert!(tally.is_empty());
+        assert!(tally.take_summary(SUMMARY_PERIOD).is_empty());
+        assert!(tally.note(Event::Protocol));
+    }
+}
