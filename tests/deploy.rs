@@ -636,3 +636,26 @@ fn unit_passes_systemd_analyze_and_refuses_an_empty_token() {
         report.lines().filter(|l| l.contains('✗') || l.contains("Overall")).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// The site file as shipped (port 80, 127.0.0.1:8080) where Debian's nginx.conf includes
+/// sites-enabled/*, next to Debian's default site: `nginx -t` accepts it. This needs Debian's
+/// /etc/nginx and root (nginx -t opens the log files nginx.conf names).
+#[test]
+fn site_file_as_shipped_passes_nginx_t_in_debians_layout() {
+    ensure_nginx();
+    let debian = "/etc/nginx/nginx.conf";
+    let include = "include /etc/nginx/sites-enabled/*;";
+    let conf = std::fs::read_to_string(debian).unwrap_or_default();
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !conf.contains(include) || !root {
+        eprintln!("note: not root, or no Debian {debian} with `{include}`: nginx -t skipped");
+        return;
+    }
+    let dir = TempDir::new("nginx-t");
+    let copy = dir.0.join("nginx.conf");
+    std::fs::write(&copy, conf.replace(include, &format!("{include}\n    include {SITE};"))).expect("write");
+    let out = Command::new(nginx_bin()).arg("-t").arg("-c").arg(&copy).output().expect("nginx -t");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nginx -t with the site in Debian's nginx.conf:\n{said}");
+    assert!(!said.contains("[warn]") && !said.contains("[emerg]"), "{said}");
+}
