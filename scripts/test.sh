@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the tests need on a fresh machine, then runs
-# formatting, lints, every test (unit, integration against a real gearmand, browser) and the
-# benchmarks in test mode.
+# formatting, lints, every test (unit, integration against a real gearmand, browser, nginx) and
+# the benchmarks in test mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,7 @@ need=()
 [ -x /usr/sbin/gearmand ] || need+=(gearman-job-server)
 command -v gearman >/dev/null 2>&1 || need+=(gearman-tools)
 [ -x /usr/bin/chromium ] || need+=(chromium)        # tests/browser.rs drives it headless
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)       # tests/deploy.rs proxies gearsock through it
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update
