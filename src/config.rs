@@ -176,6 +176,10 @@ impl Config {
         if self.gearmand.is_empty() {
             return Err("at least one --gearmand is needed".into());
         }
+        if self.worker_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            // An empty token would let anyone who sends "token": "" report results.
+            return Err("--worker-token is empty".into());
+        }
         if self.max_frame_bytes > self.max_message_bytes {
             return Err("--max-frame-bytes cannot exceed --max-message-bytes".into());
         }
@@ -227,6 +231,7 @@ usage: gearsock [serve] [flags]
   --gearmand HOST:PORT       a gearmand server, repeatable (127.0.0.1:4730)
   --poll-interval-ms N       background job status poll (100)
   --worker-token T           worker.complete must carry \"token\": T (default: loopback peers only)
+  --worker-token-file PATH   the same, read from a file (keeps it off the command line)
   --max-connections N        open client connections (open-file limit - 64)
   --max-message-bytes N      largest WebSocket message, close 1009 beyond (65536)
   --max-frame-bytes N        largest WebSocket frame (65536)
@@ -263,6 +268,7 @@ usage: gearsock worker [flags]
   --report URL           where worker.complete goes (ws://127.0.0.1:8080)
   --no-report            do not report over WebSocket
   --worker-token T       send \"token\": T with worker.complete
+  --worker-token-file P  the same, read from a file
   --count N              pings per job (5)
   --interval-ms N        pause after each ping (1000)
   --concurrency N        jobs run at once, one connection each (1)
@@ -331,6 +337,18 @@ where
     text.parse::<T>().map_err(|e| format!("bad value {text:?}: {e}"))
 }
 
+/// A token read from the file named by the flag's value, without its trailing newline (as
+/// `echo T > file` or a systemd credential leaves it). An empty file is an error.
+fn token_file(parser: &mut lexopt::Parser) -> Result<String, String> {
+    let path: String = value(parser)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let token = text.trim_end_matches(['\n', '\r']);
+    if token.trim().is_empty() {
+        return Err(format!("{path} holds no token"));
+    }
+    Ok(token.to_string())
+}
+
 fn millis(parser: &mut lexopt::Parser) -> Result<Duration, String> {
     value::<u64>(parser).map(Duration::from_millis)
 }
@@ -345,6 +363,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("gearmand") => gearmand.push(value::<String>(parser)?),
             Long("poll-interval-ms") => c.poll_interval = millis(parser)?,
             Long("worker-token") => c.worker_token = Some(value(parser)?),
+            Long("worker-token-file") => c.worker_token = Some(token_file(parser)?),
             Long("max-connections") => c.max_connections = value(parser)?,
             Long("max-message-bytes") => c.max_message_bytes = value(parser)?,
             Long("max-frame-bytes") => c.max_frame_bytes = value(parser)?,
@@ -396,6 +415,7 @@ fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("report") => o.report = Some(value(parser)?),
             Long("no-report") => o.report = None,
             Long("worker-token") => o.worker_token = Some(value(parser)?),
+            Long("worker-token-file") => o.worker_token = Some(token_file(parser)?),
             Long("count") => o.count = value(parser)?,
             Long("interval-ms") => o.interval_ms = value(parser)?,
             Long("concurrency") => o.concurrency = value::<u32>(parser)?.max(1),
@@ -490,5 +510,25 @@ mod tests {
             panic!("not submit")
         };
         assert_eq!((o.function.as_str(), o.payload.as_slice(), o.background), ("ping", &b"noop"[..], true));
+    }
+
+    #[test]
+    fn a_token_comes_from_a_file_and_is_never_empty() {
+        let path = std::env::temp_dir().join(format!("gearsock-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let file = path.to_str().unwrap();
+        let Ok(Command::Serve(c)) = parse_args(args(&["--worker-token-file", file])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.worker_token.as_deref(), Some("s3cret"));
+        let Ok(Command::Worker(o)) = parse_args(args(&["worker", "--worker-token-file", file])) else {
+            panic!("not worker")
+        };
+        assert_eq!(o.worker_token.as_deref(), Some("s3cret"));
+        std::fs::write(&path, "\n").unwrap();
+        assert!(parse_args(args(&["--worker-token-file", file])).unwrap_err().contains("holds no token"));
+        std::fs::remove_file(&path).unwrap();
+        assert!(parse_args(args(&["--worker-token-file", file])).unwrap_err().contains("cannot read"));
+        assert!(parse_args(args(&["--worker-token", ""])).unwrap_err().contains("empty"));
     }
 }

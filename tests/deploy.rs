@@ -26,7 +26,7 @@ const SITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx-gearsock.c
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/gearsock.service");
 /// What the unit's ExecStart names; the test runs the binary cargo built instead.
 const INSTALLED_BIN: &str = "/usr/local/bin/gearsock";
-/// The value of GEARSOCK_WORKER_TOKEN in this test's stand-in for /etc/gearsock/env.
+/// The token in this test's stand-in for /etc/gearsock/worker-token.
 const TOKEN: &str = "deploy-test-token-5f3a";
 /// How long any one wait of this test may last.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -245,7 +245,7 @@ fn unit_value(key: &str) -> String {
 }
 
 /// `gearsock serve` exactly as the unit's ExecStart runs it, with what systemd would put in:
-/// the token from the environment file, and the unit's LimitNOFILE. Only the addresses are
+/// the token file as a credential, and the unit's LimitNOFILE. Only the addresses are
 /// moved to this test's free port and gearmand.
 fn serve_as_the_unit_does(gearmand: &str) -> Server {
     let exec = unit_value("ExecStart");
@@ -264,9 +264,15 @@ fn serve_as_the_unit_does(gearmand: &str) -> Server {
             _ => {}
         }
     }
-    let token_at = words.iter().position(|w| w == "--worker-token").expect("ExecStart passes --worker-token");
-    assert_eq!(words[token_at + 1], "${GEARSOCK_WORKER_TOKEN}", "the token comes from the environment file");
-    words[token_at + 1] = TOKEN.into();
+    let token_at =
+        words.iter().position(|w| w == "--worker-token-file").expect("ExecStart passes --worker-token-file");
+    assert_eq!(words[token_at + 1], "${CREDENTIALS_DIRECTORY}/worker-token", "the token is a credential");
+    assert_eq!(unit_value("LoadCredential"), "worker-token:/etc/gearsock/worker-token");
+    // What systemd would hand over: a credentials directory holding the file.
+    let credentials = TempDir::new("credentials");
+    let token_file = credentials.0.join("worker-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write the token file");
+    words[token_at + 1] = token_file.to_str().expect("UTF-8 temp path").into();
 
     let files: libc::rlim_t = unit_value("LimitNOFILE").parse().expect("LimitNOFILE is one number");
     let mut cmd = Command::new(BIN);
@@ -295,8 +301,8 @@ fn serve_as_the_unit_does(gearmand: &str) -> Server {
     }
     let mut child = cmd.spawn().expect("spawn gearsock serve");
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    // The unit keeps the default log level, and the log shares standard output with the
-    // `listening on` line (under systemd both go to the journal).
+    // Only the `listening on` line is on standard output (the log goes to standard error;
+    // under systemd both go to the journal); anything else there is kept for the panic message.
     let mut said = Vec::new();
     let addr = loop {
         let mut line = String::new();
@@ -310,7 +316,7 @@ fn serve_as_the_unit_does(gearmand: &str) -> Server {
             None => said.push(line),
         }
     };
-    // Keep reading, so that the log never fills the pipe and blocks the server.
+    // Keep reading whatever else comes on standard output.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     Server { addr, proc: Proc { child, stdout: None } }
 }
@@ -584,31 +590,28 @@ fn closes_pass_through_nginx_both_ways() {
 
 /// `systemd-analyze verify` on the unit as shipped, except that ExecStart names the binary cargo
 /// built (verify refuses an ExecStart whose binary is missing, and /usr/local/bin/gearsock is
-/// not installed here); `systemd-analyze security` keeps its exposure score low; and the unit's
-/// ExecStartPre refuses an empty or missing token.
+/// not installed here); `systemd-analyze security` keeps its exposure score low; and gearsock
+/// refuses to start with the unit's token file missing or empty.
 #[test]
 fn unit_passes_systemd_analyze_and_refuses_an_empty_token() {
     let unit = unit_text();
     assert_eq!(unit.matches(INSTALLED_BIN).count(), 1, "the binary is named once, in ExecStart");
 
-    // The token guard, run by the shell as systemd would run it ($$ is systemd's escape for $).
-    let pre = unit_value("ExecStartPre");
-    let script = pre
-        .strip_prefix("/bin/sh -c '")
-        .and_then(|s| s.strip_suffix('\''))
-        .unwrap_or_else(|| panic!("ExecStartPre=/bin/sh -c '…' expected: {pre}"))
-        .replace("$$", "$");
-    let guard = |token: Option<&str>| {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", &script]).env_remove("GEARSOCK_WORKER_TOKEN").stderr(Stdio::null());
-        if let Some(t) = token {
-            cmd.env("GEARSOCK_WORKER_TOKEN", t);
-        }
-        cmd.status().expect("run /bin/sh").success()
+    // No token, no start: a missing or empty credential file stops gearsock before it listens.
+    let dir = TempDir::new("token");
+    let refused = |path: &Path| {
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--worker-token-file"])
+            .arg(path)
+            .output()
+            .expect("run gearsock");
+        assert!(!out.status.success(), "gearsock started with {path:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    assert!(!guard(None), "a missing token stops the start");
-    assert!(!guard(Some("")), "an empty token stops the start");
-    assert!(guard(Some(TOKEN)), "a token lets it start");
+    let empty = dir.0.join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    assert!(refused(&empty).contains("holds no token"));
+    assert!(refused(&dir.0.join("missing")).contains("cannot read"));
 
     let analyze = "/usr/bin/systemd-analyze";
     if !Path::new(analyze).exists() {
