@@ -16,6 +16,7 @@ pub mod app;
 pub mod bench;
 pub mod buf;
 pub mod config;
+pub mod connection;
 pub mod gearman;
 pub mod logging;
 pub mod metrics;
