@@ -30,12 +30,13 @@ use slab::Slab;
 
 use crate::app::{App, AppConfig, AppTimer, ConnId, Effect, is_trusted_peer};
 use crate::config::Config;
+use crate::connection::{AfterWrite, CloseReason, ConnEvent, ConnLimits, Connection, ReadInto};
 use crate::logging::{Event, SUMMARY_PERIOD, Tally};
 use crate::metrics::Gauges;
 use crate::random::Entropy;
 use crate::wheel::TimerWheel;
-use crate::ws::{WsEvent, WsLimits};
-use conn::{CloseReason, Conn, Life};
+use crate::ws::WsLimits;
+use conn::Conn;
 use gearman_link::{GearmanLink, Health, LinkState, OutageNote, REMINDER_PERIOD, Role, SLOTS_PER_SERVER};
 use io::{Io, discard, fill, flush, write_some};
 use resolver::Resolver;
@@ -67,7 +68,7 @@ impl std::error::Error for ServerError {}
 /// What the wheel holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TimerEvent {
-    /// A client's handshake, idle or close deadline (its phase says which).
+    /// A client's next deadline (its connection knows which).
     Conn(ConnId),
     /// Try gearmand link `i` again.
     Reconnect(usize),
@@ -75,8 +76,6 @@ enum TimerEvent {
     LogSummary,
     /// Check every gearmand link's health (periodic).
     LinkCheck,
-    /// A client has been over the soft output limit since then; drop it if it still is.
-    SoftLimit(ConnId),
     /// Accepting paused after the process ran out of descriptors; try again.
     AcceptResume,
     /// Shutdown grace is over: exit even if some clients did not hang up.
@@ -102,7 +101,7 @@ Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
 /// The server: sockets, protocol state and the loop that drives them.
 pub struct Server {
     cfg: Config,
-    limits: WsLimits,
+    limits: ConnLimits,
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
@@ -185,7 +184,7 @@ impl Server {
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let seed = clock.as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
         Ok(Server {
-            limits: WsLimits::from(cfg),
+            limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
             app: App::new(AppConfig::from(cfg), links.len(), Entropy::os()),
             cfg: cfg.clone(),
@@ -258,8 +257,8 @@ impl Server {
             self.fire_timers(now); // wheel.expire(now) -> App / connections / links
             self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
-            self.limit_backlog(); // the total of all clients' output stays bounded
-            self.reap_closed(now); // deregister + slab.remove, always last
+            self.limit_backlog(now); // the total of all clients' output stays bounded
+            self.reap_closed(); // deregister + slab.remove, always last
         }
         self.log_summary(Instant::now());
         info!("stopped");
@@ -297,21 +296,13 @@ impl Server {
                 }
             }
             Tok::Client(key) => {
-                let Some(conn) = self.conns.get_mut(key) else { return }; // reaped this pass
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    conn.can_read = true;
-                    conn.hup_seen |= event.is_read_closed() || event.is_error();
-                    if !conn.in_ready {
-                        conn.in_ready = true;
-                        self.ready.push(key);
-                    }
+                let Some(c) = self.conns.get_mut(key) else { return }; // reaped this pass
+                let (readable, writable) = c.io.note(event);
+                if readable {
+                    list(&mut self.ready, &mut c.listed.ready, key);
                 }
-                if event.is_writable() || event.is_error() {
-                    conn.write_blocked = false;
-                    if !conn.in_dirty {
-                        conn.in_dirty = true;
-                        self.dirty.push(key);
-                    }
+                if writable {
+                    list(&mut self.dirty, &mut c.listed.dirty, key);
                 }
             }
         }
@@ -361,11 +352,12 @@ impl Server {
                 warn!("cannot register a client: {e}");
                 continue;
             }
-            let mut conn = Conn::new(sock, self.next_gen, peer, now);
-            conn.timer =
-                Some(self.wheel.insert(now + self.cfg.handshake_timeout, TimerEvent::Conn(conn.id(key))));
-            conn.in_ready = true;
-            entry.insert(conn);
+            let mut c = Conn::new(sock, self.next_gen, peer, Connection::new(now, &self.limits));
+            if let Some(at) = c.conn.next_deadline(&self.limits) {
+                c.timer = Some((self.wheel.insert(at, TimerEvent::Conn(c.id(key))), at));
+            }
+            c.listed.ready = true;
+            entry.insert(c);
             self.ready.push(key);
             self.app.metrics.accepted += 1;
             debug!("conn={key} accepted from {peer}");
@@ -619,7 +611,7 @@ impl Server {
         let ready = std::mem::take(&mut self.ready);
         for &key in &ready {
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.in_ready = false;
+                conn.listed.ready = false;
                 self.drive_client(key, now);
             }
         }
@@ -630,113 +622,98 @@ impl Server {
         self.ready = ready;
     }
 
-    /// One client: read what its socket has (up to the budget), run the protocol, hand each
-    /// event to the App. Writing happens later, in `flush_outputs`, once per pass; a connection
-    /// that has replies or is ending is put on the dirty list for it.
+    /// One client: read what its socket has (up to the budget), hand the connection's events
+    /// on. Writing happens later, in `flush_outputs`, once per pass.
     fn drive_client(&mut self, key: usize, now: Instant) {
         self.read_client(key, now);
-        let conn = &mut self.conns[key];
-        if conn.ws.output_len() > 0 || conn.life != Life::Live {
-            mark_dirty(&mut self.dirty, conn, key);
-        }
+        self.take_events(key, now);
+        self.settle(key, now);
     }
 
+    /// Moves the socket's bytes into the connection: into its buffer, or dropped while it is
+    /// ending. Edge-triggered: a read that stops short of WouldBlock (budget spent) puts the
+    /// client back on the ready list, since no new edge will come for bytes already waiting.
     fn read_client(&mut self, key: usize, now: Instant) {
-        let conn = &mut self.conns[key];
-        if !conn.can_read || conn.life == Life::Dead {
+        let c = &mut self.conns[key];
+        if !c.io.can_read {
             return;
         }
-        if conn.reason == Some(CloseReason::OutputLimit) {
-            // A dropped slow reader is not read again: a client that only writes is held back
-            // by TCP until the close timeout, not fed by us.
-            return;
-        }
-        let id = conn.id(key);
-        let outcome = match conn.ws.input() {
-            Some(input) if conn.life == Life::Live => {
-                fill(&mut conn.sock, input, &mut self.scratch, self.cfg.read_budget_bytes, !conn.hup_seen)
+        let outcome = match c.conn.read_into() {
+            ReadInto::Buffer(input) => {
+                fill(&mut c.sock, input, &mut self.scratch, self.cfg.read_budget_bytes, !c.io.hup_seen)
             }
-            // Draining or lingering: what the peer still sends is read and dropped.
-            _ => discard(&mut conn.sock, &mut self.scratch),
+            ReadInto::Discard => discard(&mut c.sock, &mut self.scratch),
+            ReadInto::Nothing => return,
         };
         match outcome {
-            Ok((_, n)) if n > 0 => {
-                conn.last_seen = now;
-                conn.pinged = false;
+            Ok((io, n)) => {
+                c.conn.handle_read(n, io == Io::Eof, now);
+                match io {
+                    Io::Blocked | Io::Eof => c.io.can_read = false,
+                    Io::Paused => list(&mut self.ready, &mut c.listed.ready, key),
+                }
             }
-            _ => {}
-        }
-        match outcome {
-            Ok((Io::Blocked, _)) => conn.can_read = false,
-            Ok((Io::Paused, _)) => {
-                // Budget spent or buffer full: come back next pass without waiting for an edge.
-                conn.in_ready = true;
-                self.ready.push(key);
-            }
-            Ok((Io::Eof, _)) => {
-                conn.can_read = false;
-                conn.peer_eof = true;
-                conn.ws.handle_eof();
-            }
-            Err(e) => {
-                conn.kill(CloseReason::Io(e.kind()));
-                return self.app.handle_client_closed(id);
-            }
-        }
-        if conn.life != Life::Live {
-            if matches!(outcome, Ok((Io::Eof, _))) {
-                // The peer hung up after our last bytes: done.
-                let reason = conn.reason.clone().unwrap_or(CloseReason::PeerClosed);
-                conn.kill(reason);
-            }
-            return;
-        }
-        while let Some(event) = self.conns[key].ws.poll_event(&self.limits) {
-            self.on_ws_event(key, id, event, now);
-        }
-        let conn = &mut self.conns[key];
-        if conn.life == Life::Live && conn.ws.is_done() {
-            conn.drain(CloseReason::PeerClosed);
-        }
-        if matches!(outcome, Ok((Io::Eof, _))) && conn.life == Life::Live {
-            // FIN in the middle of a frame or before any request: nothing more can come.
-            conn.kill(CloseReason::Abrupt);
-            self.app.handle_client_closed(id);
+            Err(e) => c.conn.handle_error(e.kind()),
         }
     }
 
-    fn on_ws_event(&mut self, key: usize, id: ConnId, event: WsEvent, now: Instant) {
-        match event {
-            WsEvent::Opened(upgrade) => {
-                let conn = &mut self.conns[key];
-                self.app.metrics.handshakes += 1;
-                debug!("conn={key} open");
-                if let Some(t) = conn.timer.take() {
+    /// Hands the connection's events on: to the App, to the HTTP router, to the logs. The
+    /// one place a client's end is reported: `Closed` comes out of a connection once.
+    fn take_events(&mut self, key: usize, now: Instant) {
+        let id = self.conns[key].id(key);
+        while let Some(event) = self.conns[key].conn.poll_event(&self.limits.ws, now) {
+            match event {
+                ConnEvent::Opened(upgrade) => {
+                    self.app.metrics.handshakes += 1;
+                    debug!("conn={key} open");
+                    let peer = self.conns[key].peer.ip();
+                    let trusted = is_trusted_peer(peer, upgrade.origin_is_own_or_absent(), upgrade.forwarded);
+                    self.app.handle_client_open(id, trusted);
+                }
+                ConnEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
+                ConnEvent::Text(text) => self.app.handle_client_text(id, &text, now),
+                ConnEvent::Binary => self.app.handle_client_binary(id),
+                ConnEvent::Closed { reason, handshaking } => {
+                    debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer);
+                    if reason == CloseReason::OutputLimit {
+                        self.app.metrics.slow_readers_dropped += 1;
+                    }
+                    if let Some(event) = reason.event(handshaking) {
+                        self.note(event, now);
+                    }
+                    self.app.handle_client_closed(id);
+                }
+            }
+        }
+    }
+
+    /// After anything happened to a client: it is listed for `flush_outputs` when it has
+    /// bytes the socket may take, or has ended (to be reaped), and its timer follows its next
+    /// deadline.
+    fn settle(&mut self, key: usize, now: Instant) {
+        let c = &mut self.conns[key];
+        if c.conn.is_closed() || (c.conn.output_len() > 0 && !c.io.write_blocked) {
+            list(&mut self.dirty, &mut c.listed.dirty, key);
+        }
+        self.rearm(key, now);
+    }
+
+    /// Sets the client's one timer for its next deadline. A deadline that moved later keeps
+    /// the timer it has: it fires early, finds nothing due, and is set again (cheaper than
+    /// moving it on every message).
+    fn rearm(&mut self, key: usize, now: Instant) {
+        let c = &mut self.conns[key];
+        let want = c.conn.next_deadline(&self.limits);
+        match (c.timer, want) {
+            (Some((_, at)), Some(want)) if at <= want => {}
+            (old, want) => {
+                if let Some((t, _)) = old {
                     self.wheel.cancel(t);
                 }
-                conn.timer = Some(self.wheel.insert(now + self.cfg.idle_timeout, TimerEvent::Conn(id)));
-                let trusted =
-                    is_trusted_peer(conn.peer.ip(), upgrade.origin_is_own_or_absent(), upgrade.forwarded);
-                self.app.handle_client_open(id, trusted);
-            }
-            WsEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
-            WsEvent::Text(text) => self.app.handle_client_text(id, &text, now),
-            WsEvent::Binary => self.app.handle_client_binary(id),
-            WsEvent::Closed => {
-                debug!("conn={key} close frame from peer");
-                self.conns[key].drain(CloseReason::PeerClosed);
-                self.app.handle_client_closed(id);
-            }
-            WsEvent::Failed { code, why } => {
-                debug!("conn={key} reason=protocol code={code}: {why}");
-                // 1006 is never sent: it is how the Ws says the peer left without a close frame.
-                let reason = if code == 1006 { CloseReason::Abrupt } else { CloseReason::Protocol(code) };
-                self.conns[key].drain(reason);
-                self.app.handle_client_closed(id);
+                c.timer = want.map(|at| (self.wheel.insert(at.max(now), TimerEvent::Conn(c.id(key))), at));
             }
         }
     }
-
     /// Each gearmand as `/healthz` and `/metrics` show it: address, the active connection's
     /// state (`stalled` when it is up but not taking bytes or not answering), connections made,
     /// retiring connections; and whether any takes work.
@@ -802,9 +779,7 @@ impl Server {
             let text = self.app.metrics.render(&gauges);
             (200, "OK", "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
         };
-        let conn = &mut self.conns[key];
-        conn.ws.respond(status, reason, ctype, &body);
-        conn.drain(CloseReason::HttpDone);
+        self.conns[key].conn.respond(status, reason, ctype, &body, now);
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -826,57 +801,21 @@ impl Server {
                 }
                 TimerEvent::App(timer) => self.app.handle_timer(timer, now),
                 TimerEvent::LinkCheck => self.check_links(now),
-                TimerEvent::SoftLimit(id) => self.check_soft_limit(id, now),
             }
         }
         self.fired = fired;
     }
 
-    /// A connection's one timer: the handshake deadline, the idle check, or the close deadline.
+    /// A client's timer: its connection acts on whatever deadline is due (408, ping, 1001,
+    /// 1008, the end of a close), and the timer is set again for the next one.
     fn on_conn_timer(&mut self, id: ConnId, now: Instant) {
         let key = id.key as usize;
-        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
-        conn.timer = None;
-        let rearm = match conn.life {
-            Life::Draining | Life::Lingering => {
-                conn.kill(CloseReason::CloseTimeout);
-                None
-            }
-            Life::Dead => None,
-            Life::Live if conn.ws.is_handshaking() => {
-                debug!("conn={key} reason=handshake_timeout");
-                conn.ws.respond(408, "Request Timeout", "text/plain", b"request not received in time\n");
-                conn.drain(CloseReason::HandshakeTimeout);
-                self.app.handle_client_closed(id);
-                None
-            }
-            Life::Live => {
-                let idle = now.saturating_duration_since(conn.last_seen);
-                if idle < self.cfg.idle_timeout {
-                    Some(conn.last_seen + self.cfg.idle_timeout)
-                } else if !conn.pinged {
-                    // Keepalive: any answer (the pong) counts as traffic and resets `last_seen`.
-                    conn.pinged = true;
-                    conn.ws.send_ping();
-                    Some(now + self.cfg.idle_timeout)
-                } else {
-                    debug!("conn={key} reason=idle_timeout");
-                    conn.ws.close(1001, "idle timeout");
-                    conn.drain(CloseReason::IdleTimeout);
-                    self.app.handle_client_closed(id);
-                    None
-                }
-            }
-        };
-        let conn = &mut self.conns[key];
-        if let Some(at) = rearm {
-            conn.timer = Some(self.wheel.insert(at, TimerEvent::Conn(id)));
-        }
-        if conn.ws.output_len() > 0 || conn.life != Life::Live {
-            mark_dirty(&mut self.dirty, conn, key);
-        }
+        let Some(c) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
+        c.timer = None;
+        c.conn.handle_timeout(&self.limits, now);
+        self.take_events(key, now);
+        self.settle(key, now);
     }
-
     fn apply_effects(&mut self, now: Instant) {
         // Swapped out and back so both vectors keep their allocations across passes.
         let mut effects = std::mem::take(&mut self.effects);
@@ -891,11 +830,12 @@ impl Server {
         match effect {
             Effect::Send(id, text) => {
                 let key = id.key as usize;
-                let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else {
+                let Some(c) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else {
                     return;
                 };
-                if conn.ws.send_text(text) {
-                    mark_dirty(&mut self.dirty, conn, key);
+                if c.conn.send_text(text) {
+                    // Listed even when the socket is blocked: the output limits are checked.
+                    list(&mut self.dirty, &mut c.listed.dirty, key);
                 }
             }
             Effect::Submit { link, tag, function, unique, payload, mode, priority } => {
@@ -949,10 +889,10 @@ impl Server {
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
             let Some(conn) = self.conns.get_mut(key) else { continue };
-            conn.in_dirty = false;
+            conn.listed.dirty = false;
             self.flush_client(key, now);
             // Every connection that dies in a pass passes through here: its end was marked dirty.
-            if self.conns[key].life == Life::Dead {
+            if self.conns[key].conn.is_closed() {
                 self.dead.push(key);
             }
         }
@@ -964,110 +904,59 @@ impl Server {
         self.dirty = dirty;
     }
 
+    /// Writes what the client has queued (once per pass), tells the connection how much went,
+    /// and keeps the registered interest and the backlog list in step with what is left.
     fn flush_client(&mut self, key: usize, now: Instant) {
-        let conn = &mut self.conns[key];
-        if conn.life == Life::Dead {
+        let c = &mut self.conns[key];
+        if c.conn.is_closed() {
             return;
         }
-        if conn.life != Life::Live && !conn.close_armed {
-            // Leaving `Live` bounds what is left of the connection's life by the close timeout.
-            conn.close_armed = true;
-            if let Some(t) = conn.timer.take() {
-                self.wheel.cancel(t);
-            }
-            let at = now + self.cfg.close_timeout;
-            conn.timer = Some(self.wheel.insert(at, TimerEvent::Conn(conn.id(key))));
-        }
-        if !conn.write_blocked && conn.ws.output_len() > 0 {
-            match write_some(&mut conn.sock, conn.ws.output()) {
-                Ok((io, written)) => {
-                    // Partial writes are normal: the Ws keeps the tail and knows where its
-                    // frames begin, so a slow reader can still be sent a clean close.
-                    conn.ws.consume_output(written);
-                    conn.write_blocked = io == Io::Blocked;
+        let mut written = 0;
+        if !c.io.write_blocked && c.conn.output_len() > 0 {
+            match write_some(&mut c.sock, c.conn.output()) {
+                // Partial writes are normal: the connection keeps the tail and knows where its
+                // frames begin, so a slow reader can still be sent a clean close.
+                Ok((io, n)) => {
+                    written = n;
+                    c.io.write_blocked = io == Io::Blocked;
                 }
-                Err(e) => {
-                    let id = conn.id(key);
-                    conn.kill(CloseReason::Io(e.kind()));
-                    return self.app.handle_client_closed(id);
-                }
+                Err(e) => c.conn.handle_error(e.kind()),
             }
         }
-        let pending = conn.ws.output_len();
-        if conn.life == Life::Live {
-            if pending > self.cfg.client_out_hard_bytes {
-                self.drop_slow_reader(key, "over the hard output limit");
-            } else if pending > self.cfg.client_out_soft_bytes {
-                // Over the soft limit: allowed for a while (a reader catching up with a burst);
-                // a timer comes back to see whether it still is.
-                if conn.over_soft_since.is_none() {
-                    conn.over_soft_since = Some(now);
-                    let at = now + self.cfg.client_out_soft_time;
-                    self.wheel.insert(at, TimerEvent::SoftLimit(conn.id(key)));
-                }
-            } else {
-                conn.over_soft_since = None;
-            }
+        if c.conn.handle_written(written, &self.limits, now) == AfterWrite::ShutdownWrite {
+            // All our bytes are out: shut our side and keep reading until the peer hangs up
+            // (closing with unread input would reset the connection and could destroy our
+            // last frame before the peer reads it).
+            let _ = c.sock.shutdown(std::net::Shutdown::Write);
         }
-        let conn = &mut self.conns[key];
-        if conn.life == Life::Dead {
-            return;
+        if c.conn.output_len() > 0 {
+            list(&mut self.backlog, &mut c.listed.backlog, key);
         }
-        let pending = conn.ws.output_len();
-        if pending > 0 && !conn.in_backlog {
-            conn.in_backlog = true;
-            self.backlog.push(key);
-        }
-        let want_writable = pending > 0;
-        if want_writable != conn.writable_interest {
+        // Interest follows what the connection wants: WRITABLE only while bytes wait.
+        let want_writable = c.conn.wants_write();
+        if want_writable != c.io.writable_registered && !c.conn.is_closed() {
             let interest =
                 if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            let _ = self.poll.registry().reregister(&mut conn.sock, self.tokens.client(key), interest);
-            conn.writable_interest = want_writable;
+            let _ = self.poll.registry().reregister(&mut c.sock, self.tokens.client(key), interest);
+            c.io.writable_registered = want_writable;
         }
-        if pending == 0 {
-            conn.ws.release_idle_buffers();
-            if conn.life == Life::Draining && conn.peer_eof {
-                let reason = conn.reason.clone().unwrap_or(CloseReason::PeerClosed);
-                conn.kill(reason);
-            } else if conn.life == Life::Draining {
-                // All our bytes are out: shut our side and wait for the peer to hang up, reading
-                // what it still sends (closing with unread input would reset the connection and
-                // could destroy our last frame before the peer reads it).
-                let _ = conn.sock.shutdown(std::net::Shutdown::Write);
-                conn.life = Life::Lingering;
-            }
-        }
-    }
-
-    /// The soft limit's grace is over: a client still above it is dropped.
-    fn check_soft_limit(&mut self, id: ConnId, now: Instant) {
-        let key = id.key as usize;
-        let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == id.generation) else { return };
-        let Some(since) = conn.over_soft_since else { return };
-        if conn.life != Life::Live || conn.ws.output_len() <= self.cfg.client_out_soft_bytes {
-            conn.over_soft_since = None;
-        } else if now.saturating_duration_since(since) >= self.cfg.client_out_soft_time {
-            self.drop_slow_reader(key, "over the soft output limit for too long");
-        } else {
-            // It dipped under and went over again since: this timer belongs to the new spell.
-            self.wheel.insert(since + self.cfg.client_out_soft_time, TimerEvent::SoftLimit(id));
-        }
+        self.take_events(key, now);
+        self.rearm(key, now);
     }
 
     /// Bytes queued for all clients (those with a backlog after their last write).
     fn backlog_bytes(&self) -> usize {
-        self.backlog.iter().filter_map(|&k| self.conns.get(k)).map(|c| c.ws.output_len()).sum()
+        self.backlog.iter().filter_map(|&k| self.conns.get(k)).map(|c| c.conn.output_len()).sum()
     }
 
     /// Keeps the output of all clients together under `client_out_total_bytes`, dropping the
     /// largest backlogs first. Only connections whose last write left bytes are looked at.
-    fn limit_backlog(&mut self) {
+    fn limit_backlog(&mut self, now: Instant) {
         let conns = &mut self.conns;
         self.backlog.retain(|&k| match conns.get_mut(k) {
-            Some(c) if c.life != Life::Dead && c.ws.output_len() > 0 => true,
+            Some(c) if !c.conn.is_closed() && c.conn.output_len() > 0 => true,
             Some(c) => {
-                c.in_backlog = false;
+                c.listed.backlog = false;
                 false
             }
             None => false,
@@ -1077,34 +966,20 @@ impl Server {
             return;
         }
         let mut largest: Vec<(usize, usize)> =
-            self.backlog.iter().map(|&k| (self.conns[k].ws.output_len(), k)).collect();
+            self.backlog.iter().map(|&k| (self.conns[k].conn.output_len(), k)).collect();
         largest.sort_unstable_by(|a, b| b.cmp(a));
         for (bytes, key) in largest {
             if total <= self.cfg.client_out_total_bytes {
                 break;
             }
-            if self.conns[key].life == Life::Live {
-                self.drop_slow_reader(key, "largest backlog while all clients' output is over its total");
-                total -= bytes.saturating_sub(self.conns[key].ws.output_len());
+            if self.conns[key].conn.is_open() {
+                debug!("conn={key} dropped: largest backlog while all clients' output is over its total");
+                self.conns[key].conn.drop_slow_reader(now);
+                self.take_events(key, now);
+                self.settle(key, now);
+                total -= bytes.saturating_sub(self.conns[key].conn.output_len());
             }
         }
-    }
-
-    /// A client that does not read its replies is dropped: what was not yet started is
-    /// discarded, and a close 1008 follows the frame already on the wire, if the socket still
-    /// takes it before the close timeout.
-    fn drop_slow_reader(&mut self, key: usize, why: &str) {
-        let conn = &mut self.conns[key];
-        let id = conn.id(key);
-        debug!("conn={key} slow reader dropped: {why} ({} bytes queued)", conn.ws.output_len());
-        self.app.metrics.slow_readers_dropped += 1;
-        if conn.ws.abort(1008, "not reading fast enough") {
-            conn.drain(CloseReason::OutputLimit);
-        } else {
-            conn.kill(CloseReason::OutputLimit);
-        }
-        mark_dirty(&mut self.dirty, conn, key);
-        self.app.handle_client_closed(id);
     }
 
     fn begin_shutdown(&mut self, now: Instant) {
@@ -1112,18 +987,11 @@ impl Server {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        for (key, conn) in self.conns.iter_mut() {
-            if conn.ws.is_open() {
-                conn.ws.close(1001, "server shutting down");
-                conn.drain(CloseReason::Shutdown);
-            } else if conn.life == Life::Live {
-                conn.kill(CloseReason::Shutdown);
-            }
-            mark_dirty(&mut self.dirty, conn, key);
-        }
-        let ids: Vec<ConnId> = self.conns.iter().map(|(k, c)| c.id(k)).collect();
-        for id in ids {
-            self.app.handle_client_closed(id);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.conns[key].conn.shutdown(now); // close 1001 for open WebSockets
+            self.take_events(key, now);
+            self.settle(key, now);
         }
         self.wheel.insert(now + self.cfg.close_timeout, TimerEvent::ShutdownDeadline);
         if self.conns.is_empty() {
@@ -1131,23 +999,18 @@ impl Server {
         }
     }
 
-    fn reap_closed(&mut self, now: Instant) {
+    fn reap_closed(&mut self) {
         let mut dead = std::mem::take(&mut self.dead);
         for key in dead.drain(..) {
-            if !self.conns.get(key).is_some_and(|c| c.life == Life::Dead) {
+            if !self.conns.get(key).is_some_and(|c| c.conn.is_closed()) {
                 continue; // listed twice
             }
-            let mut conn = self.conns.remove(key);
-            let _ = self.poll.registry().deregister(&mut conn.sock);
-            if let Some(t) = conn.timer {
+            let mut c = self.conns.remove(key);
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            if let Some((t, _)) = c.timer {
                 self.wheel.cancel(t);
             }
             self.app.metrics.closed += 1;
-            // One line per connection at debug; the operator's level gets counts (`log_summary`).
-            debug!("conn={key} peer={} closed reason={:?}", conn.peer, conn.reason);
-            if let Some(event) = conn.reason.as_ref().and_then(|r| r.event(conn.ws.is_handshaking())) {
-                self.note(event, now);
-            }
         }
         self.dead = dead;
         if self.shutting_down && self.conns.is_empty() {
@@ -1155,7 +1018,6 @@ impl Server {
         }
     }
 }
-
 impl Server {
     /// The startup line: what is in force, so an operator can check it against intent.
     fn log_startup(&self) {
@@ -1233,9 +1095,23 @@ fn link_check_period(cfg: &Config) -> Duration {
     (cfg.gearmand_timeout / 5).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
-fn mark_dirty(dirty: &mut Vec<usize>, conn: &mut Conn, key: usize) {
-    if !conn.in_dirty {
-        conn.in_dirty = true;
-        dirty.push(key);
+/// Puts `key` on a per-pass list once (`listed` remembers).
+fn list(list: &mut Vec<usize>, listed: &mut bool, key: usize) {
+    if !*listed {
+        *listed = true;
+        list.push(key);
+    }
+}
+
+/// A connection's limits and timeouts, from the server's configuration.
+fn conn_limits(cfg: &Config) -> ConnLimits {
+    ConnLimits {
+        ws: WsLimits::from(cfg),
+        handshake_timeout: cfg.handshake_timeout,
+        idle_timeout: cfg.idle_timeout,
+        close_timeout: cfg.close_timeout,
+        out_soft_bytes: cfg.client_out_soft_bytes,
+        out_soft_time: cfg.client_out_soft_time,
+        out_hard_bytes: cfg.client_out_hard_bytes,
     }
 }
