@@ -211,15 +211,9 @@ impl Config {
     }
 }
 
-/// The soft limit on open files of this process, from /proc (1024 if it cannot be read).
+/// The soft limit on open files of this process (what `accept` runs into).
 pub fn open_file_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-            line.split_whitespace().nth(3)?.parse().ok()
-        })
-        .unwrap_or(1024)
+    crate::os::open_file_limits().0
 }
 
 const SERVE_HELP: &str = "\

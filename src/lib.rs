@@ -20,6 +20,7 @@ pub mod connection;
 pub mod gearman;
 pub mod logging;
 pub mod metrics;
+pub mod os;
 pub mod random;
 pub mod server;
 pub mod submit;

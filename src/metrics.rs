@@ -43,11 +43,11 @@ pub struct Metrics {
     pub handshakes: u64,
     /// Plain HTTP requests answered.
     pub http_requests: u64,
-    /// Connections accepted, and refused at the connection limit.
+    /// Connections accepted.
     pub accepted: u64,
     /// Connections refused because the server was full.
     pub refused: u64,
-    /// Connections closed, by whether we or the peer ended them.
+    /// Connections closed (reaped), whoever ended them.
     pub closed: u64,
     /// Successful gearmand (re)connections.
     pub gearmand_connects: u64,

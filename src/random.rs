@@ -1,4 +1,6 @@
-//! `Entropy`: unguessable ids (job uniques, client namespaces) from the OS's random source.
+//! `Entropy`: unguessable ids (job uniques, client namespaces) from the OS's random source;
+//! `XorShift64`: cheap variety where nothing has to be unguessable (back-off jitter, the load
+//! generator's keys and masks).
 //!
 //! It owns no socket and no clock. Bytes come from `getrandom(2)` a page at a time, so a busy
 //! server pays one system call per few hundred jobs rather than one per job; the call never
@@ -92,6 +94,34 @@ fn fill_from_os(buf: &mut [u8]) {
     }
 }
 
+/// Marsaglia's xorshift64: fast, no dependency, and predictable by anyone who sees a few
+/// outputs, so only for jitter and test traffic, never for ids.
+#[derive(Debug)]
+pub struct XorShift64(u64);
+
+impl XorShift64 {
+    /// Seeded from the clock, the pid, `salt` and std's per-process random hasher keys, so
+    /// threads and processes started together still differ.
+    pub fn seeded(salt: u64) -> Self {
+        use std::hash::BuildHasher;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id(), salt));
+        XorShift64(seed | 1) // zero is the one state it never leaves
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +133,13 @@ mod tests {
             assert_eq!(ids.len(), 2000);
             assert!(ids.iter().all(|id| id.len() == 16 && id.iter().all(|b| ALPHABET.contains(b))));
         }
+    }
+
+    #[test]
+    fn xorshift_never_sticks_and_seeds_differ() {
+        let (mut a, mut b) = (XorShift64::seeded(1), XorShift64::seeded(2));
+        let first: Vec<u64> = (0..100).map(|_| a.next_u64()).collect();
+        assert!(first.iter().all(|&x| x != 0));
+        assert_ne!(first[0], b.next_u64());
     }
 }

@@ -7,15 +7,13 @@
 //! be used from the event-loop server: everything here blocks (a worker is meant to do blocking
 //! work), and it never imports `mio`.
 
-use std::collections::hash_map::RandomState;
 use std::error::Error;
 use std::fmt;
-use std::hash::BuildHasher;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use tungstenite::stream::MaybeTlsStream;
@@ -23,6 +21,7 @@ use tungstenite::{Message, WebSocket};
 
 use crate::buf::InBuf;
 use crate::gearman::worker::{Assignment, WorkerEvent, WorkerSession};
+use crate::random::XorShift64;
 
 /// Largest packet body a worker accepts from gearmand (a job's payload), unless changed with
 /// `Worker::set_max_body_bytes`. Larger packets drop the connection.
@@ -402,12 +401,12 @@ impl Link {
 /// [delay/2, delay] so that many workers cut off together do not reconnect in lockstep.
 struct Backoff {
     failures: u32,
-    rng: XorShift,
+    rng: XorShift64,
 }
 
 impl Backoff {
     fn new() -> Self {
-        Backoff { failures: 0, rng: XorShift::seeded() }
+        Backoff { failures: 0, rng: XorShift64::seeded(0) }
     }
 
     fn next_delay(&mut self) -> Duration {
@@ -419,33 +418,11 @@ impl Backoff {
         let full = BACKOFF_BASE.saturating_mul(1 << (failures - 1).min(16)).min(BACKOFF_CAP);
         let full_ms = u64::try_from(full.as_millis()).unwrap_or(u64::MAX);
         let half_ms = full_ms / 2;
-        Duration::from_millis(half_ms + self.rng.next() % (full_ms - half_ms + 1))
+        Duration::from_millis(half_ms + self.rng.next_u64() % (full_ms - half_ms + 1))
     }
 
     fn reset(&mut self) {
         self.failures = 0;
-    }
-}
-
-/// Marsaglia's xorshift64: enough randomness for jitter, no dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    /// Seeded from the time, the pid and std's per-process random hasher keys, so threads and
-    /// processes started together still differ.
-    fn seeded() -> Self {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let seed = nanos ^ (u64::from(std::process::id()) << 32) ^ RandomState::new().hash_one(nanos);
-        XorShift(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
     }
 }
 
@@ -674,14 +651,6 @@ mod tests {
         assert!(backoff.next_delay() >= BACKOFF_CAP / 2);
         backoff.reset();
         assert_eq!(backoff.next_delay(), Duration::ZERO);
-    }
-
-    #[test]
-    fn xorshift_never_sticks_at_zero() {
-        let mut rng = XorShift::seeded();
-        let draws: Vec<u64> = (0..4).map(|_| rng.next()).collect();
-        assert!(draws.iter().all(|&x| x != 0));
-        assert_ne!(draws[0], draws[1]);
     }
 
     #[test]

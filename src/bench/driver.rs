@@ -16,7 +16,6 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +30,7 @@ use slab::Slab;
 use super::meter::{Meter, Report, bump, record};
 use super::session::{Io, MAX_FRAME_BYTES, Session};
 use super::sys;
+use crate::random::XorShift64;
 
 /// Bytes a read asks for at least; the thread's read buffer starts at this and grows only for
 /// a frame that does not fit.
@@ -592,28 +592,19 @@ fn write_all<S>(conn: &mut Conn<S>) -> Result<(), String> {
     Ok(())
 }
 
-/// xorshift64: handshake keys and masks need variety, not secrecy.
+/// Handshake keys and masks need variety, not secrecy: the crate's xorshift.
 #[derive(Debug)]
-pub struct Rng(u64);
+pub struct Rng(XorShift64);
 
 impl Rng {
     /// Seeded from the clock, the pid, `salt` and std's per-process random keys.
     pub fn seeded(salt: u64) -> Rng {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let seed = std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id(), salt));
-        Rng(seed | 1)
+        Rng(XorShift64::seeded(salt))
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
+        self.0.next_u64()
     }
 
     /// 16 random bytes (a handshake key).

@@ -52,18 +52,9 @@ pub fn raise_open_file_limit() {
     linux::raise_open_file_limit();
 }
 
-/// The hard open-file limit of this process, from /proc (1024 if it cannot be read).
+/// The hard open-file limit of this process (what the soft one can be raised to).
 pub fn open_file_hard_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-            match line.split_whitespace().nth(4)? {
-                "unlimited" => Some(1 << 20),
-                n => n.parse().ok(),
-            }
-        })
-        .unwrap_or(1024)
+    crate::os::open_file_limits().1
 }
 
 /// The size of the ephemeral port range (`ip_local_port_range`; 28,232 when unreadable).

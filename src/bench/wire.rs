@@ -21,7 +21,7 @@ pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
 /// Largest response head to the upgrade request we wait for.
-pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+pub use crate::ws::MAX_HEAD_BYTES;
 
 /// Appends one complete client frame (FIN set) carrying `payload`, masked with `mask`.
 ///

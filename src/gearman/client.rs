@@ -311,7 +311,8 @@ impl ClientSession {
 
     /// Decodes every complete packet in `input`, consuming it and queueing events, and drops the
     /// part of an oversized WORK_* body that has arrived. On error the connection is beyond
-    /// repair: drop it and call `take_all_tags`.
+    /// repair: the shell drops it and starts a fresh session, and the App ends the jobs it held
+    /// (`App::handle_link_down`).
     pub fn handle_input(&mut self, input: &mut InBuf) -> Result<(), ProtocolError> {
         loop {
             if self.skip_bytes > 0 {
@@ -346,7 +347,8 @@ impl ClientSession {
     }
 
     /// Submissions still owed something: awaiting JOB_CREATED (either mode) or, for foreground
-    /// jobs, a terminal packet.
+    /// jobs, a terminal packet. The server keeps its own account of jobs in the App; this is
+    /// the session's side of it, which the tests and the fuzz harness check the events against.
     pub fn in_flight(&self) -> usize {
         let awaiting_created = self.expected.iter().filter(|e| matches!(e, Expected::Created { .. })).count();
         awaiting_created + self.running.values().map(|s| s.tags().count()).sum::<usize>()
@@ -367,7 +369,9 @@ impl ClientSession {
     /// The connection is gone: returns every tag still awaiting JOB_CREATED or a terminal
     /// packet (in submit order for the former), and resets the session for a new connection
     /// (call `start` again): a half-skipped packet and `has_answered` are forgotten too. Events
-    /// already queued stay queued for `poll_event`.
+    /// already queued stay queued for `poll_event`. The server does not need it (a lost link's
+    /// jobs are ended by the App, and the session is replaced); the tests and the fuzz harness
+    /// use it to check that every submission is accounted for.
     pub fn take_all_tags(&mut self) -> Vec<JobTag> {
         let mut tags: Vec<JobTag> = self
             .expected

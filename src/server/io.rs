@@ -1,7 +1,13 @@
-//! `fill()` and `flush()`: the only code that looks at `io::ErrorKind`. Every socket read and
-//! write of the server goes through here and comes back as an [`Io`] or an error.
+//! `fill()` and `flush()`, `accept`, `wait` and the end of a nonblocking connect: the only
+//! code of the server that looks at `io::ErrorKind`. Every socket read and write of the server
+//! goes through here and comes back as an [`Io`] (or [`Accept`]) or an error.
 
-use std::io::{self, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Poll};
 
 use crate::buf::InBuf;
 
@@ -92,6 +98,63 @@ pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> io::Result<Io> {
     let (io, written) = write_some(sock, out)?;
     out.drain(..written);
     Ok(io)
+}
+
+/// Waits for events (up to `timeout`); a signal's interruption just returns with none.
+pub fn wait(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+    match poll.poll(events, timeout) {
+        Err(e) if e.kind() == ErrorKind::Interrupted => {
+            events.clear();
+            Ok(())
+        }
+        result => result,
+    }
+}
+
+/// What one `accept` gave.
+#[derive(Debug)]
+pub enum Accept {
+    /// A new connection.
+    Got((TcpStream, SocketAddr)),
+    /// WouldBlock: the backlog is empty until the next readable event.
+    Drained,
+    /// Interrupted, or the peer gave up while queued: try the next one.
+    Again,
+    /// Out of descriptors or memory (EMFILE, ENFILE, ENOMEM): the backlog stays readable, so
+    /// retrying at once would spin.
+    Failed(io::Error),
+}
+
+/// Accepts one connection.
+pub fn accept(listener: &TcpListener) -> Accept {
+    match listener.accept() {
+        Ok(pair) => Accept::Got(pair),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Accept::Drained,
+        Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::ConnectionAborted) => Accept::Again,
+        Err(e) => Accept::Failed(e),
+    }
+}
+
+/// Where a nonblocking connect stands once the socket reported writable (or an error):
+/// `take_error` says whether it failed, `peer_addr` whether it is really connected yet.
+/// Ok(true): connected; Ok(false): still in progress.
+pub fn connect_outcome(sock: &TcpStream) -> io::Result<bool> {
+    match (sock.take_error(), sock.peer_addr()) {
+        (Ok(None), Ok(_)) => Ok(true),
+        (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => Ok(false),
+        (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// A failed connect, in an operator's words.
+pub fn connect_error(e: &io::Error) -> String {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => {
+            "connection refused (is gearmand running and listening there?)".into()
+        }
+        ErrorKind::TimedOut => "connect timed out".into(),
+        _ => format!("connect failed: {e}"),
+    }
 }
 
 #[cfg(test)]

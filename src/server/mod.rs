@@ -5,8 +5,9 @@
 //! reply made during a pass leaves in that pass, in one write per connection. Closing is last,
 //! so no slab key is reused while this batch of events may still name it.
 //!
-//! Only this module imports `mio`. Protocol decisions live in `ws`, `gearman` and `app`; this
-//! module moves bytes and readiness between them and the kernel.
+//! Only `server/` imports `mio` for the server (the load generator in `bench/` runs loops of
+//! its own). Protocol decisions live in `connection`, `ws`, `gearman` and `app`; this module
+//! moves bytes and readiness between them and the kernel.
 
 pub mod conn;
 pub mod gearman_link;
@@ -15,7 +16,6 @@ pub mod resolver;
 pub mod token;
 
 use std::fmt;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,12 +33,12 @@ use crate::config::Config;
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, ConnLimits, Connection, ReadInto};
 use crate::logging::{Event, SUMMARY_PERIOD, Tally};
 use crate::metrics::Gauges;
-use crate::random::Entropy;
+use crate::random::{Entropy, XorShift64};
 use crate::wheel::TimerWheel;
 use crate::ws::WsLimits;
 use conn::Conn;
 use gearman_link::{GearmanLink, Health, LinkState, OutageNote, REMINDER_PERIOD, Role, SLOTS_PER_SERVER};
-use io::{Io, discard, fill, flush, write_some};
+use io::{Accept, Io, accept, connect_error, connect_outcome, discard, fill, flush, wait, write_some};
 use resolver::Resolver;
 use token::{LISTENER, RESOLVER, SIGNALS, Tok, Tokens};
 
@@ -141,7 +141,7 @@ pub struct Server {
     scratch: Vec<u8>,
     effects: Vec<Effect>,
     fired: Vec<TimerEvent>,
-    rng: u64,
+    rng: XorShift64,
 }
 
 impl Server {
@@ -179,10 +179,8 @@ impl Server {
         for &i in &active {
             wheel.insert(now, TimerEvent::Reconnect(i));
         }
-        wheel.insert(now + link_check_period(cfg), TimerEvent::LinkCheck);
-        // Reconnect jitter only needs gearsocks on one gearmand not to move in step.
-        let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let seed = clock.as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
+        let period = link_check_period(cfg);
+        wheel.insert_periodic(now + period, period, TimerEvent::LinkCheck);
         Ok(Server {
             limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
@@ -214,7 +212,8 @@ impl Server {
             scratch: vec![0; SCRATCH_BYTES],
             effects: Vec::new(),
             fired: Vec::new(),
-            rng: seed | 1,
+            // Reconnect jitter only needs gearsocks on one gearmand not to move in step.
+            rng: XorShift64::seeded(0),
         })
     }
 
@@ -239,10 +238,7 @@ impl Server {
             } else {
                 self.wheel.next_deadline().map(|d| d.saturating_duration_since(Instant::now()))
             };
-            match self.poll.poll(&mut events, timeout) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                result => result.map_err(ServerError::Poll)?,
-            }
+            wait(&mut self.poll, &mut events, timeout).map_err(ServerError::Poll)?;
             let now = Instant::now(); // every decision of this pass uses this one reading
             self.app.metrics.loop_iterations += 1;
             for event in events.iter() {
@@ -314,16 +310,14 @@ impl Server {
         }
         let Some(listener) = &self.listener else { return };
         loop {
-            let (mut sock, peer) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            let (mut sock, peer) = match accept(listener) {
+                Accept::Got(pair) => pair,
+                Accept::Drained => {
                     self.accept_ready = false;
                     return;
                 }
-                Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::ConnectionAborted => {
-                    continue;
-                }
-                Err(e) => {
+                Accept::Again => continue,
+                Accept::Failed(e) => {
                     // EMFILE/ENFILE/ENOMEM: the backlog stays readable, so retrying now would spin.
                     // Pause, and come back on a timer.
                     debug!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY:?}");
@@ -377,13 +371,13 @@ impl Server {
                 if !event_seen {
                     continue;
                 }
-                match (sock.take_error(), sock.peer_addr()) {
-                    (Ok(None), Ok(_)) => {
+                match connect_outcome(sock) {
+                    Ok(true) => {
                         link.connected(now); // OPTION_REQ queued: up once gearmand answers it
                         self.links_dirty = true;
                     }
-                    (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => continue,
-                    (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => {
+                    Ok(false) => continue,
+                    Err(e) => {
                         self.link_down(i, now, &connect_error(&e));
                         continue;
                     }
@@ -459,10 +453,7 @@ impl Server {
             return warn!("gearmand {}: a retired connection was lost ({why})", link.addr);
         }
         link.failures = link.failures.saturating_add(1);
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let delay = link.backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, self.rng);
+        let delay = link.backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, self.rng.next_u64());
         self.wheel.insert(now + delay, TimerEvent::Reconnect(i));
         if was_up {
             link.lost(now, why);
@@ -562,7 +553,6 @@ impl Server {
                 Health::Dead(why) => self.link_down(i, now, why),
             }
         }
-        self.wheel.insert(now + link_check_period(&self.cfg), TimerEvent::LinkCheck);
     }
 
     /// The App found a connection with too many abandoned jobs: a spare slot of the same
@@ -1075,17 +1065,6 @@ fn human_bytes(n: usize) -> String {
         n if n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
         n if n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
         n => format!("{n} B"),
-    }
-}
-
-/// A failed connect, in an operator's words.
-fn connect_error(e: &std::io::Error) -> String {
-    match e.kind() {
-        ErrorKind::ConnectionRefused => {
-            "connection refused (is gearmand running and listening there?)".into()
-        }
-        ErrorKind::TimedOut => "connect timed out".into(),
-        _ => format!("connect failed: {e}"),
     }
 }
 
