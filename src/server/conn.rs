@@ -6,40 +6,10 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use super::io::Readiness;
 use crate::app::ConnId;
 use crate::connection::Connection;
 use crate::wheel::TimerKey;
-
-/// What epoll told us about a socket, and what we asked it for. Edge-triggered: a readable
-/// edge stays true until a read hits WouldBlock (or the end); a write that hits WouldBlock
-/// waits for the next writable edge.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    /// A readable edge arrived and reading has not hit WouldBlock since.
-    pub can_read: bool,
-    /// epoll reported the peer's FIN: read until end-of-file instead of stopping at a short read.
-    pub hup_seen: bool,
-    /// The last write hit WouldBlock.
-    pub write_blocked: bool,
-    /// WRITABLE is in the registered interest (it is added only while output waits).
-    pub writable_registered: bool,
-}
-
-impl Readiness {
-    /// Notes one epoll event; returns (readable news, writable news).
-    pub fn note(&mut self, event: &mio::event::Event) -> (bool, bool) {
-        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-        if readable {
-            self.can_read = true;
-            self.hup_seen |= event.is_read_closed() || event.is_error();
-        }
-        let writable = event.is_writable() || event.is_error();
-        if writable {
-            self.write_blocked = false;
-        }
-        (readable, writable)
-    }
-}
 
 /// Which of the loop's per-pass lists a client is on (so it is listed once).
 #[derive(Debug, Default)]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use super::io::Readiness;
 use crate::buf::InBuf;
 use crate::gearman::client::ClientSession;
 use crate::gearman::packet::HEADER_BYTES;
@@ -117,12 +118,8 @@ pub struct GearmanLink {
     pub input: InBuf,
     /// Bytes for gearmand not yet written.
     pub output: Vec<u8>,
-    /// A readable edge arrived and reading has not hit WouldBlock since.
-    pub can_read: bool,
-    /// epoll reported gearmand's FIN: read until EOF instead of stopping at a short read.
-    pub hup_seen: bool,
-    /// The last write hit WouldBlock.
-    pub write_blocked: bool,
+    /// Readiness and registered interest (the same model as a client's).
+    pub io: Readiness,
     /// Failed attempts since the last success (drives the back-off).
     pub failures: u32,
     /// Successful connections so far.
@@ -148,9 +145,7 @@ impl GearmanLink {
             session: ClientSession::new(max_job_bytes),
             input: InBuf::new(max_job_bytes + HEADER_BYTES),
             output: Vec::new(),
-            can_read: false,
-            hup_seen: false,
-            write_blocked: false,
+            io: Readiness::default(),
             failures: 0,
             connects: 0,
             since: now,
@@ -206,7 +201,7 @@ impl GearmanLink {
         self.state = LinkState::Greeting(sock);
         self.since = now;
         self.last_heard = now;
-        self.can_read = true;
+        self.io.can_read = true;
         self.session.start(&mut self.output);
     }
 
@@ -224,9 +219,7 @@ impl GearmanLink {
         self.session = ClientSession::new(self.max_job_bytes);
         self.input = InBuf::new(self.max_job_bytes + HEADER_BYTES);
         self.output = Vec::new();
-        self.can_read = false;
-        self.hup_seen = false;
-        self.write_blocked = false;
+        self.io = Readiness::default();
     }
 
     /// Is gearmand still there? A connect or greeting that takes longer than `timeout`, or

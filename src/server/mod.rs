@@ -38,7 +38,9 @@ use crate::wheel::TimerWheel;
 use crate::ws::WsLimits;
 use conn::Conn;
 use gearman_link::{GearmanLink, Health, LinkState, OutageNote, REMINDER_PERIOD, Role, SLOTS_PER_SERVER};
-use io::{Accept, Io, accept, connect_error, connect_outcome, discard, fill, flush, wait, write_some};
+use io::{
+    Accept, Io, accept, connect_error, connect_outcome, discard, fill, flush, interest, wait, write_some,
+};
 use resolver::Resolver;
 use token::{LISTENER, RESOLVER, SIGNALS, Tok, Tokens};
 
@@ -280,16 +282,9 @@ impl Server {
             }
             Tok::Resolver => self.resolver_ready = true,
             Tok::Link(i) => {
-                let link = &mut self.links[i];
                 // A connecting socket reports completion (or failure) as writable or error.
-                if event.is_readable() || event.is_error() || event.is_read_closed() {
-                    link.can_read = true;
-                    link.hup_seen |= event.is_read_closed() || event.is_error();
-                }
-                if event.is_writable() || event.is_error() {
-                    link.write_blocked = false;
-                    self.links_dirty = true;
-                }
+                let (_, writable) = self.links[i].io.note(event);
+                self.links_dirty |= writable;
             }
             Tok::Client(key) => {
                 let Some(c) = self.conns.get_mut(key) else { return }; // reaped this pass
@@ -364,7 +359,7 @@ impl Server {
         }
         for i in 0..self.links.len() {
             let link = &mut self.links[i];
-            let event_seen = link.can_read || !link.write_blocked;
+            let event_seen = link.io.can_read || !link.io.write_blocked;
             if let LinkState::Connecting(sock) = &mut link.state {
                 // A nonblocking connect is done when the socket is writable: take_error() says
                 // whether it failed, peer_addr() whether it is really connected yet.
@@ -389,16 +384,18 @@ impl Server {
 
     /// True when some gearmand link stopped reading at its budget with bytes still waiting.
     fn links_ready(&self) -> bool {
-        self.links.iter().any(|l| l.can_read && matches!(l.state, LinkState::Greeting(_) | LinkState::Up(_)))
+        self.links
+            .iter()
+            .any(|l| l.io.can_read && matches!(l.state, LinkState::Greeting(_) | LinkState::Up(_)))
     }
 
     fn read_link(&mut self, i: usize, now: Instant) {
         let link = &mut self.links[i];
         let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut link.state else { return };
-        if !link.can_read {
+        if !link.io.can_read {
             return;
         }
-        let outcome = fill(sock, &mut link.input, &mut self.scratch, LINK_READ_BUDGET, !link.hup_seen);
+        let outcome = fill(sock, &mut link.input, &mut self.scratch, LINK_READ_BUDGET, !link.io.hup_seen);
         if matches!(outcome, Ok((_, n)) if n > 0) {
             link.last_heard = now;
         }
@@ -427,7 +424,7 @@ impl Server {
             (_, Err(e)) => self.link_down(i, now, &format!("protocol error: {e}")),
             (Err(e), _) => self.link_down(i, now, &format!("read failed: {e}")),
             (Ok((Io::Eof, _)), _) => self.link_down(i, now, "gearmand closed the connection"),
-            (Ok((Io::Blocked, _)), _) => link.can_read = false,
+            (Ok((Io::Blocked, _)), _) => link.io.can_read = false,
             (Ok((Io::Paused, _)), _) => {} // budget spent or input full: the next pass reads on
         }
     }
@@ -526,12 +523,12 @@ impl Server {
         let registry: &Registry = self.poll.registry();
         let result = self.links[i]
             .start_connect(addr, now)
-            .and_then(|sock| registry.register(sock, token, Interest::READABLE | Interest::WRITABLE));
+            .and_then(|sock| registry.register(sock, token, interest(true)));
         match result {
             Ok(()) => {
-                // Gearman links are few and long-lived: registered for both directions once, so
-                // that the connect's completion (a writable edge) is seen.
-                self.links[i].write_blocked = true;
+                // The connect's completion is a writable edge: wait for it.
+                self.links[i].io.writable_registered = true;
+                self.links[i].io.write_blocked = true;
                 debug!("gearmand {}: connecting to {addr}", self.links[i].addr);
             }
             Err(e) => self.link_down(i, now, &connect_error(&e)),
@@ -858,14 +855,22 @@ impl Server {
             self.links_dirty = false;
             for i in 0..self.links.len() {
                 let link = &mut self.links[i];
-                if link.output.is_empty() || link.write_blocked {
-                    continue;
-                }
                 let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut link.state else { continue };
-                match flush(sock, &mut link.output) {
-                    Ok(Io::Blocked) => link.write_blocked = true,
-                    Ok(_) => {}
-                    Err(e) => self.link_down(i, now, &format!("write failed: {e}")),
+                if !link.output.is_empty() && !link.io.write_blocked {
+                    match flush(sock, &mut link.output) {
+                        Ok(io) => link.io.write_blocked = io == Io::Blocked,
+                        Err(e) => {
+                            self.link_down(i, now, &format!("write failed: {e}"));
+                            continue;
+                        }
+                    }
+                }
+                // Interest follows what the link wants, as for clients (here past the connect,
+                // so it wants to write exactly when bytes are left).
+                let want = !link.output.is_empty();
+                if want != link.io.writable_registered {
+                    let _ = self.poll.registry().reregister(sock, self.tokens.link(i), interest(want));
+                    link.io.writable_registered = want;
                 }
             }
             // Link output only shrinks here, and whatever grows it marks the links dirty: the
@@ -925,9 +930,11 @@ impl Server {
         // Interest follows what the connection wants: WRITABLE only while bytes wait.
         let want_writable = c.conn.wants_write();
         if want_writable != c.io.writable_registered && !c.conn.is_closed() {
-            let interest =
-                if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            let _ = self.poll.registry().reregister(&mut c.sock, self.tokens.client(key), interest);
+            let _ = self.poll.registry().reregister(
+                &mut c.sock,
+                self.tokens.client(key),
+                interest(want_writable),
+            );
             c.io.writable_registered = want_writable;
         }
         self.take_events(key, now);
