@@ -5,6 +5,9 @@
 //! calls `poll_event()` until it returns `None`, and writes out `output()`. Everything that waits
 //! to be sent waits in that one `Vec`, so it is the one number backpressure checks.
 //!
+//! Data frames we send are encoded straight into that `Vec` (one copy of the payload), not
+//! through tungstenite's own write buffer, which would copy it twice and keep its capacity.
+//!
 //! The shell reports what it wrote with `consume_output(n)`. That keeps track of where the
 //! first frame not yet started begins, so [`Ws::abort`] can drop a slow reader's queue and still
 //! end the stream with a well-formed close frame.
@@ -14,7 +17,7 @@ use std::io::{self, Read, Write};
 use tungstenite::error::{CapacityError, Error as TError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tungstenite::{Message, Utf8Bytes, WebSocket};
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
 
@@ -101,6 +104,29 @@ fn frame_len(bytes: &[u8]) -> Option<usize> {
     };
     let mask = if second & 0x80 != 0 { 4 } else { 0 }; // ours are unmasked; counted for safety
     usize::try_from(payload).ok()?.checked_add(header + mask)
+}
+
+/// First byte of an unfragmented text frame: FIN plus opcode 1.
+const FIN_TEXT: u8 = 0x81;
+/// First byte of an unfragmented binary frame: FIN plus opcode 2.
+const FIN_BINARY: u8 = 0x82;
+
+/// Appends one unmasked server frame carrying all of `payload`; `first` is FIN plus the
+/// opcode. The length takes 1, 3 or 9 bytes (RFC 6455 5.2), whatever the payload's size.
+fn encode_frame(out: &mut Vec<u8>, first: u8, payload: &[u8]) {
+    let len = payload.len();
+    out.reserve(len + 10);
+    out.push(first);
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&short.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
 }
 
 /// Appends a server close frame: code, then the reason cut to 123 bytes at a char boundary.
@@ -190,8 +216,9 @@ pub enum WsEvent {
     Http { method: String, path: String },
     /// A complete text message.
     Text(Utf8Bytes),
-    /// A complete binary message (the protocol has none; the app answers with an error).
-    Binary,
+    /// A complete binary message, its payload as tungstenite read it (no copy). The job
+    /// protocol has none and answers with an error; echo mode sends it back.
+    Binary(Bytes),
     /// The peer started or answered the close handshake; our reply (if any) is queued.
     Closed,
     /// The peer broke the protocol; a close frame or HTTP error is queued. `code` is the
@@ -344,7 +371,7 @@ impl Ws {
                 let event = loop {
                     match ws.read() {
                         Ok(Message::Text(text)) => break Some(WsEvent::Text(text)),
-                        Ok(Message::Binary(_)) => break Some(WsEvent::Binary),
+                        Ok(Message::Binary(data)) => break Some(WsEvent::Binary(data)),
                         // tungstenite queued the pong; it leaves with the flush below.
                         Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                         Ok(Message::Close(_)) => break Some(WsEvent::Closed),
@@ -495,9 +522,25 @@ impl Ws {
     }
 
     /// Queues a text message. Returns false if the socket is no longer open for writing.
-    pub fn send_text(&mut self, text: impl Into<Utf8Bytes>) -> bool {
+    pub fn send_text(&mut self, text: impl AsRef<str>) -> bool {
+        self.send_frame(FIN_TEXT, text.as_ref().as_bytes())
+    }
+
+    /// Queues a binary message. Returns false if the socket is no longer open for writing.
+    pub fn send_binary(&mut self, data: &[u8]) -> bool {
+        self.send_frame(FIN_BINARY, data)
+    }
+
+    /// Appends one data frame to `output` while tungstenite may still write (no close sent or
+    /// received). Nothing of tungstenite's can be waiting to go out in between: it writes
+    /// through to `output` at once (write buffer 0, writes never fail) and `poll_event` flushes
+    /// its pongs and close replies before it returns, so frames stay in order.
+    fn send_frame(&mut self, first: u8, payload: &[u8]) -> bool {
         match &mut self.state {
-            WsState::Open(ws) if ws.can_write() => ws.send(Message::Text(text.into())).is_ok(),
+            WsState::Open(ws) if ws.can_write() => {
+                encode_frame(&mut ws.get_mut().output.bytes, first, payload);
+                true
+            }
             _ => false,
         }
     }
@@ -583,15 +626,21 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     /// A masked client frame (mask 0 keeps the payload readable in tests).
     fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
+        masked_frame(0x80 | opcode, payload)
+    }
+
+    /// A client frame whose first byte (FIN, opcode) is `first`, masked with a real key.
+    fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![first];
         if payload.len() < 126 {
             f.push(0x80 | payload.len() as u8);
         } else {
             f.push(0x80 | 126);
             f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
         }
-        f.extend_from_slice(&[0, 0, 0, 0]);
-        f.extend_from_slice(payload);
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
         f
     }
 
@@ -622,6 +671,70 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(feed(&mut ws, &client_frame(1, b"hi"), &l), vec![WsEvent::Text("hi".into())]);
         assert!(ws.send_text("got it!"));
         assert_eq!(ws.output(), b"\x81\x07got it!");
+    }
+
+    #[test]
+    fn binary_messages_carry_their_payload_and_go_back_as_binary() {
+        let (l, mut ws) = (limits(), open_ws());
+        let payload = [0u8, 0xff, 0x80, b'x'];
+        assert_eq!(
+            feed(&mut ws, &client_frame(2, &payload), &l),
+            vec![WsEvent::Binary(Bytes::copy_from_slice(&payload))]
+        );
+        assert!(ws.send_binary(&payload));
+        assert_eq!(ws.output(), [&[0x82, 4][..], &payload].concat().as_slice());
+    }
+
+    #[test]
+    fn a_fragmented_message_with_a_ping_inside_comes_out_whole_after_the_pong() {
+        let (l, mut ws) = (limits(), open_ws());
+        let wire = [
+            masked_frame(0x01, "Hé".as_bytes()), // text, not final
+            masked_frame(0x89, b"p"),            // ping between the fragments
+            masked_frame(0x00, b"l"),            // continuation, not final
+            masked_frame(0x80, b"lo"),           // final continuation
+        ]
+        .concat();
+        // Byte by byte: every fragment and the ping arrive in pieces.
+        let mut events = Vec::new();
+        for byte in &wire {
+            events.extend(feed(&mut ws, &[*byte], &l));
+        }
+        assert_eq!(events, vec![WsEvent::Text("Héllo".into())]);
+        assert_eq!(ws.output(), b"\x8a\x01p", "the pong left as soon as the ping was read");
+        let WsEvent::Text(text) = &events[0] else { unreachable!() };
+        assert!(ws.send_text(text));
+        let got = client_reads(&[ws.output(), &close_frame(1000, "")].concat());
+        assert_eq!(got[..2], [Message::Pong(Bytes::from_static(b"p")), Message::text("Héllo")]);
+    }
+
+    #[test]
+    fn data_frames_of_every_length_encoding_read_back_whole() {
+        for len in [0, 125, 126, 0xffff, 0x1_0000] {
+            let mut ws = open_ws();
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            assert!(ws.send_binary(&data));
+            assert!(ws.send_text("a".repeat(len)));
+            let wire = [ws.output(), &close_frame(1000, "")].concat();
+            let got = client_reads(&wire);
+            assert_eq!(got[0], Message::Binary(data.into()), "len {len}");
+            assert_eq!(got[1], Message::text("a".repeat(len)), "len {len}");
+            // The shortest length encoding: the binary frame is as long as the text one.
+            assert_eq!(&ws.output()[text_frame(len).len()..], text_frame(len));
+        }
+    }
+
+    #[test]
+    fn nothing_is_sent_after_a_close() {
+        let l = limits();
+        let mut ws = open_ws();
+        feed(&mut ws, &client_frame(8, &[0x03, 0xe8]), &l);
+        let out = ws.output().to_vec();
+        assert!(!ws.send_text("late") && !ws.send_binary(b"late"));
+        assert_eq!(ws.output(), out.as_slice());
+        let mut ws = open_ws();
+        ws.close(1001, "bye");
+        assert!(!ws.send_text("late") && !ws.send_binary(b"late"));
     }
 
     #[test]

@@ -626,7 +626,7 @@ impl Server {
             }
             WsEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
             WsEvent::Text(text) => self.app.handle_client_text(id, &text, now),
-            WsEvent::Binary => self.app.handle_client_binary(id),
+            WsEvent::Binary(_) => self.app.handle_client_binary(id),
             WsEvent::Closed => {
                 debug!("conn={key} close frame from peer");
                 self.conns[key].drain(CloseReason::PeerClosed);
