@@ -89,6 +89,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const LINK_READ_BUDGET: usize = 256 * 1024;
 /// The demo page, built into the binary.
 const DEMO_PAGE: &str = include_str!("../demo.html");
+/// `GET /` in echo mode: the demo page speaks the job protocol, which echo mode does not.
+const ECHO_PAGE: &[u8] =
+    b"gearsock echo server: every WebSocket text or binary message is sent back as it came\n";
 const REFUSAL: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
 Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
@@ -150,18 +153,22 @@ impl Server {
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
         let mut links = Vec::new();
-        for (server, addr) in cfg.gearmand.iter().enumerate() {
+        // Echo mode has no job protocol: no gearmand is ever connected to.
+        let gearmand = if cfg.echo { &[][..] } else { &cfg.gearmand[..] };
+        for (server, addr) in gearmand.iter().enumerate() {
             for slot in 0..SLOTS_PER_SERVER {
                 let role = if slot == 0 { Role::Active } else { Role::Spare };
                 links.push(GearmanLink::new(addr.clone(), server, role, cfg.max_job_bytes, now));
             }
         }
-        let active: Vec<usize> = (0..cfg.gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
+        let active: Vec<usize> = (0..gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
         let mut wheel = TimerWheel::new(now, WHEEL_TICK, WHEEL_SLOTS);
         for &i in &active {
             wheel.insert(now, TimerEvent::Reconnect(i));
         }
-        wheel.insert(now + link_check_period(cfg), TimerEvent::LinkCheck);
+        if !links.is_empty() {
+            wheel.insert(now + link_check_period(cfg), TimerEvent::LinkCheck);
+        }
         // Reconnect jitter only needs gearsocks on one gearmand not to move in step.
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let seed = clock.as_nanos() as u64 ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15;
@@ -556,6 +563,12 @@ impl Server {
             // by TCP until the close timeout, not fed by us.
             return;
         }
+        if self.cfg.echo && conn.ws.output_len() > self.cfg.client_out_soft_bytes {
+            // Every echo message adds output: a client that sends faster than it reads is held
+            // back by TCP until its backlog is under the soft limit (`flush_client` resumes it),
+            // rather than fed until the hard limit drops it.
+            return;
+        }
         let id = conn.id(key);
         let outcome = match conn.ws.input() {
             Some(input) if conn.life == Life::Live => {
@@ -620,11 +633,24 @@ impl Server {
                     self.wheel.cancel(t);
                 }
                 conn.timer = Some(self.wheel.insert(now + self.cfg.idle_timeout, TimerEvent::Conn(id)));
+                if self.cfg.echo {
+                    return; // echo clients never reach the App: it keeps no record of them
+                }
                 let trusted =
                     is_trusted_peer(conn.peer.ip(), upgrade.origin_is_own_or_absent(), upgrade.forwarded);
                 self.app.handle_client_open(id, trusted);
             }
             WsEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
+            WsEvent::Text(text) if self.cfg.echo => {
+                if self.conns[key].ws.send_text(&text) {
+                    self.app.metrics.note_echo(text.len());
+                }
+            }
+            WsEvent::Binary(data) if self.cfg.echo => {
+                if self.conns[key].ws.send_binary(&data) {
+                    self.app.metrics.note_echo(data.len());
+                }
+            }
             WsEvent::Text(text) => self.app.handle_client_text(id, &text, now),
             WsEvent::Binary(_) => self.app.handle_client_binary(id),
             WsEvent::Closed => {
@@ -672,8 +698,15 @@ impl Server {
             (404, "Not Found", "text/plain; charset=utf-8", b"not found\n".to_vec())
         } else if method != "GET" {
             (405, "Method Not Allowed", "text/plain; charset=utf-8", b"only GET\n".to_vec())
+        } else if path == "/" && self.cfg.echo {
+            (200, "OK", "text/plain; charset=utf-8", ECHO_PAGE.to_vec())
         } else if path == "/" {
             (200, "OK", "text/html; charset=utf-8", DEMO_PAGE.as_bytes().to_vec())
+        } else if path == "/healthz" && self.cfg.echo {
+            // Nothing to depend on: no gearmand is used, so the server is healthy while it answers.
+            let body =
+                json!({"status": "ok", "mode": "echo", "gearmand": [], "connections": self.conns.len()});
+            (200, "OK", "application/json", format!("{body}\n").into_bytes())
         } else if path == "/healthz" {
             let (links, any_up) = self.link_report(now);
             let servers: Vec<_> = links
@@ -916,6 +949,16 @@ impl Server {
             return;
         }
         let pending = conn.ws.output_len();
+        if self.cfg.echo
+            && conn.life == Life::Live
+            && conn.can_read
+            && !conn.in_ready
+            && pending <= self.cfg.client_out_soft_bytes
+        {
+            // An echo client held back for its backlog (see `read_client`) is read again.
+            conn.in_ready = true;
+            self.ready.push(key);
+        }
         if pending > 0 && !conn.in_backlog {
             conn.in_backlog = true;
             self.backlog.push(key);
