@@ -146,14 +146,34 @@ fn truncate_reason(reason: &str) -> &str {
     &reason[..end]
 }
 
+/// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
+const MAX_FRAME_HEADER: usize = 14;
+/// tungstenite grows its read buffer to the largest frame it reads and keeps that capacity; a
+/// frame longer than this makes the connection shed it once the message is handled (see
+/// [`Ws::shed_read_buffer`]).
+const SHED_FRAME_BYTES: usize = 4096;
+
 /// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
 /// `write` appends to `output` and never fails.
+///
+/// A read never crosses the end of a frame, so when tungstenite hands over a message it holds
+/// no byte of the next frame, and its state can be dropped and made afresh.
 #[derive(Debug)]
 pub struct MemStream {
     input: InBuf,
     output: OutQueue,
     /// The peer sent FIN: once `input` is drained, reads return 0 (end of stream).
     eof: bool,
+    /// Bytes of the current frame not yet handed to tungstenite; 0 at a frame boundary.
+    frame_left: usize,
+    /// A frame over [`SHED_FRAME_BYTES`] was read since tungstenite's state was last made.
+    large_frame: bool,
+}
+
+impl MemStream {
+    fn new(input: InBuf, output: OutQueue) -> Self {
+        MemStream { input, output, eof: false, frame_left: 0, large_frame: false }
+    }
 }
 
 impl Read for MemStream {
@@ -162,9 +182,23 @@ impl Read for MemStream {
         if data.is_empty() {
             return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
         }
-        let n = data.len().min(buf.len());
+        if self.frame_left == 0 {
+            // At a frame boundary: learn how long the next frame is from its header.
+            self.frame_left = match frame_len(data) {
+                Some(len) => len,
+                // The header is cut short: wait for the rest (it always fits in `input`).
+                None if data.len() < MAX_FRAME_HEADER && !self.eof => {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
+                None => usize::MAX,
+            };
+            self.large_frame |= self.frame_left > SHED_FRAME_BYTES;
+        }
+        let n = data.len().min(buf.len()).min(self.frame_left);
         buf[..n].copy_from_slice(&data[..n]);
         self.input.consume(n);
+        self.frame_left -= n;
         Ok(n)
     }
 }
@@ -382,10 +416,38 @@ impl Ws {
                 };
                 // Pongs and close replies go out with this pass's writes.
                 let _ = ws.flush();
+                if matches!(event, Some(WsEvent::Text(_) | WsEvent::Binary(_))) && ws.get_ref().large_frame {
+                    self.shed_read_buffer();
+                }
                 event
             }
             WsState::Done { .. } => None,
         }
+    }
+
+    /// tungstenite keeps its read buffer at the size of the largest frame it has read (and,
+    /// with `Bytes` split off it, sometimes more), for as long as the connection lives: a
+    /// client that once sent a 16 MiB message would hold 16 MiB or more while idle. Right
+    /// after a message, tungstenite holds nothing else: no byte of the next frame (reads stop
+    /// at frame ends), no fragment (the message is whole), no pong or close reply (flushed).
+    /// So while the socket is still open both ways its state is made afresh around the same
+    /// stream, with a small buffer again. The message's payload keeps the old buffer alive
+    /// only until the caller drops it.
+    fn shed_read_buffer(&mut self) {
+        let WsState::Open(ws) = &self.state else { return };
+        if !ws.can_write() || ws.get_ref().frame_left != 0 {
+            return;
+        }
+        let WsState::Open(ws) = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
+            unreachable!("checked above")
+        };
+        let config = *ws.get_config();
+        let mut stream = ws.into_inner();
+        stream.large_frame = false;
+        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
     }
 
     fn poll_head(&mut self, limits: &WsLimits, len: usize) -> Option<WsEvent> {
@@ -467,7 +529,7 @@ impl Ws {
             .write_buffer_size(0)
             .max_message_size(Some(limits.max_message_bytes))
             .max_frame_size(Some(limits.max_frame_bytes));
-        let stream = MemStream { input: frames, output, eof: false };
+        let stream = MemStream::new(frames, output);
         self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
         Some(WsEvent::Opened(upgrade))
     }
@@ -635,9 +697,12 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let mut f = vec![first];
         if payload.len() < 126 {
             f.push(0x80 | payload.len() as u8);
-        } else {
+        } else if let Ok(short) = u16::try_from(payload.len()) {
             f.push(0x80 | 126);
-            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            f.extend_from_slice(&short.to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(payload.len() as u64).to_be_bytes());
         }
         f.extend_from_slice(&key);
         f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
@@ -721,6 +786,48 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             assert_eq!(got[1], Message::text("a".repeat(len)), "len {len}");
             // The shortest length encoding: the binary frame is as long as the text one.
             assert_eq!(&ws.output()[text_frame(len).len()..], text_frame(len));
+        }
+    }
+
+    #[test]
+    fn tungstenite_is_never_handed_bytes_past_the_end_of_a_frame() {
+        let (first, second) = (masked_frame(0x81, &[b'a'; 300]), masked_frame(0x82, b"bc"));
+        let third = masked_frame(0x82, &[b'd'; 200]); // its length takes two more header bytes
+        let mut input = InBuf::new(1024);
+        input.extend(&[&first[..], &second, &third[..3]].concat());
+        let mut stream = MemStream::new(input, OutQueue::default());
+        let mut buf = [0u8; 1024];
+        assert_eq!(stream.read(&mut buf).unwrap(), first.len());
+        assert!(stream.large_frame == (first.len() > SHED_FRAME_BYTES));
+        assert_eq!(stream.read(&mut buf[..4]).unwrap(), 4, "a short buffer takes part of a frame");
+        assert_eq!(stream.read(&mut buf).unwrap(), second.len() - 4, "then the rest of it, no more");
+        // Three bytes of an 8-byte header, too few for the length: wait for the rest, unless
+        // the peer has gone.
+        assert_eq!(stream.read(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        stream.eof = true;
+        assert_eq!(stream.read(&mut buf).unwrap(), 3);
+        assert_eq!(stream.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_large_message_then_small_ones_byte_at_a_time_or_glued() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut l = limits();
+        (l.max_message_bytes, l.max_frame_bytes, l.in_limit_bytes) = (1 << 20, 1 << 20, 1 << 21);
+        let wire =
+            [masked_frame(0x82, &big), masked_frame(0x89, b"p"), masked_frame(0x81, b"small")].concat();
+        let expected = vec![WsEvent::Binary(Bytes::from(big)), WsEvent::Text("small".into())];
+        for step in [1, 7, 4096, wire.len()] {
+            let mut ws = Ws::new();
+            assert!(matches!(feed(&mut ws, UPGRADE, &l).as_slice(), [WsEvent::Opened(_)]));
+            drain(&mut ws);
+            let mut events = Vec::new();
+            for chunk in wire.chunks(step) {
+                events.extend(feed(&mut ws, chunk, &l));
+            }
+            assert!(events == expected, "in steps of {step}");
+            assert_eq!(ws.output(), b"\x8a\x01p", "in steps of {step}");
+            assert!(ws.is_open());
         }
     }
 
@@ -890,7 +997,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
     fn client_reads(wire: &[u8]) -> Vec<Message> {
         let mut input = InBuf::new(wire.len().max(1));
         input.extend(wire);
-        let stream = MemStream { input, output: OutQueue::default(), eof: true };
+        let mut stream = MemStream::new(input, OutQueue::default());
+        stream.eof = true;
         let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
         let mut client = WebSocket::from_raw_socket(stream, Role::Client, Some(config));
         let mut got = Vec::new();
