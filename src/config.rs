@@ -114,6 +114,11 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Log level (`--log-level`). Default `info`.
     pub log_level: log::LevelFilter,
+    /// Echo mode (`--echo`): every text and binary message is sent back as it came, with the
+    /// same loop, limits and close handling, and no job protocol: no gearmand is connected to
+    /// and the App never sees a message. For conformance suites and echo benchmarks that hold
+    /// the loop against other servers. Default off.
+    pub echo: bool,
 }
 
 /// Descriptors kept back from `max_connections`: listener, poll, gearmand links, logs.
@@ -156,6 +161,7 @@ impl Default for Config {
             max_stored_bytes: 8 * 1024 * 1024,
             close_timeout: Duration::from_secs(2),
             log_level: log::LevelFilter::Info,
+            echo: false,
         }
     }
 }
@@ -173,7 +179,7 @@ impl Config {
                 self.max_connections
             ));
         }
-        if self.gearmand.is_empty() {
+        if self.gearmand.is_empty() && !self.echo {
             return Err("at least one --gearmand is needed".into());
         }
         if self.worker_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
@@ -207,8 +213,34 @@ impl Config {
         if self.reconnect_min > self.reconnect_max || self.reconnect_min.is_zero() {
             return Err("--reconnect-min-ms must be above zero and at most --reconnect-max-ms".into());
         }
+        if self.echo && self.client_out_soft_bytes < echo_frame_bytes(self.max_message_bytes) {
+            return Err("with --echo, --client-out-soft-bytes must hold one echoed message".into());
+        }
         Ok(())
     }
+
+    /// In echo mode every message comes back whole, so the output limits must hold what a
+    /// client that reads its echoes can have queued: the soft limit at least one echoed
+    /// message, and the hard limit at least the soft one plus what one pass can add (the rest
+    /// of a message that began earlier, plus a read budget of small ones: an echo frame is
+    /// never longer than the client frame it answers). Reading a client pauses while its
+    /// backlog is above the soft limit, so with these a reader is never dropped by the hard
+    /// limit, and one that stops reading is still dropped by the soft one. Limits already
+    /// larger are kept.
+    pub fn fit_output_limits_to_echo(&mut self) {
+        let message = echo_frame_bytes(self.max_message_bytes);
+        self.client_out_soft_bytes = self.client_out_soft_bytes.max(message);
+        let pass = message.saturating_add(self.read_budget_bytes);
+        self.client_out_hard_bytes =
+            self.client_out_hard_bytes.max(self.client_out_soft_bytes.saturating_add(pass));
+        self.client_out_total_bytes = self.client_out_total_bytes.max(self.client_out_hard_bytes);
+    }
+}
+
+/// Bytes one echoed message of `max_message_bytes` takes in a client's output: the payload
+/// plus the largest server frame header (10 bytes).
+fn echo_frame_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_add(10)
 }
 
 /// The soft limit on open files of this process (what `accept` runs into).
@@ -249,6 +281,9 @@ usage: gearsock [serve] [flags]
   --shared-uniques           pass clients' unique ids through unchanged (coalesce across clients)
   --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
   --log-level LEVEL          off, error, warn, info, debug, trace (info)
+  --echo                     echo mode: send every text and binary message back as it came; no
+                             job protocol, no gearmand (cannot be combined with --gearmand); the
+                             output limits grow to hold at least one echoed message
   -h, --help                 this text
   -V, --version              the version
 ";
@@ -383,10 +418,14 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("reconnect-min-ms") => c.reconnect_min = millis(parser)?,
             Long("reconnect-max-ms") => c.reconnect_max = millis(parser)?,
             Long("log-level") => c.log_level = value(parser)?,
+            Long("echo") => c.echo = true,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
         }
+    }
+    if c.echo && !gearmand.is_empty() {
+        return Err("--echo connects to no gearmand: drop --gearmand".into());
     }
     if !gearmand.is_empty() {
         c.gearmand = gearmand;
@@ -396,6 +435,9 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
     c.client_in_limit_bytes = c.max_frame_bytes + 14;
     // A hard limit given alone (the old --client-out-limit-bytes) pulls the soft one down with it.
     c.client_out_soft_bytes = c.client_out_soft_bytes.min(c.client_out_hard_bytes);
+    if c.echo {
+        c.fit_output_limits_to_echo();
+    }
     c.validate()?;
     Ok(Command::Serve(Box::new(c)))
 }
@@ -490,6 +532,36 @@ mod tests {
         let Ok(Command::Serve(c)) = parsed else { panic!("not serve") };
         assert_eq!(c.gearmand.len(), 2);
         assert_eq!(c.max_frame_bytes, 1000);
+    }
+
+    #[test]
+    fn echo_mode_needs_no_gearmand_and_refuses_one() {
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--echo"])) else { panic!("not serve") };
+        assert!(c.echo);
+        let err = parse_args(args(&["serve", "--echo", "--gearmand", "127.0.0.1:1"])).unwrap_err();
+        assert!(err.contains("--gearmand"), "{err}");
+    }
+
+    #[test]
+    fn echo_mode_output_limits_hold_the_largest_message() {
+        let sixteen = (16 << 20).to_string();
+        let flags = ["serve", "--echo", "--max-message-bytes", &sixteen, "--max-frame-bytes", &sixteen];
+        let Ok(Command::Serve(c)) = parse_args(args(&flags)) else { panic!("not serve") };
+        let echoed = (16 << 20) + 10;
+        assert_eq!(c.client_out_soft_bytes, echoed);
+        assert_eq!(c.client_out_hard_bytes, 2 * echoed + c.read_budget_bytes);
+        assert_eq!(c.client_out_total_bytes, 1 << 30);
+        // Limits that already hold it, and the job protocol's, are left alone.
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--echo"])) else { panic!("not serve") };
+        let d = Config::default();
+        assert_eq!(
+            (c.client_out_soft_bytes, c.client_out_hard_bytes),
+            (d.client_out_soft_bytes, d.client_out_hard_bytes)
+        );
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--max-message-bytes", &sixteen])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.client_out_soft_bytes, d.client_out_soft_bytes);
     }
 
     #[test]

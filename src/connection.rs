@@ -29,7 +29,7 @@
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
-use tungstenite::Utf8Bytes;
+use tungstenite::{Bytes, Utf8Bytes};
 
 use crate::buf::InBuf;
 use crate::logging::Event;
@@ -40,6 +40,9 @@ use crate::ws::{Upgrade, Ws, WsEvent, WsLimits};
 pub struct ConnLimits {
     /// The WebSocket's own limits.
     pub ws: WsLimits,
+    /// Stop reading an open connection while its output is over this (echo mode: every
+    /// message adds output, so TCP holds back a client that sends ahead of its reading).
+    pub hold_reading_over: Option<usize>,
     /// A request head must arrive within this (then 408).
     pub handshake_timeout: Duration,
     /// Silence this long brings a ping; silence through the ping closes with 1001.
@@ -108,7 +111,7 @@ pub enum ConnEvent {
     /// A complete text message.
     Text(Utf8Bytes),
     /// A complete binary message.
-    Binary,
+    Binary(Bytes),
     /// The connection is over for the application: nothing more comes from it and nothing
     /// more can be sent. Exactly once per connection. `handshaking`: it never opened.
     Closed { reason: CloseReason, handshaking: bool },
@@ -179,7 +182,10 @@ impl Connection {
     }
 
     /// Where to put the bytes the socket has.
-    pub fn read_into(&mut self) -> ReadInto<'_> {
+    pub fn read_into(&mut self, limits: &ConnLimits) -> ReadInto<'_> {
+        if self.holds_reading(limits) {
+            return ReadInto::Nothing;
+        }
         match self.phase {
             Phase::Handshaking { .. } | Phase::Open { .. } => match self.ws.input() {
                 Some(input) => ReadInto::Buffer(input),
@@ -252,7 +258,7 @@ impl Connection {
                 }
                 WsEvent::Http { method, path } => ConnEvent::Http { method, path },
                 WsEvent::Text(text) => ConnEvent::Text(text),
-                WsEvent::Binary => ConnEvent::Binary,
+                WsEvent::Binary(data) => ConnEvent::Binary(data),
                 WsEvent::Closed => {
                     self.finish(CloseReason::PeerClosed, now, true);
                     continue;
@@ -268,8 +274,19 @@ impl Connection {
     }
 
     /// Queues a text message; false when the connection no longer sends.
-    pub fn send_text(&mut self, text: impl Into<Utf8Bytes>) -> bool {
+    pub fn send_text(&mut self, text: impl AsRef<str>) -> bool {
         matches!(self.phase, Phase::Open { .. }) && self.ws.send_text(text)
+    }
+
+    /// Queues a binary message; false when the connection no longer sends.
+    pub fn send_binary(&mut self, data: &[u8]) -> bool {
+        matches!(self.phase, Phase::Open { .. }) && self.ws.send_binary(data)
+    }
+
+    /// Open, with more output waiting than `hold_reading_over`: not read until it drains.
+    pub fn holds_reading(&self, limits: &ConnLimits) -> bool {
+        matches!(self.phase, Phase::Open { .. })
+            && limits.hold_reading_over.is_some_and(|n| self.ws.output_len() > n)
     }
 
     /// Answers a plain HTTP request; the connection ends once the answer is written.
@@ -458,6 +475,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
                 in_limit_bytes: (1 << 16) + 14,
                 allowed_origins: Vec::new(),
             },
+            hold_reading_over: None,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(2),
@@ -478,7 +496,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     /// Feeds `bytes` (and maybe EOF) as the shell would: into the buffer or dropped.
     fn feed(c: &mut Connection, bytes: &[u8], eof: bool, now: Instant) {
-        match c.read_into() {
+        match c.read_into(&limits()) {
             ReadInto::Buffer(input) => input.extend(bytes),
             ReadInto::Discard => {}
             ReadInto::Nothing => panic!("fed a connection that reads nothing"),
@@ -524,7 +542,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert!(!c.send_text("too late"));
         assert_eq!(c.output(), [0x88, 0x02, 0x03, 0xe8], "our close answers theirs");
         assert_eq!(write_all(&mut c, t0), AfterWrite::ShutdownWrite);
-        assert!(matches!(c.read_into(), ReadInto::Discard), "lingering drains the socket");
+        assert!(matches!(c.read_into(&limits()), ReadInto::Discard), "lingering drains the socket");
         feed(&mut c, b"", true, t0);
         assert!(c.is_closed());
         assert_eq!(c.next_deadline(&limits()), None);
@@ -584,7 +602,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         }
         assert_eq!(c.handle_written(0, &limits(), t0), AfterWrite::Continue);
         assert_eq!(events(&mut c, t0), vec![closed(CloseReason::OutputLimit, false)]);
-        assert!(matches!(c.read_into(), ReadInto::Nothing));
+        assert!(matches!(c.read_into(&limits()), ReadInto::Nothing));
         assert!(c.output().ends_with(b"not reading fast enough"), "close 1008 after what had started");
     }
 

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub slow_readers_dropped: u64,
     /// Passes of the event loop.
     pub loop_iterations: u64,
+    /// Messages sent back in echo mode (`serve --echo`), and their payload bytes.
+    pub echoed: u64,
+    /// Payload bytes of those messages.
+    pub echoed_bytes: u64,
 }
 
 /// Live values read when `/metrics` is asked for.
@@ -90,6 +94,12 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 impl Metrics {
+    /// Counts one message of `bytes` sent back in echo mode.
+    pub fn note_echo(&mut self, bytes: usize) {
+        self.echoed += 1;
+        self.echoed_bytes += bytes as u64;
+    }
+
     /// Renders the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, g: &Gauges) -> String {
         let mut o = String::with_capacity(4096);
@@ -138,6 +148,10 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_client_output_bytes {}", g.client_output_bytes);
         family(&mut o, "slow_readers_dropped_total", "counter", "Clients dropped for not reading.");
         let _ = writeln!(o, "gearsock_slow_readers_dropped_total {}", self.slow_readers_dropped);
+        family(&mut o, "echoed_messages_total", "counter", "Messages sent back in echo mode.");
+        let _ = writeln!(o, "gearsock_echoed_messages_total {}", self.echoed);
+        family(&mut o, "echoed_bytes_total", "counter", "Payload bytes sent back in echo mode.");
+        let _ = writeln!(o, "gearsock_echoed_bytes_total {}", self.echoed_bytes);
         family(&mut o, "gearmand_up", "gauge", "1 when the gearmand link is connected, by server and state.");
         for (addr, state) in &g.links {
             for s in ["connected", "stalled", "connecting", "resolving", "disconnected"] {

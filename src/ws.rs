@@ -5,6 +5,9 @@
 //! calls `poll_event()` until it returns `None`, and writes out `output()`. Everything that waits
 //! to be sent waits in that one `Vec`, so it is the one number backpressure checks.
 //!
+//! Data frames we send are encoded straight into that `Vec` (one copy of the payload), not
+//! through tungstenite's own write buffer, which would copy it twice and keep its capacity.
+//!
 //! The shell reports what it wrote with `consume_output(n)`. That keeps track of where the
 //! first frame not yet started begins, so [`Ws::abort`] can drop a slow reader's queue and still
 //! end the stream with a well-formed close frame.
@@ -14,7 +17,7 @@ use std::io::{self, Read, Write};
 use tungstenite::error::{CapacityError, Error as TError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tungstenite::{Message, Utf8Bytes, WebSocket};
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
 
@@ -103,6 +106,29 @@ fn frame_len(bytes: &[u8]) -> Option<usize> {
     usize::try_from(payload).ok()?.checked_add(header + mask)
 }
 
+/// First byte of an unfragmented text frame: FIN plus opcode 1.
+const FIN_TEXT: u8 = 0x81;
+/// First byte of an unfragmented binary frame: FIN plus opcode 2.
+const FIN_BINARY: u8 = 0x82;
+
+/// Appends one unmasked server frame carrying all of `payload`; `first` is FIN plus the
+/// opcode. The length takes 1, 3 or 9 bytes (RFC 6455 5.2), whatever the payload's size.
+fn encode_frame(out: &mut Vec<u8>, first: u8, payload: &[u8]) {
+    let len = payload.len();
+    out.reserve(len + 10);
+    out.push(first);
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&short.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
 /// Appends a server close frame: code, then the reason cut to 123 bytes at a char boundary.
 fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let reason = truncate_reason(reason);
@@ -120,14 +146,34 @@ fn truncate_reason(reason: &str) -> &str {
     &reason[..end]
 }
 
+/// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
+const MAX_FRAME_HEADER: usize = 14;
+/// tungstenite grows its read buffer to the largest frame it reads and keeps that capacity; a
+/// frame longer than this makes the connection shed it once the message is handled (see
+/// [`Ws::shed_read_buffer`]).
+const SHED_FRAME_BYTES: usize = 4096;
+
 /// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
 /// `write` appends to `output` and never fails.
+///
+/// A read never crosses the end of a frame, so when tungstenite hands over a message it holds
+/// no byte of the next frame, and its state can be dropped and made afresh.
 #[derive(Debug)]
 pub struct MemStream {
     input: InBuf,
     output: OutQueue,
     /// The peer sent FIN: once `input` is drained, reads return 0 (end of stream).
     eof: bool,
+    /// Bytes of the current frame not yet handed to tungstenite; 0 at a frame boundary.
+    frame_left: usize,
+    /// A frame over [`SHED_FRAME_BYTES`] was read since tungstenite's state was last made.
+    large_frame: bool,
+}
+
+impl MemStream {
+    fn new(input: InBuf, output: OutQueue) -> Self {
+        MemStream { input, output, eof: false, frame_left: 0, large_frame: false }
+    }
 }
 
 impl Read for MemStream {
@@ -136,9 +182,23 @@ impl Read for MemStream {
         if data.is_empty() {
             return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
         }
-        let n = data.len().min(buf.len());
+        if self.frame_left == 0 {
+            // At a frame boundary: learn how long the next frame is from its header.
+            self.frame_left = match frame_len(data) {
+                Some(len) => len,
+                // The header is cut short: wait for the rest (it always fits in `input`).
+                None if data.len() < MAX_FRAME_HEADER && !self.eof => {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
+                None => usize::MAX,
+            };
+            self.large_frame |= self.frame_left > SHED_FRAME_BYTES;
+        }
+        let n = data.len().min(buf.len()).min(self.frame_left);
         buf[..n].copy_from_slice(&data[..n]);
         self.input.consume(n);
+        self.frame_left -= n;
         Ok(n)
     }
 }
@@ -190,8 +250,9 @@ pub enum WsEvent {
     Http { method: String, path: String },
     /// A complete text message.
     Text(Utf8Bytes),
-    /// A complete binary message (the protocol has none; the app answers with an error).
-    Binary,
+    /// A complete binary message, its payload as tungstenite read it (no copy). The job
+    /// protocol has none and answers with an error; echo mode sends it back.
+    Binary(Bytes),
     /// The peer started or answered the close handshake; our reply (if any) is queued.
     Closed,
     /// The peer broke the protocol; a close frame or HTTP error is queued. `code` is the
@@ -344,7 +405,7 @@ impl Ws {
                 let event = loop {
                     match ws.read() {
                         Ok(Message::Text(text)) => break Some(WsEvent::Text(text)),
-                        Ok(Message::Binary(_)) => break Some(WsEvent::Binary),
+                        Ok(Message::Binary(data)) => break Some(WsEvent::Binary(data)),
                         // tungstenite queued the pong; it leaves with the flush below.
                         Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                         Ok(Message::Close(_)) => break Some(WsEvent::Closed),
@@ -355,10 +416,38 @@ impl Ws {
                 };
                 // Pongs and close replies go out with this pass's writes.
                 let _ = ws.flush();
+                if matches!(event, Some(WsEvent::Text(_) | WsEvent::Binary(_))) && ws.get_ref().large_frame {
+                    self.shed_read_buffer();
+                }
                 event
             }
             WsState::Done { .. } => None,
         }
+    }
+
+    /// tungstenite keeps its read buffer at the size of the largest frame it has read (and,
+    /// with `Bytes` split off it, sometimes more), for as long as the connection lives: a
+    /// client that once sent a 16 MiB message would hold 16 MiB or more while idle. Right
+    /// after a message, tungstenite holds nothing else: no byte of the next frame (reads stop
+    /// at frame ends), no fragment (the message is whole), no pong or close reply (flushed).
+    /// So while the socket is still open both ways its state is made afresh around the same
+    /// stream, with a small buffer again. The message's payload keeps the old buffer alive
+    /// only until the caller drops it.
+    fn shed_read_buffer(&mut self) {
+        let WsState::Open(ws) = &self.state else { return };
+        if !ws.can_write() || ws.get_ref().frame_left != 0 {
+            return;
+        }
+        let WsState::Open(ws) = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
+            unreachable!("checked above")
+        };
+        let config = *ws.get_config();
+        let mut stream = ws.into_inner();
+        stream.large_frame = false;
+        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
     }
 
     fn poll_head(&mut self, limits: &WsLimits, len: usize) -> Option<WsEvent> {
@@ -440,7 +529,7 @@ impl Ws {
             .write_buffer_size(0)
             .max_message_size(Some(limits.max_message_bytes))
             .max_frame_size(Some(limits.max_frame_bytes));
-        let stream = MemStream { input: frames, output, eof: false };
+        let stream = MemStream::new(frames, output);
         self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
         Some(WsEvent::Opened(upgrade))
     }
@@ -495,9 +584,25 @@ impl Ws {
     }
 
     /// Queues a text message. Returns false if the socket is no longer open for writing.
-    pub fn send_text(&mut self, text: impl Into<Utf8Bytes>) -> bool {
+    pub fn send_text(&mut self, text: impl AsRef<str>) -> bool {
+        self.send_frame(FIN_TEXT, text.as_ref().as_bytes())
+    }
+
+    /// Queues a binary message. Returns false if the socket is no longer open for writing.
+    pub fn send_binary(&mut self, data: &[u8]) -> bool {
+        self.send_frame(FIN_BINARY, data)
+    }
+
+    /// Appends one data frame to `output` while tungstenite may still write (no close sent or
+    /// received). Nothing of tungstenite's can be waiting to go out in between: it writes
+    /// through to `output` at once (write buffer 0, writes never fail) and `poll_event` flushes
+    /// its pongs and close replies before it returns, so frames stay in order.
+    fn send_frame(&mut self, first: u8, payload: &[u8]) -> bool {
         match &mut self.state {
-            WsState::Open(ws) if ws.can_write() => ws.send(Message::Text(text.into())).is_ok(),
+            WsState::Open(ws) if ws.can_write() => {
+                encode_frame(&mut ws.get_mut().output.bytes, first, payload);
+                true
+            }
             _ => false,
         }
     }
@@ -583,15 +688,24 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     /// A masked client frame (mask 0 keeps the payload readable in tests).
     fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
+        masked_frame(0x80 | opcode, payload)
+    }
+
+    /// A client frame whose first byte (FIN, opcode) is `first`, masked with a real key.
+    fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![first];
         if payload.len() < 126 {
             f.push(0x80 | payload.len() as u8);
-        } else {
+        } else if let Ok(short) = u16::try_from(payload.len()) {
             f.push(0x80 | 126);
-            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            f.extend_from_slice(&short.to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(payload.len() as u64).to_be_bytes());
         }
-        f.extend_from_slice(&[0, 0, 0, 0]);
-        f.extend_from_slice(payload);
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
         f
     }
 
@@ -622,6 +736,112 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(feed(&mut ws, &client_frame(1, b"hi"), &l), vec![WsEvent::Text("hi".into())]);
         assert!(ws.send_text("got it!"));
         assert_eq!(ws.output(), b"\x81\x07got it!");
+    }
+
+    #[test]
+    fn binary_messages_carry_their_payload_and_go_back_as_binary() {
+        let (l, mut ws) = (limits(), open_ws());
+        let payload = [0u8, 0xff, 0x80, b'x'];
+        assert_eq!(
+            feed(&mut ws, &client_frame(2, &payload), &l),
+            vec![WsEvent::Binary(Bytes::copy_from_slice(&payload))]
+        );
+        assert!(ws.send_binary(&payload));
+        assert_eq!(ws.output(), [&[0x82, 4][..], &payload].concat().as_slice());
+    }
+
+    #[test]
+    fn a_fragmented_message_with_a_ping_inside_comes_out_whole_after_the_pong() {
+        let (l, mut ws) = (limits(), open_ws());
+        let wire = [
+            masked_frame(0x01, "Hé".as_bytes()), // text, not final
+            masked_frame(0x89, b"p"),            // ping between the fragments
+            masked_frame(0x00, b"l"),            // continuation, not final
+            masked_frame(0x80, b"lo"),           // final continuation
+        ]
+        .concat();
+        // Byte by byte: every fragment and the ping arrive in pieces.
+        let mut events = Vec::new();
+        for byte in &wire {
+            events.extend(feed(&mut ws, &[*byte], &l));
+        }
+        assert_eq!(events, vec![WsEvent::Text("Héllo".into())]);
+        assert_eq!(ws.output(), b"\x8a\x01p", "the pong left as soon as the ping was read");
+        let WsEvent::Text(text) = &events[0] else { unreachable!() };
+        assert!(ws.send_text(text));
+        let got = client_reads(&[ws.output(), &close_frame(1000, "")].concat());
+        assert_eq!(got[..2], [Message::Pong(Bytes::from_static(b"p")), Message::text("Héllo")]);
+    }
+
+    #[test]
+    fn data_frames_of_every_length_encoding_read_back_whole() {
+        for len in [0, 125, 126, 0xffff, 0x1_0000] {
+            let mut ws = open_ws();
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            assert!(ws.send_binary(&data));
+            assert!(ws.send_text("a".repeat(len)));
+            let wire = [ws.output(), &close_frame(1000, "")].concat();
+            let got = client_reads(&wire);
+            assert_eq!(got[0], Message::Binary(data.into()), "len {len}");
+            assert_eq!(got[1], Message::text("a".repeat(len)), "len {len}");
+            // The shortest length encoding: the binary frame is as long as the text one.
+            assert_eq!(&ws.output()[text_frame(len).len()..], text_frame(len));
+        }
+    }
+
+    #[test]
+    fn tungstenite_is_never_handed_bytes_past_the_end_of_a_frame() {
+        let (first, second) = (masked_frame(0x81, &[b'a'; 300]), masked_frame(0x82, b"bc"));
+        let third = masked_frame(0x82, &[b'd'; 200]); // its length takes two more header bytes
+        let mut input = InBuf::new(1024);
+        input.extend(&[&first[..], &second, &third[..3]].concat());
+        let mut stream = MemStream::new(input, OutQueue::default());
+        let mut buf = [0u8; 1024];
+        assert_eq!(stream.read(&mut buf).unwrap(), first.len());
+        assert!(stream.large_frame == (first.len() > SHED_FRAME_BYTES));
+        assert_eq!(stream.read(&mut buf[..4]).unwrap(), 4, "a short buffer takes part of a frame");
+        assert_eq!(stream.read(&mut buf).unwrap(), second.len() - 4, "then the rest of it, no more");
+        // Three bytes of an 8-byte header, too few for the length: wait for the rest, unless
+        // the peer has gone.
+        assert_eq!(stream.read(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        stream.eof = true;
+        assert_eq!(stream.read(&mut buf).unwrap(), 3);
+        assert_eq!(stream.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_large_message_then_small_ones_byte_at_a_time_or_glued() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut l = limits();
+        (l.max_message_bytes, l.max_frame_bytes, l.in_limit_bytes) = (1 << 20, 1 << 20, 1 << 21);
+        let wire =
+            [masked_frame(0x82, &big), masked_frame(0x89, b"p"), masked_frame(0x81, b"small")].concat();
+        let expected = vec![WsEvent::Binary(Bytes::from(big)), WsEvent::Text("small".into())];
+        for step in [1, 7, 4096, wire.len()] {
+            let mut ws = Ws::new();
+            assert!(matches!(feed(&mut ws, UPGRADE, &l).as_slice(), [WsEvent::Opened(_)]));
+            drain(&mut ws);
+            let mut events = Vec::new();
+            for chunk in wire.chunks(step) {
+                events.extend(feed(&mut ws, chunk, &l));
+            }
+            assert!(events == expected, "in steps of {step}");
+            assert_eq!(ws.output(), b"\x8a\x01p", "in steps of {step}");
+            assert!(ws.is_open());
+        }
+    }
+
+    #[test]
+    fn nothing_is_sent_after_a_close() {
+        let l = limits();
+        let mut ws = open_ws();
+        feed(&mut ws, &client_frame(8, &[0x03, 0xe8]), &l);
+        let out = ws.output().to_vec();
+        assert!(!ws.send_text("late") && !ws.send_binary(b"late"));
+        assert_eq!(ws.output(), out.as_slice());
+        let mut ws = open_ws();
+        ws.close(1001, "bye");
+        assert!(!ws.send_text("late") && !ws.send_binary(b"late"));
     }
 
     #[test]
@@ -777,7 +997,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
     fn client_reads(wire: &[u8]) -> Vec<Message> {
         let mut input = InBuf::new(wire.len().max(1));
         input.extend(wire);
-        let stream = MemStream { input, output: OutQueue::default(), eof: true };
+        let mut stream = MemStream::new(input, OutQueue::default());
+        stream.eof = true;
         let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
         let mut client = WebSocket::from_raw_socket(stream, Role::Client, Some(config));
         let mut got = Vec::new();

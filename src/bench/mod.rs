@@ -32,6 +32,8 @@ use crate::config::{Command, value};
 pub const DEFAULT_MESSAGE: &str = r#"{"type":"worker.complete","id":1,"value":"done"}"#;
 /// What the server answers to [`DEFAULT_MESSAGE`], word for word.
 pub const DEFAULT_REPLY: &str = "got it!";
+/// `--expect echo`: each reply must be the message itself (an echo server, `serve --echo`).
+pub const EXPECT_ECHO: &str = "echo";
 /// Descriptors kept back from the per-process connection cap (poll, stdio, workers, gearmand).
 const FD_RESERVE: usize = 1000;
 
@@ -101,10 +103,14 @@ pub struct BenchOptions {
     pub pid: Option<u32>,
     /// `--gearmand-pid`: gearmand's pid, whose CPU time jobs mode reports. Default none.
     pub gearmand_pid: Option<u32>,
-    /// `--message`: the roundtrip text. Default [`DEFAULT_MESSAGE`].
+    /// `--message`: the roundtrip text. Default [`DEFAULT_MESSAGE`]. `--message-bytes N` sets
+    /// it to N bytes of printable ASCII instead.
     pub message: String,
-    /// `--expect`: the reply every roundtrip message must get. Default `got it!` for the default
-    /// message, any text reply for a custom one.
+    /// `--binary`: roundtrip messages go as binary frames, and replies must be binary. Default
+    /// off (text).
+    pub binary: bool,
+    /// `--expect`: the reply every roundtrip message must get; [`EXPECT_ECHO`] means the message
+    /// itself. Default `got it!` for the default message, any text reply for a custom one.
     pub expect: Option<String>,
     /// `--function`: the Gearman function of jobs. Default `echo`.
     pub function: String,
@@ -149,6 +155,7 @@ impl Default for BenchOptions {
             pid: None,
             gearmand_pid: None,
             message: DEFAULT_MESSAGE.into(),
+            binary: false,
             expect: None,
             function: "echo".into(),
             payload_bytes: 16,
@@ -195,8 +202,11 @@ flags:
                          its CPUs
   --message TEXT         roundtrip text, which must get exactly one reply (default: the
                          article's worker.complete, answered `got it!`)
+  --message-bytes N      roundtrip: a message of N bytes of printable ASCII instead
+  --binary               roundtrip: send the message as binary frames; replies must be binary
   --expect TEXT          roundtrip: the reply each message must get (custom message: any
-                         text but an {\"type\":\"error\",...} reply)
+                         text but an {\"type\":\"error\",...} reply); `--expect echo`: the
+                         message itself, as an echo server (gearsock serve --echo) answers
   --function F           jobs: Gearman function (echo)
   --payload-bytes N      jobs: payload size (16)
   --gearmand HOST:PORT   jobs: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
@@ -223,6 +233,7 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
     use lexopt::Arg::{Long, Short, Value};
     let mut o = BenchOptions::default();
     let mut mode = None;
+    let (mut message_given, mut message_bytes) = (false, None);
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("url") => o.url = value(parser)?,
@@ -234,7 +245,12 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("hold" | "hold-s") => o.hold = seconds(parser)?,
             Long("pid") => o.pid = Some(value(parser)?),
             Long("gearmand-pid") => o.gearmand_pid = Some(value(parser)?),
-            Long("message") => o.message = value(parser)?,
+            Long("message") => {
+                o.message = value(parser)?;
+                message_given = true;
+            }
+            Long("message-bytes") => message_bytes = Some(value::<usize>(parser)?),
+            Long("binary") => o.binary = true,
             Long("expect") => o.expect = Some(value(parser)?),
             Long("function") => o.function = value(parser)?,
             Long("payload-bytes") => o.payload_bytes = value(parser)?,
@@ -256,8 +272,20 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
         }
     }
     o.mode = mode.ok_or("MODE is missing: connect, roundtrip or jobs (try --help)")?;
+    if let Some(len) = message_bytes {
+        if message_given {
+            return Err("give --message or --message-bytes, not both".into());
+        }
+        o.message = sized_message(len);
+    }
     o.validate()?;
     Ok(Command::Bench(o))
+}
+
+/// `len` bytes of printable ASCII (no newline, so the line-echo baseline can carry it too).
+pub fn sized_message(len: usize) -> String {
+    const PATTERN: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    PATTERN.iter().cycle().take(len).map(|&b| char::from(b)).collect()
 }
 
 /// Parses seconds, fractions allowed.
@@ -284,6 +312,12 @@ impl BenchOptions {
         }
         if self.mode == Mode::Roundtrip && self.baseline && self.message.contains('\n') {
             return Err("--baseline sends the message as one line: it must not contain a newline".into());
+        }
+        if self.message.len() > session::MAX_FRAME_BYTES {
+            return Err(format!(
+                "the message is at most {} bytes (the bench's frame limit)",
+                session::MAX_FRAME_BYTES
+            ));
         }
         if self.mode == Mode::Jobs && self.function.is_empty() {
             return Err("--function must not be empty".into());
@@ -385,6 +419,19 @@ mod tests {
     fn too_many_connections_suggest_several_processes() {
         let err = parse(&["connect", "--connections", "100000000"]).unwrap_err();
         assert!(err.contains("several"), "{err}");
+    }
+
+    #[test]
+    fn echo_roundtrips_parse_with_a_sized_binary_message() {
+        let o =
+            parse(&["roundtrip", "--message-bytes", "40", "--binary", "--expect", "echo"]).expect("parses");
+        assert_eq!(o.message.len(), 40);
+        assert!(o.message.bytes().all(|b| b.is_ascii_alphanumeric()), "{}", o.message);
+        assert!(o.binary && o.expect.as_deref() == Some(EXPECT_ECHO));
+        let err = parse(&["roundtrip", "--message", "x", "--message-bytes", "3"]).unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+        let too_big = (session::MAX_FRAME_BYTES + 1).to_string();
+        assert!(parse(&["roundtrip", "--message-bytes", &too_big]).unwrap_err().contains("at most"));
     }
 
     #[test]

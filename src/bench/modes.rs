@@ -26,13 +26,15 @@ use super::session::{
     RoundtripPlan, WsSession,
 };
 use super::sys::{self, CpuProbe};
-use super::wire::{OP_TEXT, encode_client_frame};
-use super::{BenchOptions, DEFAULT_MESSAGE, DEFAULT_REPLY, parse_url, resolve};
+use super::wire::{OP_BINARY, OP_TEXT, encode_client_frame};
+use super::{BenchOptions, DEFAULT_MESSAGE, DEFAULT_REPLY, EXPECT_ECHO, parse_url, resolve};
 
 /// How long connect mode lets the server settle before reading its VmRSS.
 const SETTLE: Duration = Duration::from_secs(1);
 /// Pause between a run and its baseline, so jobs still in flight drain.
 const DRAIN: Duration = Duration::from_millis(500);
+/// Messages up to this size are shown in `--json` output; larger ones only by their size.
+const SHOWN_MESSAGE_BYTES: usize = 1024;
 
 /// `gearsock bench connect`.
 pub fn run_connect(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
@@ -156,15 +158,15 @@ impl Rss {
 /// `gearsock bench roundtrip`.
 pub fn run_roundtrip(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     let (endpoint, target) = ws_target(opts)?;
-    let expect = match (&opts.expect, opts.message == DEFAULT_MESSAGE) {
-        (Some(text), _) => Expect::Exact(text.clone().into_bytes()),
-        (None, true) => Expect::Exact(DEFAULT_REPLY.as_bytes().to_vec()),
-        (None, false) => Expect::AnyText,
+    let expect = match expected_reply(opts) {
+        Some(reply) => Expect::Exact(reply.as_bytes().to_vec()),
+        None => Expect::AnyText,
     };
     let mask = super::driver::Rng::seeded(u64::MAX).mask();
     let mut request = Vec::new();
-    encode_client_frame(&mut request, OP_TEXT, opts.message.as_bytes(), mask);
-    let plan = Arc::new(RoundtripPlan { request, expect, in_flight: opts.in_flight });
+    let opcode = if opts.binary { OP_BINARY } else { OP_TEXT };
+    encode_client_frame(&mut request, opcode, opts.message.as_bytes(), mask);
+    let plan = Arc::new(RoundtripPlan { request, expect, in_flight: opts.in_flight, binary: opts.binary });
     let probes: Vec<_> = opts.pid.map(|pid| ("server", CpuProbe::Process(pid))).into_iter().collect();
     let ws = run_timed(&spec(opts, target, timed(opts))?, &probes, move |rng| {
         WsSession::new(endpoint.clone(), rng.bytes16(), mask, Roundtrip::new(plan.clone()))
@@ -174,7 +176,8 @@ pub fn run_roundtrip(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
         let echo = BaselineServer::echo(baseline_cpus.clone())?;
         let line = format!("{}\n", opts.message).into_bytes();
         let expect = Expect::Exact(opts.message.clone().into_bytes());
-        let plan = Arc::new(RoundtripPlan { request: line, expect, in_flight: opts.in_flight });
+        let plan =
+            Arc::new(RoundtripPlan { request: line, expect, in_flight: opts.in_flight, binary: false });
         let probes: Vec<_> = echo.cpu_probe().map(|probe| ("server", probe)).into_iter().collect();
         let report = run_timed(&spec(opts, echo.addr(), timed(opts))?, &probes, move |_| {
             LineSession::new(Roundtrip::new(plan.clone()))
@@ -198,6 +201,16 @@ pub fn run_roundtrip(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
         }
     }
     Ok(i32::from(troubled(&ws) || baseline.as_ref().is_some_and(troubled)))
+}
+
+/// The reply each roundtrip message must get, word for word; `None`: any text but an error.
+fn expected_reply(opts: &BenchOptions) -> Option<&str> {
+    match (opts.expect.as_deref(), opts.message == DEFAULT_MESSAGE) {
+        (Some(EXPECT_ECHO), _) => Some(&opts.message),
+        (Some(text), _) => Some(text),
+        (None, true) => Some(DEFAULT_REPLY),
+        (None, false) => None,
+    }
 }
 
 /// `gearsock bench jobs`.
@@ -424,11 +437,15 @@ fn common_json(opts: &BenchOptions) -> Value {
 
 fn roundtrip_json(opts: &BenchOptions, runs: &Runs<'_>) -> Value {
     let mut v = common_json(opts);
-    v["message"] = json!(opts.message);
-    v["expect"] = match (&opts.expect, opts.message == DEFAULT_MESSAGE) {
-        (Some(text), _) => json!(text),
-        (None, true) => json!(DEFAULT_REPLY),
-        (None, false) => Value::Null,
+    // A large message (--message-bytes) is summed up by its size, not repeated.
+    let shown = |text: &str| if text.len() <= SHOWN_MESSAGE_BYTES { json!(text) } else { Value::Null };
+    v["message"] = shown(&opts.message);
+    v["message_bytes"] = json!(opts.message.len());
+    v["binary"] = json!(opts.binary);
+    v["expect"] = match (opts.expect.as_deref(), expected_reply(opts)) {
+        (Some(EXPECT_ECHO), _) => json!(EXPECT_ECHO),
+        (_, Some(reply)) => shown(reply),
+        (_, None) => Value::Null,
     };
     v["websocket"] = run_json(runs.main, "messages");
     v["baseline"] = runs.baseline.map_or(Value::Null, |b| {
@@ -605,7 +622,11 @@ fn print_runs(opts: &BenchOptions, runs: &Runs<'_>, head: [&str; 3], noun: &str)
         super::Mode::Jobs => {
             format!("function {} with {} payload bytes, ", opts.function, opts.payload_bytes)
         }
-        _ => String::new(),
+        _ => {
+            let kind = if opts.binary { "binary" } else { "text" };
+            let check = if opts.expect.as_deref() == Some(EXPECT_ECHO) { ", echoed" } else { "" };
+            format!("{}-byte {kind} messages{check}, ", grouped(opts.message.len() as f64))
+        }
     };
     println!(
         "gearsock bench {}: {}, {subject}{} x {} in flight, {}, {} s measured after {} s warm-up",

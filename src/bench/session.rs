@@ -63,8 +63,13 @@ pub trait Session {
 pub trait Workload {
     /// Sends the first requests.
     fn begin(&mut self, io: &mut Io<'_>);
-    /// One complete text message (a line without its newline) arrived.
+    /// One complete message (a line without its newline) arrived: text, or binary when
+    /// [`Workload::wants_binary`] says so.
     fn on_message(&mut self, message: &[u8], io: &mut Io<'_>);
+    /// Replies are binary messages (an echo of binary requests), not text.
+    fn wants_binary(&self) -> bool {
+        false
+    }
 }
 
 /// Where WebSocket sessions connect: the `Host` header and the path.
@@ -133,9 +138,16 @@ impl<W: Workload> Session for WsSession<W> {
         {
             let payload = &input[used + frame.payload_start..used + frame.len];
             match frame.opcode {
-                OP_TEXT if frame.fin => self.work.on_message(payload, io),
-                OP_TEXT | OP_CONTINUATION => return Err("fragmented server message".into()),
-                OP_BINARY => io.meter.error("binary reply"),
+                OP_TEXT | OP_BINARY if frame.fin => {
+                    if (frame.opcode == OP_BINARY) == self.work.wants_binary() {
+                        self.work.on_message(payload, io);
+                    } else if frame.opcode == OP_BINARY {
+                        io.meter.error("binary reply");
+                    } else {
+                        io.meter.error("text reply");
+                    }
+                }
+                OP_TEXT | OP_BINARY | OP_CONTINUATION => return Err("fragmented server message".into()),
                 OP_PING => encode_client_frame(io.out, OP_PONG, payload, self.mask),
                 OP_PONG => {}
                 OP_CLOSE => return Err(close_reason(payload)),
@@ -235,6 +247,8 @@ pub struct RoundtripPlan {
     pub expect: Expect,
     /// Requests outstanding per connection.
     pub in_flight: usize,
+    /// Requests and replies are binary messages.
+    pub binary: bool,
 }
 
 /// Keeps `in_flight` requests outstanding; replies come back in order (one server connection
@@ -274,6 +288,10 @@ impl Workload for Roundtrip {
             io.out.extend_from_slice(&self.plan.request);
             self.sent.push_back(io.now);
         }
+    }
+
+    fn wants_binary(&self) -> bool {
+        self.plan.binary
     }
 }
 
@@ -528,7 +546,12 @@ mod tests {
     fn roundtrip_plan(in_flight: usize) -> Arc<RoundtripPlan> {
         let mut request = Vec::new();
         encode_client_frame(&mut request, OP_TEXT, b"hi", MASK);
-        Arc::new(RoundtripPlan { request, expect: Expect::Exact(b"got it!".to_vec()), in_flight })
+        Arc::new(RoundtripPlan {
+            request,
+            expect: Expect::Exact(b"got it!".to_vec()),
+            in_flight,
+            binary: false,
+        })
     }
 
     #[test]
@@ -547,6 +570,27 @@ mod tests {
         let out = feed(&mut s, &wire, &mut meter, t0 + Duration::from_millis(1));
         assert_eq!(out, plan.request.repeat(2));
         assert_eq!((meter.replies, meter.measured, meter.mismatches, meter.errors), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn binary_roundtrips_take_binary_replies_and_count_text_ones_as_errors() {
+        let t0 = Instant::now();
+        let mut request = Vec::new();
+        encode_client_frame(&mut request, OP_BINARY, &[0, 1, 255], MASK);
+        let expect = Expect::Exact(vec![0, 1, 255]);
+        let plan = Arc::new(RoundtripPlan { request, expect, in_flight: 1, binary: true });
+        let (mut s, answer) = upgraded(Roundtrip::new(plan.clone()));
+        let mut meter = Meter::default();
+        meter.set_window(t0, t0 + Duration::from_secs(10));
+        feed(&mut s, &answer, &mut meter, t0);
+        let mut out = Vec::new();
+        s.begin(&mut Io { out: &mut out, now: t0, meter: &mut meter });
+        assert_eq!(out, plan.request);
+        let wire = [vec![0x82, 3, 0, 1, 255], text_frame("\u{0}\u{1}")].concat();
+        let out = feed(&mut s, &wire, &mut meter, t0 + Duration::from_millis(1));
+        assert_eq!(out, plan.request, "one more request per reply");
+        assert_eq!((meter.replies, meter.mismatches), (1, 0));
+        assert_eq!(meter.error_kinds.keys().collect::<Vec<_>>(), ["text reply"]);
     }
 
     #[test]
@@ -633,6 +677,7 @@ mod tests {
             request: b"hi\n".to_vec(),
             expect: Expect::Exact(b"hi".to_vec()),
             in_flight: 1,
+            binary: false,
         });
         let mut s = LineSession::new(Roundtrip::new(plan));
         let mut meter = Meter::default();

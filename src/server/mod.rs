@@ -96,6 +96,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const LINK_READ_BUDGET: usize = 256 * 1024;
 /// The demo page, built into the binary.
 const DEMO_PAGE: &str = include_str!("../demo.html");
+/// `GET /` in echo mode: the demo page speaks the job protocol, which echo mode does not.
+const ECHO_PAGE: &[u8] =
+    b"gearsock echo server: every WebSocket text or binary message is sent back as it came\n";
 const REFUSAL: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
 Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
@@ -164,13 +167,15 @@ impl Server {
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
         let mut links = Vec::new();
-        for (server, addr) in cfg.gearmand.iter().enumerate() {
+        // Echo mode has no job protocol: no gearmand is ever connected to.
+        let gearmand = if cfg.echo { &[][..] } else { &cfg.gearmand[..] };
+        for (server, addr) in gearmand.iter().enumerate() {
             for slot in 0..SLOTS_PER_SERVER {
                 let role = if slot == 0 { Role::Active } else { Role::Spare };
                 links.push(GearmanLink::new(addr.clone(), server, role, cfg.max_job_bytes, now));
             }
         }
-        let active: Vec<usize> = (0..cfg.gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
+        let active: Vec<usize> = (0..gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
         let resolver = if links.iter().all(|l| l.numeric.is_some()) {
             None
         } else {
@@ -181,8 +186,10 @@ impl Server {
         for &i in &active {
             wheel.insert(now, TimerEvent::Reconnect(i));
         }
-        let period = link_check_period(cfg);
-        wheel.insert_periodic(now + period, period, TimerEvent::LinkCheck);
+        if !links.is_empty() {
+            let period = link_check_period(cfg);
+            wheel.insert_periodic(now + period, period, TimerEvent::LinkCheck);
+        }
         Ok(Server {
             limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
@@ -625,7 +632,7 @@ impl Server {
         if !c.io.can_read {
             return;
         }
-        let outcome = match c.conn.read_into() {
+        let outcome = match c.conn.read_into(&self.limits) {
             ReadInto::Buffer(input) => {
                 fill(&mut c.sock, input, &mut self.scratch, self.cfg.read_budget_bytes, !c.io.hup_seen)
             }
@@ -653,13 +660,27 @@ impl Server {
                 ConnEvent::Opened(upgrade) => {
                     self.app.metrics.handshakes += 1;
                     debug!("conn={key} open");
-                    let peer = self.conns[key].peer.ip();
-                    let trusted = is_trusted_peer(peer, upgrade.origin_is_own_or_absent(), upgrade.forwarded);
-                    self.app.handle_client_open(id, trusted);
+                    if !self.cfg.echo {
+                        // Echo clients never reach the App: it keeps no record of them.
+                        let peer = self.conns[key].peer.ip();
+                        let trusted =
+                            is_trusted_peer(peer, upgrade.origin_is_own_or_absent(), upgrade.forwarded);
+                        self.app.handle_client_open(id, trusted);
+                    }
                 }
                 ConnEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
+                ConnEvent::Text(text) if self.cfg.echo => {
+                    if self.conns[key].conn.send_text(text.as_str()) {
+                        self.app.metrics.note_echo(text.len());
+                    }
+                }
+                ConnEvent::Binary(data) if self.cfg.echo => {
+                    if self.conns[key].conn.send_binary(&data) {
+                        self.app.metrics.note_echo(data.len());
+                    }
+                }
                 ConnEvent::Text(text) => self.app.handle_client_text(id, &text, now),
-                ConnEvent::Binary => self.app.handle_client_binary(id),
+                ConnEvent::Binary(_) => self.app.handle_client_binary(id),
                 ConnEvent::Closed { reason, handshaking } => {
                     debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer);
                     if reason == CloseReason::OutputLimit {
@@ -701,6 +722,7 @@ impl Server {
             }
         }
     }
+
     /// Each gearmand as `/healthz` and `/metrics` show it: address, the active connection's
     /// state (`stalled` when it is up but not taking bytes or not answering), connections made,
     /// retiring connections; and whether any takes work.
@@ -733,8 +755,15 @@ impl Server {
             (404, "Not Found", "text/plain; charset=utf-8", b"not found\n".to_vec())
         } else if method != "GET" {
             (405, "Method Not Allowed", "text/plain; charset=utf-8", b"only GET\n".to_vec())
+        } else if path == "/" && self.cfg.echo {
+            (200, "OK", "text/plain; charset=utf-8", ECHO_PAGE.to_vec())
         } else if path == "/" {
             (200, "OK", "text/html; charset=utf-8", DEMO_PAGE.as_bytes().to_vec())
+        } else if path == "/healthz" && self.cfg.echo {
+            // Nothing to depend on: no gearmand is used, so the server is healthy while it answers.
+            let body =
+                json!({"status": "ok", "mode": "echo", "gearmand": [], "connections": self.conns.len()});
+            (200, "OK", "application/json", format!("{body}\n").into_bytes())
         } else if path == "/healthz" {
             let (links, any_up) = self.link_report(now);
             let servers: Vec<_> = links
@@ -927,6 +956,11 @@ impl Server {
         if c.conn.output_len() > 0 {
             list(&mut self.backlog, &mut c.listed.backlog, key);
         }
+        // A client held back for its backlog (echo mode, see `Connection::read_into`) whose
+        // backlog drained is read again: the readable edge it had is still unused.
+        if c.io.can_read && c.conn.is_open() && !c.conn.holds_reading(&self.limits) {
+            list(&mut self.ready, &mut c.listed.ready, key);
+        }
         // Interest follows what the connection wants: WRITABLE only while bytes wait.
         let want_writable = c.conn.wants_write();
         if want_writable != c.io.writable_registered && !c.conn.is_closed() {
@@ -1093,6 +1127,7 @@ fn list(list: &mut Vec<usize>, listed: &mut bool, key: usize) {
 fn conn_limits(cfg: &Config) -> ConnLimits {
     ConnLimits {
         ws: WsLimits::from(cfg),
+        hold_reading_over: cfg.echo.then_some(cfg.client_out_soft_bytes),
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
         close_timeout: cfg.close_timeout,

@@ -222,7 +222,18 @@ impl Server {
         let mut args =
             vec!["serve", "--listen", "127.0.0.1:0", "--gearmand", gearmand, "--log-level", "warn"];
         args.extend_from_slice(extra);
-        let mut proc = Proc::spawn(&args);
+        Self::spawn(&args)
+    }
+
+    /// `gearsock serve --echo` (no gearmand) on a free port.
+    pub fn start_echo(extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--echo", "--listen", "127.0.0.1:0", "--log-level", "warn"];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
+    fn spawn(args: &[&str]) -> Server {
+        let mut proc = Proc::spawn(args);
         let line = proc.line();
         let addr = line.strip_prefix("listening on ws://").unwrap_or_else(|| panic!("unexpected: {line}"));
         let addr = addr.parse().expect("address");
