@@ -1,9 +1,11 @@
 //! Arbitrary bytes into a fresh `Ws`: the HTTP request head parser and the WebSocket upgrade
 //! checks (101, or a plain request for the shell to answer, or 400/403/405/426/431).
 //!
-//! Input: one control byte (an `Origin` allow-list or none; the split point's low bits), then
-//! the bytes a client sends. They are fed as the shell feeds them, never past the buffer's
-//! room, once all at once and once in two reads cut at the split point.
+//! Input: one control byte (an `Origin` allow-list or none; a long filler header after the
+//! first line, which brings the head within a few bytes of the 8 KiB limit without a long
+//! input), one byte that picks the split point, then the bytes a client sends. They are fed as
+//! the shell feeds them, never past the buffer's room, once all at once and once in two reads
+//! cut at the split point.
 //!
 //! Checked, besides "no panic": what the connection answers is one well-formed HTTP response
 //! (status line, a `Content-Length` that matches the body) whose status agrees with the event;
@@ -14,8 +16,21 @@
 use gearsock::ws::{MAX_HEAD_BYTES, Ws, WsEvent, WsLimits};
 use libfuzzer_sys::fuzz_target;
 
+/// Filler that leaves 8 KiB minus this many bytes for the rest of the head.
+const PAD_SHORT_OF_LIMIT: usize = 160;
+
 fuzz_target!(|data: &[u8]| {
-    let [control, bytes @ ..] = data else { return };
+    let [control, cut, bytes @ ..] = data else { return };
+    let padded;
+    let bytes = if control & 2 == 0 {
+        bytes
+    } else {
+        let line_end = bytes.windows(2).position(|w| w == b"\r\n").map_or(0, |i| i + 2);
+        let filler = MAX_HEAD_BYTES - PAD_SHORT_OF_LIMIT;
+        let header = [b"X-Pad: ".as_slice(), &vec![b'a'; filler], b"\r\n"].concat();
+        padded = [&bytes[..line_end], &header, &bytes[line_end..]].concat();
+        &padded[..]
+    };
     let limits = WsLimits {
         max_message_bytes: 256,
         max_frame_bytes: 128,
@@ -23,8 +38,7 @@ fuzz_target!(|data: &[u8]| {
         in_limit_bytes: 1024,
         allowed_origins: if control & 1 == 0 { Vec::new() } else { vec!["http://good.example".into()] },
     };
-    // The split point: spread over the input by the control byte's other seven bits.
-    let split = (bytes.len() * usize::from(control >> 1)) / 127;
+    let split = bytes.len() * usize::from(*cut) / 255;
     let (whole_events, whole_out) = run(&[bytes], &limits);
     let (split_events, split_out) = run(&[&bytes[..split], &bytes[split..]], &limits);
     assert_eq!(whole_events, split_events, "two reads changed the events");
