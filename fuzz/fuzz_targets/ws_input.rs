@@ -3,8 +3,9 @@
 //! in-memory stream, and the output queue the server writes from.
 //!
 //! Input: three control bytes, then what the client sends after its upgrade request.
-//! - byte 0: the limits (tiny, small, default-sized); echo each text message back; ping on
-//!   every read; end with the peer's FIN; end with `abort(1008)` as the slow-consumer path does.
+//! - byte 0: the limits (tiny, small, default-sized, one-byte reads); echo each message back;
+//!   ping on every read; end with the peer's FIN; end with `abort(1008)` as the slow-consumer
+//!   path does; start our own close (1001, as the idle timeout does) as soon as it opens.
 //! - byte 1: how many bytes each socket write takes (0: all of them).
 //! - byte 2: where the client's bytes are cut into two reads.
 //!
@@ -34,6 +35,7 @@ struct Options {
     ping: bool,
     eof: bool,
     abort: bool,
+    close_on_open: bool,
     write_size: usize,
 }
 
@@ -52,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
         ping: c0 & 8 != 0,
         eof: c0 & 16 != 0,
         abort: c0 & 32 != 0,
+        close_on_open: c0 & 64 != 0,
         write_size: if *c1 == 0 { usize::MAX } else { usize::from(*c1) },
     };
     let split = frames.len() * usize::from(*c2) / 255;
@@ -100,16 +103,22 @@ fn run(reads: &[&[u8]], limits: &WsLimits, options: &Options) -> Vec<String> {
     events
 }
 
-/// Polls every event, answering text as the App would (one text reply per message).
+/// Polls every event, answering each message as the App would (one text reply each).
 fn poll(ws: &mut Ws, limits: &WsLimits, options: &Options, events: &mut Vec<String>, sent: &mut Vec<String>) {
     while let Some(event) = ws.poll_event(limits) {
-        if let WsEvent::Text(text) = &event
-            && options.echo
-        {
-            let reply = format!("echo {}", text.as_str());
-            if ws.send_text(reply.clone()) {
-                sent.push(reply);
+        let reply = match &event {
+            WsEvent::Text(text) => Some(format!("echo {}", text.as_str())),
+            WsEvent::Binary => Some("binary".to_string()),
+            WsEvent::Opened(_) if options.close_on_open => {
+                ws.close(1001, "idle");
+                None
             }
+            _ => None,
+        };
+        if let Some(reply) = reply.filter(|_| options.echo)
+            && ws.send_text(reply.clone())
+        {
+            sent.push(reply);
         }
         events.push(format!("{event:?}"));
     }
