@@ -52,8 +52,7 @@ fn run(reads: &[&[u8]], limits: &WsLimits) -> (Vec<WsEvent>, Vec<u8>) {
     let mut events = Vec::new();
     for read in reads {
         let mut rest = *read;
-        loop {
-            let Some(input) = ws.input() else { break };
+        while let Some(input) = ws.input() {
             let n = rest.len().min(input.room());
             input.extend(&rest[..n]);
             rest = &rest[n..];

@@ -72,8 +72,7 @@ fn run(reads: &[&[u8]], limits: &WsLimits, options: &Options) -> Vec<String> {
     let mut written = Vec::new();
     for read in reads {
         let mut rest = *read;
-        loop {
-            let Some(input) = ws.input() else { break };
+        while let Some(input) = ws.input() {
             let n = rest.len().min(input.room());
             input.extend(&rest[..n]);
             rest = &rest[n..];
