@@ -9,7 +9,7 @@
 #
 # usage: scripts/conformance.sh [-h] [CASES]       CASES e.g. "1.*,6.*" (default: 1.* to 10.*)
 # environment (defaults in brackets):
-#   AUTOBAHN_SCRIPTS [/work/shared/autobahn]  the folder with setup.sh, run.sh and py3.patch
+#   AUTOBAHN_SCRIPTS [../shared/autobahn, beside the repository]  the folder with setup.sh, run.sh and py3.patch
 #   AUTOBAHN_VENV [$CARGO_TARGET_DIR/autobahn-venv, else target/autobahn-venv]  the venv cache
 #   AUTOBAHN_OUT [next to the venv: autobahn-reports]  reports (index.json, HTML, wstest.log)
 #   AUTOBAHN_TIMEOUT [1800]  whole-run limit in seconds (run.sh)
@@ -24,7 +24,7 @@ case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
 ALL_CASES="1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*"
 CASES="${1:-$ALL_CASES}"
-SCRIPTS="${AUTOBAHN_SCRIPTS:-/work/shared/autobahn}"
+SCRIPTS="${AUTOBAHN_SCRIPTS:-../shared/autobahn}"
 TARGET="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$TARGET"
 TARGET="$(cd "$TARGET" && pwd)"
