@@ -220,6 +220,8 @@ struct Client {
 struct Stored {
     value: String,
     at: Instant,
+    /// Which entry of `stored_order` is this value's (earlier ones for the key are stale).
+    seq: u64,
 }
 
 /// Settings the App needs, copied out of `Config`.
@@ -326,7 +328,11 @@ pub struct App {
     /// GET_STATUS questions gearmand has not answered yet.
     asks: Slab<Ask>,
     stored: HashMap<Box<str>, Stored>,
-    stored_order: VecDeque<Box<str>>,
+    /// Keys oldest first, each with the `seq` of the value it was pushed for. A value claimed
+    /// or overwritten leaves a stale entry behind; stale entries are skipped, and dropped in
+    /// bulk once they outnumber the live ones (so the deque stays within twice the store).
+    stored_order: VecDeque<(Box<str>, u64)>,
+    stored_seq: u64,
     stored_bytes: usize,
     sweep_armed: bool,
     entropy: Entropy,
@@ -376,6 +382,7 @@ impl App {
             asks: Slab::new(),
             stored: HashMap::new(),
             stored_order: VecDeque::new(),
+            stored_seq: 0,
             stored_bytes: 0,
             sweep_armed: false,
             entropy,
@@ -634,20 +641,26 @@ impl App {
     }
 
     fn store_value(&mut self, handle: String, value: String, now: Instant) {
+        self.stored_seq += 1;
+        let seq = self.stored_seq;
         if let Some(s) = self.stored.get_mut(handle.as_str()) {
-            // Replaced in place; if that pushes the store over its bytes, the oldest go below.
+            // Replaced in place and moved to the back with its new time; if that pushes the
+            // store over its bytes, the oldest go below.
             self.stored_bytes = self.stored_bytes - s.value.len() + value.len();
-            *s = Stored { value, at: now };
-            return self.evict_stored(0, 0);
+            *s = Stored { value, at: now, seq };
+            self.stored_order.push_back((handle.into(), seq));
+            self.evict_stored(0, 0);
+            return self.compact_stored_order();
         }
         if value.len() > self.cfg.max_stored_bytes {
             return; // larger than the whole store: nothing to keep
         }
         self.evict_stored(1, value.len());
         let key: Box<str> = handle.into();
-        self.stored_order.push_back(key.clone());
+        self.stored_order.push_back((key.clone(), seq));
         self.stored_bytes += value.len();
-        self.stored.insert(key, Stored { value, at: now });
+        self.stored.insert(key, Stored { value, at: now, seq });
+        self.compact_stored_order();
         if !self.sweep_armed {
             self.sweep_armed = true;
             self.effects.push(Effect::Arm(now + self.cfg.value_ttl, AppTimer::Sweep));
@@ -659,8 +672,19 @@ impl App {
         while self.stored.len() + values > self.cfg.max_stored_values.max(1)
             || self.stored_bytes + bytes > self.cfg.max_stored_bytes
         {
-            let Some(oldest) = self.stored_order.pop_front() else { break };
-            self.take_stored(&oldest);
+            let Some((oldest, seq)) = self.stored_order.pop_front() else { break };
+            if self.stored.get(&oldest).is_some_and(|s| s.seq == seq) {
+                self.take_stored(&oldest);
+            }
+        }
+    }
+
+    /// Drops stale entries of `stored_order` once they outnumber the live ones: amortised
+    /// O(1) per store, and the deque never holds more than about twice the store.
+    fn compact_stored_order(&mut self) {
+        if self.stored_order.len() > 2 * self.stored.len() + 64 {
+            let stored = &self.stored;
+            self.stored_order.retain(|(key, seq)| stored.get(key).is_some_and(|s| s.seq == *seq));
         }
     }
 
@@ -675,19 +699,20 @@ impl App {
         self.sweep_armed = false;
         // Oldest first; a value overwritten since goes to the back with its new time.
         for _ in 0..self.stored_order.len() {
-            let Some(key) = self.stored_order.pop_front() else { break };
+            let Some((key, seq)) = self.stored_order.pop_front() else { break };
             match self.stored.get(&key) {
+                Some(s) if s.seq != seq => {} // stale: the value moved to the back
                 Some(s) if s.at + self.cfg.value_ttl <= now => {
                     self.take_stored(&key);
                 }
                 Some(_) => {
-                    self.stored_order.push_front(key);
+                    self.stored_order.push_front((key, seq));
                     break;
                 }
-                None => {}
+                None => {} // claimed
             }
         }
-        if let Some(first) = self.stored_order.front().and_then(|k| self.stored.get(k)) {
+        if let Some(first) = self.stored_order.front().and_then(|(k, _)| self.stored.get(k)) {
             self.sweep_armed = true;
             let at = (first.at + self.cfg.value_ttl).max(now + self.cfg.value_ttl / 16);
             self.effects.push(Effect::Arm(at, AppTimer::Sweep));
@@ -1657,6 +1682,33 @@ mod tests {
         let long = "u".repeat(MAX_UNIQUE_BYTES);
         app.handle_client_text(A, &json!({"type":"submit","function":"f","unique":long}).to_string(), t0);
         assert_eq!(codes(&effects(&mut app)), ["bad_request"]);
+    }
+
+    #[test]
+    fn claimed_and_overwritten_values_leave_no_trail() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        // A trusted reporter whose values are all claimed: the order list must not grow.
+        for i in 0..100_000 {
+            let handle = format!("H:{}", i % 7);
+            app.store_value(handle.clone(), "v".into(), t0);
+            assert!(app.take_stored(&handle).is_some());
+        }
+        assert!(app.stored_order.len() <= 64, "{} stale keys kept", app.stored_order.len());
+        // Stored, claimed, stored again: the old entry must not evict the new value.
+        app.store_value("H:a".into(), "old".into(), t0);
+        app.take_stored("H:a");
+        app.store_value("H:b".into(), "b".into(), t0);
+        app.store_value("H:a".into(), "new".into(), t0);
+        app.store_value("H:c".into(), "c".into(), t0); // the store holds three (cfg)
+        app.store_value("H:d".into(), "d".into(), t0);
+        assert!(app.stored.contains_key("H:a"), "the newest H:a outlives the older H:b");
+        assert!(!app.stored.contains_key("H:b"));
+        // Overwriting moves a value to the back, for the TTL as for eviction.
+        let ttl = app.cfg.value_ttl;
+        app.store_value("H:c".into(), "c2".into(), t0 + ttl / 2);
+        app.sweep(t0 + ttl);
+        assert_eq!(app.stored.keys().map(|k| &**k).collect::<Vec<_>>(), ["H:c"]);
     }
 
     #[test]
