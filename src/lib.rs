@@ -18,6 +18,7 @@ pub mod buf;
 pub mod config;
 pub mod connection;
 pub mod gearman;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod os;

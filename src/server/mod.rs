@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use log::{debug, info, log, trace, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry};
-use serde_json::json;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
@@ -31,6 +30,7 @@ use slab::Slab;
 use crate::app::{App, AppConfig, AppTimer, ConnId, Effect, is_trusted_peer};
 use crate::config::Config;
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, ConnLimits, Connection, ReadInto};
+use crate::http::{self, LinkView, Response, Snapshot};
 use crate::logging::{Event, SUMMARY_PERIOD, Tally};
 use crate::metrics::Gauges;
 use crate::random::{Entropy, XorShift64};
@@ -94,11 +94,6 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Bytes read from one gearmand link per pass, so a burst leaves (as client frames, written
 /// each pass) while it arrives, instead of piling up in one pass's output.
 const LINK_READ_BUDGET: usize = 256 * 1024;
-/// The demo page, built into the binary.
-const DEMO_PAGE: &str = include_str!("../demo.html");
-/// `GET /` in echo mode: the demo page speaks the job protocol, which echo mode does not.
-const ECHO_PAGE: &[u8] =
-    b"gearsock echo server: every WebSocket text or binary message is sent back as it came\n";
 const REFUSAL: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n\
 Connection: close\r\nRetry-After: 1\r\n\r\nserver at its connection limit";
@@ -723,79 +718,48 @@ impl Server {
         }
     }
 
-    /// Each gearmand as `/healthz` and `/metrics` show it: address, the active connection's
-    /// state (`stalled` when it is up but not taking bytes or not answering), connections made,
-    /// retiring connections; and whether any takes work.
-    fn link_report(&self, now: Instant) -> (Vec<(String, &'static str, u64, usize)>, bool) {
+    /// Each gearmand as `/healthz` and `/metrics` show it: the active connection's state
+    /// (`stalled` when it is up but not taking bytes or not answering), connections made,
+    /// retiring connections.
+    fn link_views(&self, now: Instant) -> Vec<LinkView> {
         let timeout = self.cfg.gearmand_timeout;
-        let mut any_up = false;
-        let report = self
-            .active
-            .iter()
-            .enumerate()
-            .map(|(server, &i)| {
-                let link = &self.links[i];
-                let group = &self.links[server * SLOTS_PER_SERVER..(server + 1) * SLOTS_PER_SERVER];
-                let connects = group.iter().map(|l| l.connects).sum();
-                let retiring = group.iter().filter(|l| l.role == Role::Retiring).count();
-                let stalled = self.app.is_link_stalled(i) || link.is_lagging(now, timeout);
-                let state = if link.is_up() && stalled { "stalled" } else { link.state_name() };
-                any_up |= state == "connected";
-                (link.addr.clone(), state, connects, retiring)
-            })
-            .collect();
-        (report, any_up)
+        let views = self.active.iter().enumerate().map(|(server, &i)| {
+            let link = &self.links[i];
+            let group = &self.links[server * SLOTS_PER_SERVER..(server + 1) * SLOTS_PER_SERVER];
+            let stalled = self.app.is_link_stalled(i) || link.is_lagging(now, timeout);
+            LinkView {
+                addr: link.addr.clone(),
+                state: if link.is_up() && stalled { "stalled" } else { link.state_name() },
+                connects: group.iter().map(|l| l.connects).sum(),
+                retiring: group.iter().filter(|l| l.role == Role::Retiring).count(),
+            }
+        });
+        views.collect()
     }
 
+    /// A plain HTTP request: `http::route` decides; this gathers what it reports on.
     fn answer_http(&mut self, key: usize, method: &str, path: &str, now: Instant) {
         self.app.metrics.http_requests += 1;
-        let path = path.split('?').next().unwrap_or("");
-        let known = matches!(path, "/" | "/healthz" | "/metrics");
-        let (status, reason, ctype, body): (u16, &str, &str, Vec<u8>) = if !known {
-            (404, "Not Found", "text/plain; charset=utf-8", b"not found\n".to_vec())
-        } else if method != "GET" {
-            (405, "Method Not Allowed", "text/plain; charset=utf-8", b"only GET\n".to_vec())
-        } else if path == "/" && self.cfg.echo {
-            (200, "OK", "text/plain; charset=utf-8", ECHO_PAGE.to_vec())
-        } else if path == "/" {
-            (200, "OK", "text/html; charset=utf-8", DEMO_PAGE.as_bytes().to_vec())
-        } else if path == "/healthz" && self.cfg.echo {
-            // Nothing to depend on: no gearmand is used, so the server is healthy while it answers.
-            let body =
-                json!({"status": "ok", "mode": "echo", "gearmand": [], "connections": self.conns.len()});
-            (200, "OK", "application/json", format!("{body}\n").into_bytes())
-        } else if path == "/healthz" {
-            let (links, any_up) = self.link_report(now);
-            let servers: Vec<_> = links
-                .iter()
-                .map(|(addr, state, connects, retiring)| {
-                    json!({"server": addr, "state": state, "connects": connects, "retiring": retiring})
-                })
-                .collect();
-            let body = json!({
-                "status": if any_up { "ok" } else { "unavailable" },
-                "gearmand": servers,
-                "connections": self.conns.len(),
-                "jobs_in_flight": self.app.jobs_in_flight(),
-                "jobs_queued": self.app.jobs_queued(),
-            });
-            let (status, reason) = if any_up { (200, "OK") } else { (503, "Service Unavailable") };
-            (status, reason, "application/json", format!("{body}\n").into_bytes())
-        } else {
-            let gauges = Gauges {
-                connections: self.conns.len(),
-                jobs_in_flight: self.app.jobs_in_flight(),
-                jobs_queued: self.app.jobs_queued(),
-                timers: self.wheel.len(),
-                stored_values: self.app.stored_values(),
-                stored_bytes: self.app.stored_bytes(),
-                client_output_bytes: self.backlog_bytes(),
-                links: self.link_report(now).0.into_iter().map(|(addr, state, ..)| (addr, state)).collect(),
-            };
-            let text = self.app.metrics.render(&gauges);
-            (200, "OK", "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
-        };
-        self.conns[key].conn.respond(status, reason, ctype, &body, now);
+        let response = http::route(method, path, || {
+            let links = self.link_views(now);
+            Snapshot {
+                echo: self.cfg.echo,
+                gauges: Gauges {
+                    connections: self.conns.len(),
+                    jobs_in_flight: self.app.jobs_in_flight(),
+                    jobs_queued: self.app.jobs_queued(),
+                    timers: self.wheel.len(),
+                    stored_values: self.app.stored_values(),
+                    stored_bytes: self.app.stored_bytes(),
+                    client_output_bytes: self.backlog_bytes(),
+                    links: links.iter().map(|l| (l.addr.clone(), l.state)).collect(),
+                },
+                links,
+                metrics: &self.app.metrics,
+            }
+        });
+        let Response { status, reason, content_type, body } = response;
+        self.conns[key].conn.respond(status, reason, content_type, &body, now);
     }
 
     fn fire_timers(&mut self, now: Instant) {
