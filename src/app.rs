@@ -21,7 +21,7 @@ use slab::Slab;
 use crate::config::Config;
 use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
 use crate::gearman::packet;
-use crate::metrics::{ERROR_CODES, MESSAGE_TYPES, Metrics};
+use crate::metrics::{ErrorCode, Message, Metrics, Mode, Outcome};
 use crate::random::Entropy;
 use log::debug;
 
@@ -99,11 +99,11 @@ enum Kind {
 }
 
 impl Kind {
-    fn index(self) -> usize {
+    fn mode(self) -> Mode {
         match self {
-            Kind::Stream => 0,
-            Kind::Background => 1,
-            Kind::Ping => 2,
+            Kind::Stream => Mode::Stream,
+            Kind::Background => Mode::Background,
+            Kind::Ping => Mode::Ping,
         }
     }
 }
@@ -135,8 +135,28 @@ struct Submission {
     priority: Priority,
 }
 
-/// Last status seen: known, running, numerator, denominator.
-type StatusTuple = (bool, bool, u64, u64);
+/// A job's status as GET_STATUS answered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Status {
+    /// gearmand knows the job (it is queued or running).
+    known: bool,
+    /// A worker has it.
+    running: bool,
+    /// Progress, as the worker's WORK_STATUS said.
+    numerator: u64,
+    denominator: u64,
+}
+
+impl Status {
+    /// What a failed poll leaves us with: gearmand cannot say.
+    const UNKNOWN: Status = Status { known: false, running: false, numerator: 0, denominator: 0 };
+
+    /// The body of a `job.status` reply.
+    fn fields(self) -> Value {
+        let Status { known, running, numerator, denominator } = self;
+        json!({"numerator": numerator, "denominator": denominator, "known": known, "running": running})
+    }
+}
 
 #[derive(Debug)]
 struct Job {
@@ -150,7 +170,7 @@ struct Job {
     handle: Option<Box<[u8]>>,
     /// The unique gearmand and the worker see (empty for a stream job without one).
     unique: Box<[u8]>,
-    last_status: Option<StatusTuple>,
+    last_status: Option<Status>,
     value: Option<String>,
     next_poll: Instant,
     accepted_at: Instant,
@@ -357,11 +377,6 @@ fn put_bytes(obj: &mut Value, name: &str, bytes: &[u8]) {
     }
 }
 
-/// The body of a `job.status` reply.
-fn status_fields((known, running, numerator, denominator): StatusTuple) -> Value {
-    json!({"numerator": numerator, "denominator": denominator, "known": known, "running": running})
-}
-
 fn handle_text(handle: &[u8]) -> String {
     String::from_utf8_lossy(handle).into_owned()
 }
@@ -441,11 +456,9 @@ impl App {
         self.effects.push(Effect::Send(to, text));
     }
 
-    fn error(&mut self, to: ConnId, code: &'static str, message: &str, reference: Option<&Value>) {
-        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
-            self.metrics.errors[i] += 1;
-        }
-        let mut reply = json!({"type": "error", "code": code, "message": message});
+    fn error(&mut self, to: ConnId, code: ErrorCode, message: &str, reference: Option<&Value>) {
+        self.metrics.count_error(code);
+        let mut reply = json!({"type": "error", "code": code.name(), "message": message});
         if let Some(r) = reference {
             reply["ref"] = r.clone();
         }
@@ -504,7 +517,7 @@ impl App {
                     l.orphans.insert(tag);
                 }
             }
-            self.end_job(tag, "abandoned");
+            self.end_job(tag, Outcome::Abandoned);
         }
         for (i, link) in self.links.iter().enumerate() {
             if link.up && !link.retiring && link.orphans.len() > self.cfg.max_orphans {
@@ -515,8 +528,8 @@ impl App {
 
     /// A binary message: the protocol is text only.
     pub fn handle_client_binary(&mut self, id: ConnId) {
-        self.metrics.messages_in[5] += 1;
-        self.error(id, "binary", "binary frames are not part of the protocol; send JSON text", None);
+        self.metrics.count_message(Message::Binary);
+        self.error(id, ErrorCode::Binary, "binary frames are not part of the protocol; send JSON text", None);
     }
 
     /// One text message from a client.
@@ -524,32 +537,31 @@ impl App {
         let msg: Incoming = match serde_json::from_str(text) {
             Ok(m) => m,
             Err(e) => {
-                self.metrics.messages_in[4] += 1;
+                self.metrics.count_message(Message::Invalid);
                 return match e.classify() {
-                    serde_json::error::Category::Data => {
-                        self.error(id, "bad_request", &format!("message has the wrong shape: {e}"), None)
-                    }
-                    _ => self.error(id, "bad_json", &format!("message is not valid JSON: {e}"), None),
+                    serde_json::error::Category::Data => self.error(
+                        id,
+                        ErrorCode::BadRequest,
+                        &format!("message has the wrong shape: {e}"),
+                        None,
+                    ),
+                    _ => self.error(id, ErrorCode::BadJson, &format!("message is not valid JSON: {e}"), None),
                 };
             }
         };
         let kind = msg.kind.as_deref().unwrap_or("");
-        if let Some(i) = MESSAGE_TYPES.iter().position(|t| *t == kind) {
-            self.metrics.messages_in[i] += 1;
-        } else {
-            self.metrics.messages_in[4] += 1;
-        }
+        self.metrics.count_message(Message::from_type(kind));
         match kind {
             "worker.complete" => self.on_worker_complete(id, msg, now),
             "ping" => self.on_ping(id, msg.reference, now),
             "submit" => self.on_submit(id, msg, now),
             "status" => self.on_status(id, msg),
             "" if msg.kind.is_none() => {
-                self.error(id, "bad_request", "missing \"type\"", msg.reference.as_ref())
+                self.error(id, ErrorCode::BadRequest, "missing \"type\"", msg.reference.as_ref())
             }
             other => {
                 let text = format!("unknown type {other:?}; known: ping, worker.complete, submit, status");
-                self.error(id, "unknown_type", &text, msg.reference.as_ref())
+                self.error(id, ErrorCode::UnknownType, &text, msg.reference.as_ref())
             }
         }
     }
@@ -570,12 +582,12 @@ impl App {
                      and send it as \"token\""
                 }
             };
-            return self.error(id, "forbidden", why, r);
+            return self.error(id, ErrorCode::Forbidden, why, r);
         }
         let value = match msg.value {
             Some(Value::String(s)) => s,
             Some(other) => other.to_string(),
-            None => return self.error(id, "bad_request", "worker.complete needs \"value\"", r),
+            None => return self.error(id, ErrorCode::BadRequest, "worker.complete needs \"value\"", r),
         };
         if let Some(unique) = msg.unique {
             // The unique names one gearmand job exactly (or the submissions of one client that
@@ -583,7 +595,7 @@ impl App {
             let takers = self.by_unique.get(unique.as_bytes()).cloned().unwrap_or_default();
             if takers.is_empty() {
                 let text = "no unfinished background job has that unique";
-                return self.error(id, "unknown_job", text, r);
+                return self.error(id, ErrorCode::UnknownJob, text, r);
             }
             self.send(id, "got it!".to_string());
             return self.deliver_value(&takers, &value);
@@ -593,7 +605,7 @@ impl App {
             Some(Value::Number(n)) => n.to_string(),
             _ => {
                 let text = "worker.complete needs \"unique\" (from GRAB_JOB_UNIQ) or \"id\" (a job handle)";
-                return self.error(id, "bad_request", text, r);
+                return self.error(id, ErrorCode::BadRequest, text, r);
             }
         };
         match self.jobs_with_handle(handle.as_bytes()) {
@@ -610,7 +622,7 @@ impl App {
             HandleOwners::Several => {
                 let text = "several gearmand servers gave out this handle; report with \"unique\" \
                             to name the job";
-                self.error(id, "ambiguous_job", text, r);
+                self.error(id, ErrorCode::AmbiguousJob, text, r);
             }
         }
     }
@@ -731,22 +743,37 @@ impl App {
     fn on_submit(&mut self, id: ConnId, msg: Incoming, now: Instant) {
         let r = msg.reference.as_ref();
         let Some(function) = msg.function.filter(|f| !f.is_empty()) else {
-            return self.error(id, "bad_request", "submit needs \"function\"", r);
+            return self.error(id, ErrorCode::BadRequest, "submit needs \"function\"", r);
         };
         if function.len() > MAX_FUNCTION_BYTES || function.contains('\0') {
-            return self.error(id, "bad_request", "function names are at most 512 bytes, without NUL", r);
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                "function names are at most 512 bytes, without NUL",
+                r,
+            );
         }
         let payload = match (msg.payload, msg.payload_b64) {
             (Some(p), None) => p.into_bytes(),
             (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
                 Ok(bytes) => bytes,
                 Err(e) => {
-                    return self.error(id, "bad_request", &format!("payload_b64 is not base64: {e}"), r);
+                    return self.error(
+                        id,
+                        ErrorCode::BadRequest,
+                        &format!("payload_b64 is not base64: {e}"),
+                        r,
+                    );
                 }
             },
             (None, None) => Vec::new(),
             (Some(_), Some(_)) => {
-                return self.error(id, "bad_request", "send \"payload\" or \"payload_b64\", not both", r);
+                return self.error(
+                    id,
+                    ErrorCode::BadRequest,
+                    "send \"payload\" or \"payload_b64\", not both",
+                    r,
+                );
             }
         };
         let kind = match msg.mode.as_deref() {
@@ -754,7 +781,7 @@ impl App {
             Some("background") => Kind::Background,
             Some(other) => {
                 let text = format!("mode must be \"stream\" or \"background\", not {other:?}");
-                return self.error(id, "bad_request", &text, r);
+                return self.error(id, ErrorCode::BadRequest, &text, r);
             }
         };
         let priority = match msg.priority.as_deref() {
@@ -763,7 +790,7 @@ impl App {
             Some("high") => Priority::High,
             Some(other) => {
                 let text = format!("priority must be \"low\", \"normal\" or \"high\", not {other:?}");
-                return self.error(id, "bad_request", &text, r);
+                return self.error(id, ErrorCode::BadRequest, &text, r);
             }
         };
         let unique = msg.unique.filter(|u| !u.is_empty());
@@ -771,7 +798,7 @@ impl App {
             let max = self.max_client_unique_bytes();
             if u.len() > max || u.contains('\0') {
                 let text = format!("unique ids are at most {max} bytes, without NUL");
-                return self.error(id, "bad_request", &text, r);
+                return self.error(id, ErrorCode::BadRequest, &text, r);
             }
         }
         let submission = Submission { function: function.into_bytes(), payload, priority };
@@ -817,13 +844,13 @@ impl App {
         let client = self.client(id)?;
         if client.jobs.len() >= max_jobs {
             let text = format!("at most {max_jobs} unfinished jobs per connection");
-            self.error(id, "too_many_jobs", &text, reference.as_ref());
+            self.error(id, ErrorCode::TooManyJobs, &text, reference.as_ref());
             return None;
         }
         let link = self.pick_link();
         if link.is_none() && self.queued >= self.cfg.queue_limit {
             let text = "no gearmand is taking jobs (disconnected or stalled) and the wait queue is full";
-            self.error(id, "unavailable", text, reference.as_ref());
+            self.error(id, ErrorCode::Unavailable, text, reference.as_ref());
             return None;
         }
         let unique = self.gearman_unique(id, kind, unique).into_boxed_slice();
@@ -849,7 +876,7 @@ impl App {
             next_poll: now,
             accepted_at: now,
         });
-        self.metrics.jobs_submitted[kind.index()] += 1;
+        self.metrics.count_submitted(kind.mode());
         if let Some(client) = self.client(id) {
             client.jobs.push(tag);
         }
@@ -913,7 +940,12 @@ impl App {
     fn on_status(&mut self, id: ConnId, msg: Incoming) {
         let r = msg.reference.as_ref();
         let Some(handle) = msg.job else {
-            return self.error(id, "bad_request", "status needs \"job\" (a handle this connection got)", r);
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                "status needs \"job\" (a handle this connection got)",
+                r,
+            );
         };
         let Some(client) =
             self.clients.get(id.key as usize).filter(|c| c.open && c.generation == id.generation)
@@ -927,7 +959,12 @@ impl App {
             })
         });
         let Some(tag) = mine else {
-            return self.error(id, "unknown_job", "no unfinished job of this connection has that handle", r);
+            return self.error(
+                id,
+                ErrorCode::UnknownJob,
+                "no unfinished job of this connection has that handle",
+                r,
+            );
         };
         // The answer is about the job: it carries the job's `ref`, unless the question had its own.
         let reference = msg.reference.or_else(|| self.job(tag).and_then(|j| j.reference.clone()));
@@ -1015,10 +1052,10 @@ impl App {
             let reason = "the gearmand connection that held this job was lost";
             if job.kind == Kind::Stream {
                 self.job_reply(tag, "job.failed", json!({ "reason": reason }));
-                self.end_job(tag, "failed");
+                self.end_job(tag, Outcome::Failed);
             } else {
                 self.job_reply(tag, "job.lost", json!({ "reason": reason }));
-                self.end_job(tag, "lost");
+                self.end_job(tag, Outcome::Lost);
             }
         }
         let unanswered: Vec<usize> = self
@@ -1031,7 +1068,7 @@ impl App {
             let ask = self.asks.remove(key);
             if let Asker::Client { conn, reference } = ask.by {
                 let text = "the gearmand connection was lost before it answered";
-                self.error(conn, "unavailable", text, reference.as_ref());
+                self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
             }
         }
         self.links[link] = Link { generation, ..Link::default() };
@@ -1045,22 +1082,26 @@ impl App {
             JobEvent::Warning { tag, data } => self.stream_bytes(tag, "job.warning", "data", &data),
             JobEvent::Status { tag, numerator, denominator } => {
                 if self.job(tag).is_some() {
-                    self.job_reply(tag, "job.status", status_fields((true, true, numerator, denominator)));
+                    self.job_reply(
+                        tag,
+                        "job.status",
+                        Status { known: true, running: true, numerator, denominator }.fields(),
+                    );
                 }
             }
             JobEvent::Complete { tag, data } => {
                 if self.job(tag).is_some() {
                     self.stream_bytes(tag, "job.complete", "result", &data);
                 }
-                self.end_submission(link, tag, "complete");
+                self.end_submission(link, tag, Outcome::Complete);
             }
             JobEvent::Failed { tag } => {
                 self.job_reply(tag, "job.failed", json!({"reason": "the worker reported failure"}));
-                self.end_submission(link, tag, "failed");
+                self.end_submission(link, tag, Outcome::Failed);
             }
             JobEvent::Exception { tag, data } => {
                 self.stream_bytes(tag, "job.exception", "data", &data);
-                self.end_submission(link, tag, "exception");
+                self.end_submission(link, tag, Outcome::Exception);
             }
             JobEvent::TooLarge { tag, kind, size_bytes } => {
                 let reason = format!(
@@ -1069,15 +1110,15 @@ impl App {
                     self.cfg.max_job_bytes
                 );
                 self.job_reply(tag, "job.failed", json!({ "reason": reason }));
-                self.end_submission(link, tag, "failed");
+                self.end_submission(link, tag, Outcome::Failed);
             }
             JobEvent::Rejected { tag, code, message } => {
                 let reason = format!("gearmand refused the job: {code} {message}");
                 self.job_reply(tag, "job.failed", json!({ "reason": reason }));
-                self.end_submission(link, tag, "rejected");
+                self.end_submission(link, tag, Outcome::Rejected);
             }
             JobEvent::StatusRes { ask, handle: _, known, running, numerator, denominator } => {
-                self.on_status_res(ask, Ok((known, running, numerator, denominator)), now)
+                self.on_status_res(ask, Ok(Status { known, running, numerator, denominator }), now)
             }
             JobEvent::StatusFailed { ask, handle: _, code, message } => {
                 self.on_status_res(ask, Err(format!("{code} {message}")), now)
@@ -1087,7 +1128,7 @@ impl App {
 
     /// The last event of a submission: its job ends, or, if its client has left, the orphan
     /// it left on `link` is gone from gearmand.
-    fn end_submission(&mut self, link: usize, tag: JobTag, outcome: &'static str) {
+    fn end_submission(&mut self, link: usize, tag: JobTag, outcome: Outcome) {
         if self.job(tag).is_some() {
             return self.end_job(tag, outcome);
         }
@@ -1136,13 +1177,13 @@ impl App {
     }
 
     /// The answer to a GET_STATUS: to the client who asked, or to a job's poll.
-    fn on_status_res(&mut self, ask: u64, answer: Result<StatusTuple, String>, now: Instant) {
+    fn on_status_res(&mut self, ask: u64, answer: Result<Status, String>, now: Instant) {
         let Some(ask) = usize::try_from(ask).ok().and_then(|k| self.asks.try_remove(k)) else { return };
         let tag = match ask.by {
             Asker::Client { conn, reference } => {
                 return match answer {
                     Ok(status) => {
-                        let mut reply = status_fields(status);
+                        let mut reply = status.fields();
                         reply["type"] = "job.status".into();
                         reply["job"] = handle_text(&ask.handle).into();
                         if let Some(r) = reference {
@@ -1152,7 +1193,7 @@ impl App {
                     }
                     Err(why) => {
                         let text = format!("gearmand answered the status request with ERROR {why}");
-                        self.error(conn, "gearmand_error", &text, reference.as_ref());
+                        self.error(conn, ErrorCode::GearmandError, &text, reference.as_ref());
                     }
                 };
             }
@@ -1168,15 +1209,15 @@ impl App {
                 if job.kind == Kind::Background {
                     let reason = format!("gearmand answered the status poll with ERROR {why}");
                     self.job_reply(tag, "job.lost", json!({ "reason": reason }));
-                    return self.end_job(tag, "lost");
+                    return self.end_job(tag, Outcome::Lost);
                 }
-                (false, false, 0, 0)
+                Status::UNKNOWN
             }
         };
         let changed = job.last_status != Some(status);
         job.last_status = Some(status);
         let kind = job.kind;
-        if status.0 {
+        if status.known {
             // Still known: poll again on the original grid, skipping missed beats.
             let mut at = job.next_poll + interval;
             while at <= now {
@@ -1185,7 +1226,7 @@ impl App {
             job.next_poll = at;
             self.effects.push(Effect::Arm(at, AppTimer::Poll(tag)));
             if changed && kind == Kind::Background {
-                self.job_reply(tag, "job.status", status_fields(status));
+                self.job_reply(tag, "job.status", status.fields());
             }
             return;
         }
@@ -1198,7 +1239,7 @@ impl App {
         if kind == Kind::Ping {
             self.send(conn, format!("job: {}", handle_text(&ask.handle)));
         } else if changed {
-            self.job_reply(tag, "job.status", status_fields(status));
+            self.job_reply(tag, "job.status", status.fields());
         }
         if has_value {
             self.finish_polled(tag);
@@ -1225,7 +1266,7 @@ impl App {
         } else {
             self.job_reply(tag, "job.complete", json!({ "result": value }));
         }
-        self.end_job(tag, if kind == Kind::Ping { "done" } else { "complete" });
+        self.end_job(tag, if kind == Kind::Ping { Outcome::Done } else { Outcome::Complete });
     }
 
     /// One of the App's timers fired.
@@ -1259,8 +1300,8 @@ impl App {
                         (job.conn, job.reference.clone())
                     };
                     let text = "no gearmand took the job in time; it was not submitted";
-                    self.error(conn, "unavailable", text, reference.as_ref());
-                    self.end_job(tag, "unavailable");
+                    self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
+                    self.end_job(tag, Outcome::Unavailable);
                 }
             }
             AppTimer::Sweep => self.sweep(now),
@@ -1268,7 +1309,7 @@ impl App {
     }
 
     /// Removes a job everywhere it is indexed.
-    fn end_job(&mut self, tag: JobTag, outcome: &str) {
+    fn end_job(&mut self, tag: JobTag, outcome: Outcome) {
         let (key, generation) = split_tag(tag);
         if self.jobs.get(key).is_none_or(|j| j.generation != generation) {
             return;
@@ -1277,9 +1318,7 @@ impl App {
         if matches!(job.phase, Phase::Queued(_)) {
             self.queued -= 1;
         }
-        if let Some(o) = crate::metrics::OUTCOMES.iter().position(|x| *x == outcome) {
-            self.metrics.jobs_finished[job.kind.index()][o] += 1;
-        }
+        self.metrics.count_finished(job.kind.mode(), outcome);
         if let Some(client) = self.client(job.conn) {
             client.jobs.retain(|t| *t != tag);
         }

@@ -4,41 +4,133 @@
 
 use std::fmt::Write;
 
-/// Kinds of client message, for `gearsock_messages_in_total{type=…}`.
-pub const MESSAGE_TYPES: [&str; 6] = ["ping", "worker.complete", "submit", "status", "invalid", "binary"];
-/// Error codes sent to clients, for `gearsock_errors_total{code=…}`.
-pub const ERROR_CODES: [&str; 11] = [
-    "bad_json",
-    "bad_request",
-    "unknown_type",
-    "too_large",
-    "too_many_jobs",
-    "unavailable",
-    "forbidden",
-    "unknown_job",
-    "binary",
-    "ambiguous_job",
-    "gearmand_error",
-];
-/// Job modes, for `mode=…`.
-pub const MODES: [&str; 3] = ["stream", "background", "ping"];
-/// How jobs ended, for `outcome=…`.
-pub const OUTCOMES: [&str; 8] =
-    ["complete", "failed", "exception", "lost", "rejected", "unavailable", "abandoned", "done"];
+/// Declares a label enum: its variants, `ALL` in `/metrics` order, and each one's label.
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $label:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in the order `/metrics` lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The label as clients and `/metrics` see it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
+}
+
+labels! {
+    /// Kinds of client message, for `gearsock_messages_in_total{type=…}`.
+    Message {
+        /// The article's ping.
+        Ping = "ping",
+        /// A worker's report.
+        WorkerComplete = "worker.complete",
+        /// A job submission.
+        Submit = "submit",
+        /// A status question.
+        Status = "status",
+        /// Not JSON, or no known type.
+        Invalid = "invalid",
+        /// A binary frame.
+        Binary = "binary",
+    }
+}
+
+impl Message {
+    /// The kind a `type` field names; anything else is `Invalid`.
+    pub fn from_type(name: &str) -> Message {
+        Message::ALL
+            .iter()
+            .copied()
+            .find(|m| m.name() == name && *m != Message::Invalid)
+            .unwrap_or(Message::Invalid)
+    }
+}
+
+labels! {
+    /// Error codes sent to clients, for `gearsock_errors_total{code=…}`.
+    ErrorCode {
+        /// Not valid JSON.
+        BadJson = "bad_json",
+        /// Valid JSON of the wrong shape, or a field out of range.
+        BadRequest = "bad_request",
+        /// A `type` nobody knows.
+        UnknownType = "unknown_type",
+        /// Over a size limit.
+        TooLarge = "too_large",
+        /// Over `--max-jobs-per-connection`.
+        TooManyJobs = "too_many_jobs",
+        /// No gearmand takes work and the wait queue is full or timed out.
+        Unavailable = "unavailable",
+        /// A report from a peer that may not report.
+        Forbidden = "forbidden",
+        /// No such job (of this connection).
+        UnknownJob = "unknown_job",
+        /// A binary frame in the job protocol.
+        Binary = "binary",
+        /// An id-only report that names more than one job.
+        AmbiguousJob = "ambiguous_job",
+        /// gearmand answered a question with ERROR.
+        GearmandError = "gearmand_error",
+    }
+}
+
+labels! {
+    /// Job modes, for `mode=…`.
+    Mode {
+        /// Foreground: results stream back.
+        Stream = "stream",
+        /// Background: polled for status.
+        Background = "background",
+        /// The article's ping.
+        Ping = "ping",
+    }
+}
+
+labels! {
+    /// How jobs ended, for `outcome=…`.
+    Outcome {
+        /// WORK_COMPLETE (stream) or a finished poll (background).
+        Complete = "complete",
+        /// WORK_FAIL, or a failure of ours (oversized result, lost link).
+        Failed = "failed",
+        /// WORK_EXCEPTION.
+        Exception = "exception",
+        /// Its gearmand connection was lost, or gearmand forgot it.
+        Lost = "lost",
+        /// gearmand refused the submission.
+        Rejected = "rejected",
+        /// It never reached a gearmand.
+        Unavailable = "unavailable",
+        /// Its client left first.
+        Abandoned = "abandoned",
+        /// A ping whose value arrived.
+        Done = "done",
+    }
+}
 
 /// Everything `/metrics` reports that is counted rather than read off live state.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
-    /// Client messages by `MESSAGE_TYPES` index.
-    pub messages_in: [u64; MESSAGE_TYPES.len()],
+    /// Client messages, by `Message` (read with [`Metrics::messages`]).
+    messages_in: [u64; Message::ALL.len()],
     /// Text frames queued to clients.
     pub messages_out: u64,
-    /// Error replies by `ERROR_CODES` index.
-    pub errors: [u64; ERROR_CODES.len()],
-    /// Jobs accepted, by `MODES` index.
-    pub jobs_submitted: [u64; MODES.len()],
-    /// Jobs ended, by `MODES` then `OUTCOMES` index.
-    pub jobs_finished: [[u64; OUTCOMES.len()]; MODES.len()],
+    /// Error replies, by `ErrorCode`.
+    errors: [u64; ErrorCode::ALL.len()],
+    /// Jobs accepted, by `Mode`.
+    jobs_submitted: [u64; Mode::ALL.len()],
+    /// Jobs ended, by `Mode` then `Outcome`.
+    jobs_finished: [[u64; Outcome::ALL.len()]; Mode::ALL.len()],
     /// WebSocket upgrades completed.
     pub handshakes: u64,
     /// Plain HTTP requests answered.
@@ -94,6 +186,31 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 impl Metrics {
+    /// Counts a client message.
+    pub fn count_message(&mut self, m: Message) {
+        self.messages_in[m as usize] += 1;
+    }
+
+    /// Client messages of kind `m` so far.
+    pub fn messages(&self, m: Message) -> u64 {
+        self.messages_in[m as usize]
+    }
+
+    /// Counts an error reply.
+    pub fn count_error(&mut self, code: ErrorCode) {
+        self.errors[code as usize] += 1;
+    }
+
+    /// Counts a job accepted.
+    pub fn count_submitted(&mut self, mode: Mode) {
+        self.jobs_submitted[mode as usize] += 1;
+    }
+
+    /// Counts a job ended.
+    pub fn count_finished(&mut self, mode: Mode, outcome: Outcome) {
+        self.jobs_finished[mode as usize][outcome as usize] += 1;
+    }
+
     /// Counts one message of `bytes` sent back in echo mode.
     pub fn note_echo(&mut self, bytes: usize) {
         self.echoed += 1;
@@ -116,22 +233,26 @@ impl Metrics {
         family(&mut o, "http_requests_total", "counter", "Plain HTTP requests answered.");
         let _ = writeln!(o, "gearsock_http_requests_total {}", self.http_requests);
         family(&mut o, "messages_in_total", "counter", "Client messages received, by type.");
-        for (name, n) in MESSAGE_TYPES.iter().zip(self.messages_in) {
-            let _ = writeln!(o, "gearsock_messages_in_total{{type=\"{name}\"}} {n}");
+        for &m in Message::ALL {
+            let _ = writeln!(o, "gearsock_messages_in_total{{type=\"{}\"}} {}", m.name(), self.messages(m));
         }
         family(&mut o, "messages_out_total", "counter", "Text frames queued to clients.");
         let _ = writeln!(o, "gearsock_messages_out_total {}", self.messages_out);
         family(&mut o, "errors_total", "counter", "Error replies sent to clients, by code.");
-        for (code, n) in ERROR_CODES.iter().zip(self.errors) {
-            let _ = writeln!(o, "gearsock_errors_total{{code=\"{code}\"}} {n}");
+        for &code in ErrorCode::ALL {
+            let n = self.errors[code as usize];
+            let _ = writeln!(o, "gearsock_errors_total{{code=\"{}\"}} {n}", code.name());
         }
         family(&mut o, "jobs_submitted_total", "counter", "Jobs accepted from clients, by mode.");
-        for (mode, n) in MODES.iter().zip(self.jobs_submitted) {
-            let _ = writeln!(o, "gearsock_jobs_submitted_total{{mode=\"{mode}\"}} {n}");
+        for &mode in Mode::ALL {
+            let n = self.jobs_submitted[mode as usize];
+            let _ = writeln!(o, "gearsock_jobs_submitted_total{{mode=\"{}\"}} {n}", mode.name());
         }
         family(&mut o, "jobs_finished_total", "counter", "Jobs ended, by mode and outcome.");
-        for (mode, row) in MODES.iter().zip(&self.jobs_finished) {
-            for (outcome, n) in OUTCOMES.iter().zip(row) {
+        for &mode in Mode::ALL {
+            for &outcome in Outcome::ALL {
+                let n = self.jobs_finished[mode as usize][outcome as usize];
+                let (mode, outcome) = (mode.name(), outcome.name());
                 let _ =
                     writeln!(o, "gearsock_jobs_finished_total{{mode=\"{mode}\",outcome=\"{outcome}\"}} {n}");
             }

@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use gearsock::app::{App, AppConfig, AppTimer, ConnId, Effect, PING_ACK};
+use gearsock::metrics::Message;
 use gearsock::gearman::{JobEvent, JobMode, PacketType};
 use gearsock::random::Entropy;
 use libfuzzer_sys::fuzz_target;
@@ -86,9 +87,10 @@ fuzz_target!(|data: &[u8]| {
         sim.advance(Duration::from_millis(50));
         sim.check_bounds(&cfg);
     }
-    let counted = &sim.app.metrics.messages_in;
-    assert_eq!(counted[..5].iter().sum::<u64>(), texts, "{counted:?}");
-    assert_eq!(counted[5], binaries, "{counted:?}");
+    let metrics = &sim.app.metrics;
+    let text_kinds = Message::ALL.iter().filter(|&&m| m != Message::Binary);
+    assert_eq!(text_kinds.map(|&m| metrics.messages(m)).sum::<u64>(), texts, "{metrics:?}");
+    assert_eq!(metrics.messages(Message::Binary), binaries, "{metrics:?}");
 
     // Everyone leaves; after the TTL nothing may be left behind.
     sim.app.handle_client_closed(sim.client);

@@ -107,7 +107,7 @@ fn poll(ws: &mut Ws, limits: &WsLimits, options: &Options, events: &mut Vec<Stri
     while let Some(event) = ws.poll_event(limits) {
         let reply = match &event {
             WsEvent::Text(text) => Some(format!("echo {}", text.as_str())),
-            WsEvent::Binary => Some("binary".to_string()),
+            WsEvent::Binary(data) => Some(format!("binary {}", data.len())),
             WsEvent::Opened(_) if options.close_on_open => {
                 ws.close(1001, "idle");
                 None
