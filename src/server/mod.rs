@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, log, trace, warn};
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
@@ -305,8 +305,8 @@ impl Server {
         if !self.accept_ready || self.accept_paused {
             return;
         }
-        let Some(listener) = &self.listener else { return };
         loop {
+            let Some(listener) = &self.listener else { return };
             let (mut sock, peer) = match accept(listener) {
                 Accept::Got(pair) => pair,
                 Accept::Drained => {
@@ -318,7 +318,7 @@ impl Server {
                     // EMFILE/ENFILE/ENOMEM: the backlog stays readable, so retrying now would spin.
                     // Pause, and come back on a timer.
                     debug!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY:?}");
-                    note(&mut self.tally, &mut self.tally_since, &mut self.wheel, Event::AcceptFailed, now);
+                    self.note(Event::AcceptFailed, now);
                     self.accept_paused = true;
                     self.wheel.insert(now + ACCEPT_RETRY, TimerEvent::AcceptResume);
                     return;
@@ -330,29 +330,32 @@ impl Server {
                 let _ = sock.write(REFUSAL);
                 self.app.metrics.refused += 1;
                 debug!("refused {peer}: at the limit of {} connections", self.cfg.max_connections);
-                note(&mut self.tally, &mut self.tally_since, &mut self.wheel, Event::Refused, now);
+                self.note(Event::Refused, now);
                 continue;
             }
-            debug_assert!(sock.nodelay().unwrap_or(false), "TCP_NODELAY is inherited from the listener");
-            let entry = self.conns.vacant_entry();
-            let key = entry.key();
-            self.next_gen = self.next_gen.wrapping_add(1);
-            if let Err(e) =
-                self.poll.registry().register(&mut sock, self.tokens.client(key), Interest::READABLE)
-            {
-                warn!("cannot register a client: {e}");
-                continue;
-            }
-            let mut c = Conn::new(sock, self.next_gen, peer, Connection::new(now, &self.limits));
-            if let Some(at) = c.conn.next_deadline(&self.limits) {
-                c.timer = Some((self.wheel.insert(at, TimerEvent::Conn(c.id(key))), at));
-            }
-            c.listed.ready = true;
-            entry.insert(c);
-            self.ready.push(key);
-            self.app.metrics.accepted += 1;
-            debug!("conn={key} accepted from {peer}");
+            self.admit(sock, peer, now);
         }
+    }
+
+    /// A new client: registered for reading, its handshake deadline set, and read at once (it
+    /// may arrive with its request already queued).
+    fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr, now: Instant) {
+        debug_assert!(sock.nodelay().unwrap_or(false), "TCP_NODELAY is inherited from the listener");
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        self.next_gen = self.next_gen.wrapping_add(1);
+        if let Err(e) = self.poll.registry().register(&mut sock, self.tokens.client(key), interest(false)) {
+            return warn!("cannot register a client: {e}");
+        }
+        let mut c = Conn::new(sock, self.next_gen, peer, Connection::new(now, &self.limits));
+        if let Some(at) = c.conn.next_deadline(&self.limits) {
+            c.timer = Some((self.wheel.insert(at, TimerEvent::Conn(c.id(key))), at));
+        }
+        c.listed.ready = true;
+        entry.insert(c);
+        self.ready.push(key);
+        self.app.metrics.accepted += 1;
+        debug!("conn={key} accepted from {peer}");
     }
 
     fn drive_gearman(&mut self, now: Instant) {
@@ -460,7 +463,12 @@ impl Server {
         }
         self.app.metrics.gearmand_connect_failures += 1;
         debug!("gearmand {}: {why}; retrying in {delay:?}", link.addr);
-        // One line per outage and per change of reason, then a reminder at a low rate.
+        self.report_failed_attempt(i, now, why);
+    }
+
+    /// One line per outage and per change of reason, then a reminder at a low rate.
+    fn report_failed_attempt(&mut self, i: usize, now: Instant, why: &str) {
+        let link = &mut self.links[i];
         let note = link.attempt_failed(now, why);
         let addr = &link.addr;
         match note {
@@ -840,39 +848,11 @@ impl Server {
         }
     }
 
-    /// Writes each buffer that has bytes, once. A client write that blocks adds WRITABLE
-    /// interest; a buffer that empties removes it again, so idle sockets cause no writable
-    /// wakeups. gearmand links stay registered for both (they are few and long-lived).
+    /// Writes each buffer that has bytes, once. A write that blocks adds WRITABLE interest; a
+    /// buffer that empties removes it again, so idle sockets cause no writable wakeups.
     fn flush_outputs(&mut self, now: Instant) {
-        if self.links_dirty {
-            self.links_dirty = false;
-            for i in 0..self.links.len() {
-                let link = &mut self.links[i];
-                let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut link.state else { continue };
-                if !link.output.is_empty() && !link.io.write_blocked {
-                    match flush(sock, &mut link.output) {
-                        Ok(io) => link.io.write_blocked = io == Io::Blocked,
-                        Err(e) => {
-                            self.link_down(i, now, &format!("write failed: {e}"));
-                            continue;
-                        }
-                    }
-                }
-                // Interest follows what the link wants, as for clients (here past the connect,
-                // so it wants to write exactly when bytes are left).
-                let want = !link.output.is_empty();
-                if want != link.io.writable_registered {
-                    let _ = self.poll.registry().reregister(sock, self.tokens.link(i), interest(want));
-                    link.io.writable_registered = want;
-                }
-            }
-            // Link output only shrinks here, and whatever grows it marks the links dirty: the
-            // App's figure is corrected only when it may have changed.
-            for i in 0..self.links.len() {
-                if self.links[i].is_up() {
-                    self.app.handle_link_output(i, self.links[i].output.len());
-                }
-            }
+        if std::mem::take(&mut self.links_dirty) {
+            self.flush_links(now);
         }
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
@@ -890,6 +870,35 @@ impl Server {
         dirty.clear();
         dirty.append(&mut self.dirty);
         self.dirty = dirty;
+    }
+
+    /// Writes each gearmand link's bytes; interest follows what is left, as for clients.
+    fn flush_links(&mut self, now: Instant) {
+        for i in 0..self.links.len() {
+            let link = &mut self.links[i];
+            let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut link.state else { continue };
+            if !link.output.is_empty() && !link.io.write_blocked {
+                match flush(sock, &mut link.output) {
+                    Ok(io) => link.io.write_blocked = io == Io::Blocked,
+                    Err(e) => {
+                        self.link_down(i, now, &format!("write failed: {e}"));
+                        continue;
+                    }
+                }
+            }
+            // Past the connect, a link wants to write exactly when bytes are left.
+            let want = !link.output.is_empty();
+            if want != link.io.writable_registered {
+                let _ = self.poll.registry().reregister(sock, self.tokens.link(i), interest(want));
+                link.io.writable_registered = want;
+            }
+            // Link output only shrinks here, and whatever grows it marks the links dirty: the
+            // App's figure is corrected only when it may have changed.
+            if link.is_up() {
+                let bytes = link.output.len();
+                self.app.handle_link_output(i, bytes);
+            }
+        }
     }
 
     /// Writes what the client has queued (once per pass), tells the connection how much went,
@@ -1033,8 +1042,12 @@ impl Server {
         );
     }
 
+    /// Counts a per-connection event; the first one since the last summary arms its timer.
     fn note(&mut self, event: Event, now: Instant) {
-        note(&mut self.tally, &mut self.tally_since, &mut self.wheel, event, now);
+        if self.tally.note(event) {
+            self.tally_since = now;
+            self.wheel.insert(now + SUMMARY_PERIOD, TimerEvent::LogSummary);
+        }
     }
 
     /// One line per kind of event counted since the first of them (at shutdown: whatever is
@@ -1044,21 +1057,6 @@ impl Server {
         for (level, line) in self.tally.take_summary(period) {
             log!(level, "{line}");
         }
-    }
-}
-
-/// Counts a per-connection event; the first one since the last summary arms its timer. (Takes
-/// the fields it needs, so the accept loop can call it while it holds the listener.)
-fn note(
-    tally: &mut Tally,
-    since: &mut Instant,
-    wheel: &mut TimerWheel<TimerEvent>,
-    event: Event,
-    now: Instant,
-) {
-    if tally.note(event) {
-        *since = now;
-        wheel.insert(now + SUMMARY_PERIOD, TimerEvent::LogSummary);
     }
 }
 
