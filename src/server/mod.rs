@@ -1112,6 +1112,10 @@ impl Server {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
+        // Before any close frame: the replies already made (effects not yet applied) and the
+        // last word of every unfinished job, so a client can account for each job it sent.
+        self.app.handle_shutdown();
+        self.apply_effects(now);
         for (key, conn) in self.conns.iter_mut() {
             if conn.ws.is_open() {
                 conn.ws.close(1001, "server shutting down");
