@@ -65,6 +65,8 @@ pub trait Workload {
     fn begin(&mut self, io: &mut Io<'_>);
     /// One complete text message (a line without its newline) arrived.
     fn on_message(&mut self, message: &[u8], io: &mut Io<'_>);
+    /// The server sent a close frame (`code` if it had one); the connection ends after this.
+    fn on_close(&mut self, _code: Option<u16>, _io: &mut Io<'_>) {}
 }
 
 /// Where WebSocket sessions connect: the `Host` header and the path.
@@ -138,7 +140,11 @@ impl<W: Workload> Session for WsSession<W> {
                 OP_BINARY => io.meter.error("binary reply"),
                 OP_PING => encode_client_frame(io.out, OP_PONG, payload, self.mask),
                 OP_PONG => {}
-                OP_CLOSE => return Err(close_reason(payload)),
+                OP_CLOSE => {
+                    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    self.work.on_close(code, io);
+                    return Err(close_reason(payload));
+                }
                 other => return Err(format!("unknown opcode {other}")),
             }
             used += frame.len;
