@@ -142,6 +142,9 @@ pub struct Tally {
     pub interval: Histogram<u64>,
     /// Job latency by kind of job, whole run.
     pub by_kind: BTreeMap<&'static str, Histogram<u64>>,
+    /// When a job of each kind last ended as it should (completed, its value, its worker's
+    /// failure or exception): a kind that stops there after a fault never recovered.
+    pub last_normal: BTreeMap<&'static str, Instant>,
     /// The slowest job: kind, what ended it, latency, when it was sent.
     pub slowest: Option<(&'static str, String, Duration, Instant)>,
 }
@@ -167,6 +170,7 @@ impl Default for Tally {
             latency: latency_histogram(),
             interval: latency_histogram(),
             by_kind: BTreeMap::new(),
+            last_normal: BTreeMap::new(),
             slowest: None,
         }
     }
@@ -353,6 +357,15 @@ impl Mixed {
             tally.terminals_after_term += u64::from(after_term);
             tally.outstanding -= 1;
             *tally.ended.entry(job.kind.name()).or_default().entry(terminal).or_insert(0) += 1;
+            let normal = match job.kind {
+                Kind::Stream | Kind::Background => terminal == "job.complete",
+                Kind::Ping => terminal == "value",
+                Kind::Fail => detail.ends_with("the worker reported failure"),
+                Kind::Boom => terminal == "job.exception",
+            };
+            if normal {
+                tally.last_normal.insert(job.kind.name(), io.now);
+            }
             add(&mut tally.details, format!("{}: {detail}", job.kind.name()), 1);
             if wrong {
                 add(
@@ -760,6 +773,7 @@ fn mixed_json(
         "sent": sent_by_kind,
         "terminal": terminals,
         "ended_by_kind": t.ended,
+        "last_normal_end_s": t.last_normal.iter().map(|(k, at)| (*k, since_t0(Some(*at)))).collect::<BTreeMap<_, _>>(),
         "terminal_details": t.details,
         "unread_at_close": t.unread_at_close,
         "missing": t.missing,
