@@ -20,6 +20,7 @@ IN_FLIGHT=${IN_FLIGHT:-2}
 KILLS_AT=${KILLS_AT:-"3 8 13"}    # seconds into the load: gearmand SIGKILL + restart
 DOWN_MS=${DOWN_MS:-500}           # how long gearmand stays dead each time
 WORKER_KILL_AT=${WORKER_KILL_AT:-16}
+WORKER_THREADS=${WORKER_THREADS:-12}  # per `gearsock worker` (two, and a third after the worker kill)
 OUT=${OUT:-$(mktemp -d /tmp/gearsock-kills.XXXXXX)}
 mkdir -p "$OUT"
 
@@ -66,11 +67,11 @@ start_gearmand() {
   echo "kills.sh: gearmand did not come up on $GPORT" >&2; exit 1
 }
 
-start_worker() { # $1: name
+start_worker() { # $1: name; the pid goes to $WPID (not printed: a subshell would lose pids)
   "$GEARSOCK" worker --gearmand "127.0.0.1:$GPORT" --report "ws://$ADDR" --count 3 --interval-ms 20 \
-    --concurrency 4 >"$OUT/$1.out" 2>"$OUT/$1.log" &
-  pids+=($!)
-  echo $!
+    --concurrency "$WORKER_THREADS" >"$OUT/$1.out" 2>"$OUT/$1.log" &
+  WPID=$!
+  pids+=("$WPID")
 }
 
 now_s() { date +%s.%N; }
@@ -86,8 +87,9 @@ pids+=("$SPID")
 for _ in $(seq 500); do grep -q '^listening on' "$OUT/serve.out" 2>/dev/null && break; sleep 0.01; done
 ADDR=$(sed -n 's|^listening on ws://||p' "$OUT/serve.out")
 [ -n "$ADDR" ] || { echo "kills.sh: gearsock serve did not start" >&2; cat "$OUT/serve.log" >&2; exit 1; }
-W1=$(start_worker worker1)
-W2=$(start_worker worker2)
+start_worker worker1
+W1=$WPID
+start_worker worker2
 
 "$GEARSOCK" bench mixed --url "ws://$ADDR" --connections "$CONNECTIONS" --in-flight "$IN_FLIGHT" \
   --duration-s "$DURATION" --sigterm-after-s "$SIGTERM_AT" --pid "$SPID" --spawn-workers 1 \
@@ -122,7 +124,7 @@ for _ in $(seq 100); do
 done
 kill -KILL "$W1"
 echo "kills.sh: $(printf '%.1f' "$(echo "$(now_s) - $LOAD_T0" | bc)") s: worker1 SIGKILLed (last line: ${last:-none}; mid-job: $mid_job)"
-W3=$(start_worker worker3)
+start_worker worker3
 
 # The bench sends SIGTERM at $SIGTERM_AT s and ends once every connection is closed.
 bench_rc=0
