@@ -1074,6 +1074,41 @@ impl App {
         self.links[link] = Link { generation, ..Link::default() };
     }
 
+    /// The server is stopping: every unfinished job gets its one terminal reply now, so that a
+    /// client can account for each job before its connection closes. A job still held for a
+    /// gearmand was never submitted (`error` `unavailable`, as when the queue times out); one
+    /// that gearmand has is `job.lost` to us (it may still run, but nobody will hear how it
+    /// ends); a polled job gearmand has already forgotten ends as it would after its grace,
+    /// with whatever value its worker reported. Open `status` questions get `unavailable`.
+    pub fn handle_shutdown(&mut self) {
+        let mut tags: Vec<(Instant, JobTag)> =
+            self.jobs.iter().map(|(k, j)| (j.accepted_at, tag_of(k, j.generation))).collect();
+        tags.sort_unstable_by_key(|(at, tag)| (*at, tag.0)); // oldest first
+        for (_, tag) in tags {
+            let Some(job) = self.job(tag) else { continue };
+            match job.phase {
+                Phase::Queued(_) => {
+                    let (conn, reference) = (job.conn, job.reference.clone());
+                    let text = "the server is shutting down; the job was not submitted";
+                    self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
+                    self.end_job(tag, Outcome::Unavailable);
+                }
+                Phase::Submitted | Phase::Running => {
+                    let reason = "the server is shutting down; it will not hear how this job ends";
+                    self.job_reply(tag, "job.lost", json!({ "reason": reason }));
+                    self.end_job(tag, Outcome::Lost);
+                }
+                Phase::Grace => self.finish_polled(tag),
+            }
+        }
+        for (_, ask) in std::mem::take(&mut self.asks) {
+            if let Asker::Client { conn, reference } = ask.by {
+                let text = "the server is shutting down before gearmand answered";
+                self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
+            }
+        }
+    }
+
     /// One event from a gearmand link's ClientSession.
     pub fn handle_job_event(&mut self, link: usize, event: JobEvent, now: Instant) {
         match event {
@@ -1900,6 +1935,61 @@ mod tests {
         let e = effects(&mut app);
         assert!(sent(&e)[0].1.contains("job.lost"), "{e:?}");
         assert_eq!(app.jobs_in_flight(), 0);
+    }
+
+    #[test]
+    fn shutdown_gives_every_unfinished_job_and_question_its_last_word() {
+        let t0 = Instant::now();
+        let cfg = AppConfig { max_jobs_per_connection: 8, queue_limit: 4, ..cfg() };
+        let mut app = App::new(cfg, 1, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_client_open(A, true);
+        app.handle_client_open(B, true);
+        app.handle_client_text(A, r#"{"type":"submit","function":"f","ref":"running"}"#, t0);
+        app.handle_client_text(A, r#"{"type":"submit","function":"f","mode":"background","ref":"sent"}"#, t0);
+        app.handle_client_text(A, r#"{"type":"ping","ref":"ping"}"#, t0);
+        let subs = submitted(&effects(&mut app));
+        let [running, _sent, ping] = subs[..] else { panic!("{subs:?}") };
+        app.handle_job_event(0, JobEvent::Created { tag: running, handle: b"H:1".to_vec() }, t0);
+        app.handle_job_event(0, JobEvent::Created { tag: ping, handle: b"H:3".to_vec() }, t0);
+        let ask = poll(&mut app, ping, t0);
+        app.handle_job_event(0, gone(ask, b"H:3"), t0); // the ping waits for its value
+        app.handle_client_text(A, r#"{"type":"status","job":"H:1","ref":"question"}"#, t0);
+        // gearmand stops taking bytes: B's job is held.
+        app.handle_link_output(0, 1 << 20);
+        app.handle_client_text(B, r#"{"type":"submit","function":"f","ref":"held"}"#, t0);
+        effects(&mut app);
+        assert_eq!((app.jobs_in_flight(), app.jobs_queued()), (4, 1));
+
+        app.handle_shutdown();
+        let e = effects(&mut app);
+        let mut replies: Vec<(u32, String)> = sent(&e)
+            .iter()
+            .map(|(c, t)| match serde_json::from_str::<Value>(t) {
+                Ok(v) => (c.key, format!("{} {}", v["type"].as_str().unwrap(), v["ref"].as_str().unwrap())),
+                Err(_) => (c.key, t.to_string()),
+            })
+            .collect();
+        replies.sort();
+        let mut want: Vec<(u32, String)> = [
+            (A, "job.lost running"),
+            (A, "job.lost sent"),
+            (A, "value: "), // the ping gearmand had forgotten ends as after its grace
+            (A, "error question"),
+            (B, "error held"),
+        ]
+        .iter()
+        .map(|(c, t)| (c.key, t.to_string()))
+        .collect();
+        want.sort();
+        assert_eq!(replies, want);
+        assert!(codes(&e).iter().all(|c| c == "unavailable"), "{e:?}");
+        assert_eq!((app.jobs_in_flight(), app.jobs_queued()), (0, 0));
+        // Nothing is said twice: not by a second call, not by gearmand's late news.
+        app.handle_shutdown();
+        app.handle_job_event(0, JobEvent::Complete { tag: running, data: b"late".to_vec() }, t0);
+        app.handle_timer(AppTimer::Grace(ping), t0 + Duration::from_secs(1));
+        assert_eq!(sent(&effects(&mut app)), vec![]);
     }
 
     #[test]

@@ -149,6 +149,11 @@ pub struct Worker {
     functions: Vec<(String, JobFn)>,
     link: Option<Link>,
     backoff: Backoff,
+    /// When the next connect attempt is due. It outlives a `work` call that gives up at its
+    /// timeout first, so the back-off grows with attempts made, not with calls.
+    next_attempt: Option<Instant>,
+    /// The first failed attempt since the last connection was logged at warn.
+    warned: bool,
     timeout: Option<Duration>,
     max_body_bytes: usize,
 }
@@ -162,6 +167,8 @@ impl Worker {
             functions: Vec::new(),
             link: None,
             backoff: Backoff::new(),
+            next_attempt: None,
+            warned: false,
             timeout: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
@@ -271,29 +278,34 @@ impl Worker {
         }
     }
 
-    /// Connects, sleeping the back-off delay before each attempt; gives up only at `deadline`.
+    /// Connects, sleeping until each attempt is due (the back-off delay after the last one);
+    /// gives up only at `deadline`, leaving the attempt due for the next call.
     fn connect(&mut self, deadline: Option<Instant>) -> io::Result<Link> {
-        let mut first_failure = true;
         loop {
-            let delay = self.backoff.next_delay();
+            let due = match self.next_attempt {
+                Some(due) => due,
+                None => *self.next_attempt.insert(Instant::now() + self.backoff.next_delay()),
+            };
             if let Some(deadline) = deadline
-                && Instant::now() + delay >= deadline
+                && due >= deadline
             {
                 thread::sleep(deadline.saturating_duration_since(Instant::now()));
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection to gearmand"));
             }
-            thread::sleep(delay);
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+            self.next_attempt = None;
             match Link::connect(&self.addr, self.max_body_bytes) {
                 Ok(mut link) => {
+                    self.warned = false;
                     info!("worker connected to gearmand {}", self.addr);
                     if let Some(id) = &self.client_id {
                         link.session.set_client_id(id.as_bytes(), &mut link.out);
                     }
                     return Ok(link);
                 }
-                Err(e) if first_failure => {
+                Err(e) if !self.warned => {
                     warn!("worker cannot reach gearmand {}: {e} (retrying with back-off)", self.addr);
-                    first_failure = false;
+                    self.warned = true;
                 }
                 Err(e) => debug!("worker cannot reach gearmand {}: {e}", self.addr),
             }
@@ -657,6 +669,36 @@ mod tests {
     fn work_without_functions_is_invalid_input() {
         let mut worker = Worker::new("127.0.0.1:1");
         assert_eq!(worker.work().unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// A worker whose `work` gives up at a short timeout, called again and again while
+    /// gearmand is away (as `run_demo_worker` does), still connects once gearmand is back.
+    #[test]
+    fn a_worker_with_a_timeout_reconnects_when_gearmand_comes_back() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
+        let mut worker = Worker::new(format!("127.0.0.1:{port}"));
+        worker.add_function("f", |_| Ok(Vec::new()));
+        worker.set_timeout(Some(Duration::from_millis(100)));
+        // gearmand is away for a second: every call times out.
+        let away = Instant::now();
+        while away.elapsed() < Duration::from_secs(1) {
+            assert_eq!(worker.work().unwrap_err().kind(), io::ErrorKind::TimedOut);
+        }
+        // It is back (a listener that accepts and stays silent): the worker must connect within
+        // its longest back-off, however many calls that takes.
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is still free");
+        listener.set_nonblocking(true).unwrap();
+        let back = Instant::now();
+        let connected = loop {
+            if listener.accept().is_ok() {
+                break true;
+            }
+            if back.elapsed() > BACKOFF_CAP * 2 {
+                break false;
+            }
+            assert_eq!(worker.work().unwrap_err().kind(), io::ErrorKind::TimedOut);
+        };
+        assert!(connected, "the worker never tried again");
     }
 
     #[test]

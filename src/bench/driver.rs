@@ -236,7 +236,7 @@ where
     };
     while !control.stop.load(Ordering::Acquire) {
         if let (Schedule::Timed { warmup, duration }, Some(&t0)) = (schedule, control.go.get()) {
-            driver.run_window(t0 + warmup, t0 + warmup + duration)?;
+            driver.run_window(t0 + warmup, t0 + warmup + duration, &control.stop)?;
             break;
         }
         driver.turn(idle_wait)?;
@@ -470,8 +470,9 @@ impl<S: Session, F: Fn(&mut Rng) -> S> Driver<S, F> {
         }
     }
 
-    /// Begins every session, then runs until `end`; replies in `[start, end)` are measured.
-    fn run_window(&mut self, start: Instant, end: Instant) -> Result<(), String> {
+    /// Begins every session, then runs until `end` (or until the main thread says `stop`);
+    /// replies in `[start, end)` are measured.
+    fn run_window(&mut self, start: Instant, end: Instant, stop: &AtomicBool) -> Result<(), String> {
         self.report.meter.set_window(start, end);
         self.report.window = end.saturating_duration_since(start);
         self.running = true;
@@ -497,7 +498,7 @@ impl<S: Session, F: Fn(&mut Rng) -> S> Driver<S, F> {
             if now >= start && cpu_at_start.is_none() {
                 cpu_at_start = Some(sys::thread_cpu_time());
             }
-            if now >= end {
+            if now >= end || stop.load(Ordering::Acquire) {
                 break;
             }
             let next = if now < start { start } else { end };

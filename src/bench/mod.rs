@@ -13,11 +13,13 @@
 //! echo.rs     the baselines: one-thread mio servers, the line echo (roundtrip) inside the bench
 //!             process, the upgrade acceptor (connect) in a child `gearsock bench acceptor`
 //! modes.rs    connect / roundtrip / jobs: what to run, in which order, and the output
+//! mixed.rs    mixed: every kind of job at once, each reply recorded per job, and the reconcile
 //! ```
 
 mod driver;
 mod echo;
 mod meter;
+mod mixed;
 mod modes;
 mod session;
 mod sys;
@@ -46,6 +48,9 @@ pub enum Mode {
     Roundtrip,
     /// End-to-end stream jobs through the server to Gearman workers and back.
     Jobs,
+    /// Stream and background jobs and the article's pings at once, every reply recorded per
+    /// job: the reconcile of fault and soak runs.
+    Mixed,
     /// Internal, not in the help: the connect baseline's upgrade acceptor, run by `connect
     /// --baseline` as a child process. Prints `{"addr":...,"cpus":...}` once listening and
     /// serves until its stdin closes.
@@ -60,8 +65,9 @@ impl std::str::FromStr for Mode {
             "connect" => Ok(Mode::Connect),
             "roundtrip" => Ok(Mode::Roundtrip),
             "jobs" => Ok(Mode::Jobs),
+            "mixed" => Ok(Mode::Mixed),
             "acceptor" => Ok(Mode::Acceptor),
-            other => Err(format!("MODE must be connect, roundtrip or jobs, not {other:?}")),
+            other => Err(format!("MODE must be connect, roundtrip, jobs or mixed, not {other:?}")),
         }
     }
 }
@@ -73,6 +79,7 @@ impl Mode {
             Mode::Connect => "connect",
             Mode::Roundtrip => "roundtrip",
             Mode::Jobs => "jobs",
+            Mode::Mixed => "mixed",
             Mode::Acceptor => "acceptor",
         }
     }
@@ -139,6 +146,15 @@ pub struct BenchOptions {
     pub spawn_workers: usize,
     /// `--timeout-s`: a connection not through its handshake after this fails. Default 10 s.
     pub timeout: Duration,
+    /// `--interval-s`: mixed prints job latency and the `--pid` server's RSS and descriptors
+    /// this often. Default 0 (never).
+    pub interval: Duration,
+    /// `--sigterm-after-s`: mixed sends the `--pid` server SIGTERM this long into the load.
+    /// Default none.
+    pub sigterm_after: Option<Duration>,
+    /// `--settle-s`: how long mixed waits for the last replies after sending stops (or after
+    /// its SIGTERM). Default 15 s.
+    pub settle: Duration,
 }
 
 impl Default for BenchOptions {
@@ -168,6 +184,9 @@ impl Default for BenchOptions {
             source_base: Ipv4Addr::LOCALHOST,
             spawn_workers: 0,
             timeout: Duration::from_secs(10),
+            interval: Duration::ZERO,
+            sigterm_after: None,
+            settle: Duration::from_secs(15),
         }
     }
 }
@@ -187,6 +206,12 @@ modes:
   jobs        stream jobs {\"type\":\"submit\",...} kept --in-flight per connection, each
               waiting for job.complete: jobs/s, latency (the server allows 64 per connection
               by default)
+  mixed       --in-flight stream and background jobs of --function (default ping, for
+              `gearsock worker`) per connection, one article ping at a time, and with
+              --spawn-workers jobs that fail and throw; every reply recorded per job, then
+              the reconcile: each job sent got exactly one terminal reply, or was never read
+              by a server that closed first (exit 1 otherwise); --sigterm-after-s S stops the
+              --pid server under load; --interval-s N samples latency, RSS and descriptors
 
 flags:
   --url URL              the server (ws://127.0.0.1:8080)
@@ -207,11 +232,11 @@ flags:
   --expect TEXT          roundtrip: the reply each message must get (custom message: any
                          text but an {\"type\":\"error\",...} reply); `--expect echo`: the
                          message itself, as an echo server (gearsock serve --echo) answers
-  --function F           jobs: Gearman function (echo)
+  --function F           jobs: Gearman function (echo); mixed: of its stream and background jobs (ping)
   --payload-bytes N      jobs: payload size (16)
-  --gearmand HOST:PORT   jobs: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
+  --gearmand HOST:PORT   jobs, mixed: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
   --gearmand-pid P       jobs: gearmand's pid, for its CPU use over the window
-  --spawn-workers K      jobs: run K demo workers (echo, reverse, fail, boom) in this process
+  --spawn-workers K      jobs, mixed: run K demo workers (echo, reverse, fail, boom) in this process
   --baseline             connect: also a minimal upgrade acceptor (a canned 101, then idle)
                          in a child process, same connections and concurrency;
                          roundtrip: also a plain TCP line-echo server inside this process;
@@ -221,6 +246,9 @@ flags:
   --source-ips N         spread connections over N source addresses (loopback targets; auto)
   --source-base ADDR     first source address (127.0.0.1); give each process its own range
   --timeout-s S          a connection not up after S seconds fails (10)
+  --interval-s N         mixed: a sample every N seconds: job latency, --pid's RSS and fds
+  --sigterm-after-s S    mixed: SIGTERM to --pid S seconds into the load (at most --duration-s)
+  --settle-s S           mixed: wait up to S seconds for the last replies (15)
   --json                 print one JSON object instead of the table
   -h, --help             this text
   -V, --version          the version
@@ -234,6 +262,7 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
     let mut o = BenchOptions::default();
     let mut mode = None;
     let (mut message_given, mut message_bytes) = (false, None);
+    let mut function = None;
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("url") => o.url = value(parser)?,
@@ -252,7 +281,7 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("message-bytes") => message_bytes = Some(value::<usize>(parser)?),
             Long("binary") => o.binary = true,
             Long("expect") => o.expect = Some(value(parser)?),
-            Long("function") => o.function = value(parser)?,
+            Long("function") => function = Some(value(parser)?),
             Long("payload-bytes") => o.payload_bytes = value(parser)?,
             Long("gearmand") => o.gearmand = value(parser)?,
             Long("spawn-workers") => o.spawn_workers = value(parser)?,
@@ -263,6 +292,9 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("source-ips") => o.source_ips = Some(value(parser)?),
             Long("source-base") => o.source_base = value(parser)?,
             Long("timeout-s") => o.timeout = seconds(parser)?,
+            Long("interval-s") => o.interval = seconds(parser)?,
+            Long("sigterm-after-s") => o.sigterm_after = Some(seconds(parser)?),
+            Long("settle-s") => o.settle = seconds(parser)?,
             Long("help") | Short('h') => return Ok(Command::Help(BENCH_HELP.into())),
             Long("version") | Short('V') => return Ok(Command::Help(crate::config::VERSION.into())),
             Value(v) if mode.is_none() => {
@@ -271,15 +303,17 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
-    o.mode = mode.ok_or("MODE is missing: connect, roundtrip or jobs (try --help)")?;
+    o.mode = mode.ok_or("MODE is missing: connect, roundtrip, jobs or mixed (try --help)")?;
     if let Some(len) = message_bytes {
         if message_given {
             return Err("give --message or --message-bytes, not both".into());
         }
         o.message = sized_message(len);
     }
+    // mixed's jobs go to `gearsock worker`'s function by default; jobs' to the demo echo.
+    o.function = function.unwrap_or_else(|| if o.mode == Mode::Mixed { "ping".into() } else { o.function });
     o.validate()?;
-    Ok(Command::Bench(o))
+    Ok(Command::Bench(Box::new(o)))
 }
 
 /// `len` bytes of printable ASCII (no newline, so the line-echo baseline can carry it too).
@@ -319,7 +353,12 @@ impl BenchOptions {
                 session::MAX_FRAME_BYTES
             ));
         }
-        if self.mode == Mode::Jobs && self.function.is_empty() {
+        if self.mode == Mode::Mixed
+            && self.sigterm_after.is_some_and(|s| self.pid.is_none() || s > self.duration)
+        {
+            return Err("--sigterm-after-s needs --pid (the server) and at most --duration-s".into());
+        }
+        if matches!(self.mode, Mode::Jobs | Mode::Mixed) && self.function.is_empty() {
             return Err("--function must not be empty".into());
         }
         // The in-process echo server holds a descriptor per baseline connection too. (The
@@ -389,6 +428,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<i32, Box<dyn std::error::Error>>
         Mode::Connect => modes::run_connect(opts),
         Mode::Roundtrip => modes::run_roundtrip(opts),
         Mode::Jobs => modes::run_jobs(opts),
+        Mode::Mixed => mixed::run_mixed(opts),
         Mode::Acceptor => modes::run_acceptor(opts),
     }
 }
@@ -400,7 +440,7 @@ mod tests {
     fn parse(list: &[&str]) -> Result<BenchOptions, String> {
         let mut parser = lexopt::Parser::from_args(list.iter().map(std::ffi::OsString::from));
         match parse_bench(&mut parser)? {
-            Command::Bench(o) => Ok(o),
+            Command::Bench(o) => Ok(*o),
             other => Err(format!("{other:?}")),
         }
     }
@@ -437,7 +477,7 @@ mod tests {
     #[test]
     fn mode_is_required_and_checked() {
         assert!(parse(&[]).unwrap_err().contains("MODE"));
-        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip or jobs"));
+        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip, jobs or mixed"));
     }
 
     #[test]

@@ -280,7 +280,7 @@ fn troubled(r: &Report) -> bool {
 }
 
 /// The server's endpoint and resolved address.
-fn ws_target(opts: &BenchOptions) -> Result<(Arc<Endpoint>, SocketAddr), String> {
+pub(super) fn ws_target(opts: &BenchOptions) -> Result<(Arc<Endpoint>, SocketAddr), String> {
     let url = parse_url(&opts.url)?;
     let target = resolve(&url.authority)?;
     Ok((Arc::new(Endpoint { host: url.authority, path: url.path }), target))
@@ -291,7 +291,7 @@ fn timed(opts: &BenchOptions) -> Schedule {
 }
 
 /// A run's [`Spec`], with the source addresses for `target`.
-fn spec(opts: &BenchOptions, target: SocketAddr, schedule: Schedule) -> Result<Spec, String> {
+pub(super) fn spec(opts: &BenchOptions, target: SocketAddr, schedule: Schedule) -> Result<Spec, String> {
     Ok(Spec {
         target,
         sources: source_addresses(opts, target)?,
@@ -327,7 +327,7 @@ fn source_addresses(opts: &BenchOptions, target: SocketAddr) -> Result<Vec<Ipv4A
 }
 
 /// Demo workers on threads of this process (`--spawn-workers`).
-struct DemoWorkers {
+pub(super) struct DemoWorkers {
     stop: Arc<AtomicBool>,
     handles: Vec<JoinHandle<std::io::Result<()>>>,
     /// The worker threads' ids, for their CPU time.
@@ -335,7 +335,7 @@ struct DemoWorkers {
 }
 
 impl DemoWorkers {
-    fn start(count: usize, gearmand: &str) -> Result<DemoWorkers, String> {
+    pub(super) fn start(count: usize, gearmand: &str) -> Result<DemoWorkers, String> {
         let mut workers = DemoWorkers {
             stop: Arc::new(AtomicBool::new(false)),
             handles: Vec::new(),
@@ -360,7 +360,7 @@ impl DemoWorkers {
     }
 
     /// Stops and joins every worker; returns their errors.
-    fn stop(mut self) -> Vec<String> {
+    pub(super) fn stop(mut self) -> Vec<String> {
         self.stop.store(true, Ordering::Release);
         std::mem::take(&mut self.handles)
             .into_iter()

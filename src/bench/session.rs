@@ -70,6 +70,8 @@ pub trait Workload {
     fn wants_binary(&self) -> bool {
         false
     }
+    /// The server sent a close frame (`code` if it had one); the connection ends after this.
+    fn on_close(&mut self, _code: Option<u16>, _io: &mut Io<'_>) {}
 }
 
 /// Where WebSocket sessions connect: the `Host` header and the path.
@@ -150,7 +152,11 @@ impl<W: Workload> Session for WsSession<W> {
                 OP_TEXT | OP_BINARY | OP_CONTINUATION => return Err("fragmented server message".into()),
                 OP_PING => encode_client_frame(io.out, OP_PONG, payload, self.mask),
                 OP_PONG => {}
-                OP_CLOSE => return Err(close_reason(payload)),
+                OP_CLOSE => {
+                    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    self.work.on_close(code, io);
+                    return Err(close_reason(payload));
+                }
                 other => return Err(format!("unknown opcode {other}")),
             }
             used += frame.len;

@@ -119,6 +119,18 @@ pub fn resident_bytes(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no VmRSS in /proc/{pid}/status")))
 }
 
+/// Open descriptors of process `pid`: the entries of `/proc/PID/fd`.
+pub fn open_descriptors(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Sends SIGTERM to process `pid` (the server's shutdown that `mixed --sigterm-after-s` times).
+pub fn terminate(pid: u32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes two integers and touches none of our memory.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::io;

@@ -991,6 +991,10 @@ impl Server {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
+        // Before any close frame: the replies already made (effects not yet applied) and the
+        // last word of every unfinished job, so a client can account for each job it sent.
+        self.app.handle_shutdown();
+        self.apply_effects(now);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.conns[key].conn.shutdown(now); // close 1001 for open WebSockets
