@@ -22,7 +22,7 @@ pub enum Command {
     /// `gearsock submit FUNCTION [PAYLOAD]`: the article's gearman-client.
     Submit(SubmitOptions),
     /// `gearsock bench MODE`: the load generator.
-    Bench(BenchOptions),
+    Bench(Box<BenchOptions>),
     /// `--help` for some command: print this and exit 0.
     Help(String),
 }

@@ -13,8 +13,12 @@
 //! echo.rs     the baselines: one-thread mio servers, the line echo (roundtrip) inside the bench
 //!             process, the upgrade acceptor (connect) in a child `gearsock bench acceptor`
 //! modes.rs    connect / roundtrip / jobs: what to run, in which order, and the output
+//! cycle.rs    a per-thread mio loop for connections that end: each runs a sans-IO Script
+//! churn.rs    churn: connect, upgrade, one round trip, close handshake, again; server RSS/fds
 //! ```
 
+mod churn;
+mod cycle;
 mod driver;
 mod echo;
 mod meter;
@@ -44,6 +48,9 @@ pub enum Mode {
     Roundtrip,
     /// End-to-end stream jobs through the server to Gearman workers and back.
     Jobs,
+    /// Whole connections again and again (connect, upgrade, one round trip, close handshake):
+    /// cycles/s, and with `--pid` the server's RSS and descriptors at checkpoints.
+    Churn,
     /// Internal, not in the help: the connect baseline's upgrade acceptor, run by `connect
     /// --baseline` as a child process. Prints `{"addr":...,"cpus":...}` once listening and
     /// serves until its stdin closes.
@@ -58,8 +65,9 @@ impl std::str::FromStr for Mode {
             "connect" => Ok(Mode::Connect),
             "roundtrip" => Ok(Mode::Roundtrip),
             "jobs" => Ok(Mode::Jobs),
+            "churn" => Ok(Mode::Churn),
             "acceptor" => Ok(Mode::Acceptor),
-            other => Err(format!("MODE must be connect, roundtrip or jobs, not {other:?}")),
+            other => Err(format!("MODE must be connect, roundtrip, jobs or churn, not {other:?}")),
         }
     }
 }
@@ -71,6 +79,7 @@ impl Mode {
             Mode::Connect => "connect",
             Mode::Roundtrip => "roundtrip",
             Mode::Jobs => "jobs",
+            Mode::Churn => "churn",
             Mode::Acceptor => "acceptor",
         }
     }
@@ -131,8 +140,17 @@ pub struct BenchOptions {
     /// `--spawn-workers`: demo workers (echo, reverse, fail, boom) started on threads against
     /// `--gearmand` for the jobs mode. Default 0.
     pub spawn_workers: usize,
-    /// `--timeout-s`: a connection not through its handshake after this fails. Default 10 s.
+    /// `--timeout-s`: a connection not through its handshake after this fails (churn: a
+    /// cycle not over). Default 10 s.
     pub timeout: Duration,
+    /// `--cycles`: churn's connections in all, each a whole cycle. Default 100,000.
+    pub cycles: usize,
+    /// `--settle-s`: how long churn waits at most for the server's descriptors to come back
+    /// before it reads the server. Default 10 s.
+    pub settle: Duration,
+    /// `--max-growth-pct`: churn's limit on the server's RSS growth from the first tenth of
+    /// the cycles to the end. Default 1.
+    pub max_growth_pct: f64,
 }
 
 impl Default for BenchOptions {
@@ -161,6 +179,9 @@ impl Default for BenchOptions {
             source_base: Ipv4Addr::LOCALHOST,
             spawn_workers: 0,
             timeout: Duration::from_secs(10),
+            cycles: 100_000,
+            settle: Duration::from_secs(10),
+            max_growth_pct: 1.0,
         }
     }
 }
@@ -180,6 +201,12 @@ modes:
   jobs        stream jobs {\"type\":\"submit\",...} kept --in-flight per connection, each
               waiting for job.complete: jobs/s, latency (the server allows 64 per connection
               by default)
+  churn       --cycles whole connections, --connections at once, each: connect, upgrade,
+              one round trip (--message), close handshake, close: cycles/s; --pid P reads
+              the server's RSS and open descriptors before, after each tenth and at the end
+              (once it has reaped the connections); fails if a cycle failed, if RSS grew more
+              than --max-growth-pct from the first tenth to the end, or if descriptors did not
+              come back
 
 flags:
   --url URL              the server (ws://127.0.0.1:8080)
@@ -210,7 +237,10 @@ flags:
   --threads N            client event loops (1)
   --source-ips N         spread connections over N source addresses (loopback targets; auto)
   --source-base ADDR     first source address (127.0.0.1); give each process its own range
-  --timeout-s S          a connection not up after S seconds fails (10)
+  --timeout-s S          a connection not up after S seconds fails (10); churn: a cycle
+  --cycles N             churn: cycles in all (100000)
+  --settle-s S           churn: wait at most S s for the server's descriptors to settle (10)
+  --max-growth-pct G     churn: allowed RSS growth from the first tenth to the end (1)
   --json                 print one JSON object instead of the table
   -h, --help             this text
   -V, --version          the version
@@ -247,6 +277,9 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("source-ips") => o.source_ips = Some(value(parser)?),
             Long("source-base") => o.source_base = value(parser)?,
             Long("timeout-s") => o.timeout = seconds(parser)?,
+            Long("cycles") => o.cycles = value(parser)?,
+            Long("settle-s") => o.settle = seconds(parser)?,
+            Long("max-growth-pct") => o.max_growth_pct = value(parser)?,
             Long("help") | Short('h') => return Ok(Command::Help(BENCH_HELP.into())),
             Long("version") | Short('V') => return Ok(Command::Help(crate::config::VERSION.into())),
             Value(v) if mode.is_none() => {
@@ -255,9 +288,9 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
-    o.mode = mode.ok_or("MODE is missing: connect, roundtrip or jobs (try --help)")?;
+    o.mode = mode.ok_or("MODE is missing: connect, roundtrip, jobs or churn (try --help)")?;
     o.validate()?;
-    Ok(Command::Bench(o))
+    Ok(Command::Bench(Box::new(o)))
 }
 
 /// Parses seconds, fractions allowed.
@@ -272,7 +305,10 @@ impl BenchOptions {
         if self.connections == 0 || self.in_flight == 0 || self.concurrency == 0 || self.threads == 0 {
             return Err("--connections, --in-flight, --concurrency and --threads must be at least 1".into());
         }
-        if self.duration.is_zero() && self.mode != Mode::Connect {
+        if self.mode == Mode::Churn && self.cycles == 0 {
+            return Err("--cycles must be at least 1".into());
+        }
+        if self.duration.is_zero() && !matches!(self.mode, Mode::Connect | Mode::Churn) {
             return Err("--duration-s must be above zero".into());
         }
         if self.timeout.is_zero() {
@@ -355,6 +391,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<i32, Box<dyn std::error::Error>>
         Mode::Connect => modes::run_connect(opts),
         Mode::Roundtrip => modes::run_roundtrip(opts),
         Mode::Jobs => modes::run_jobs(opts),
+        Mode::Churn => churn::run_churn(opts),
         Mode::Acceptor => modes::run_acceptor(opts),
     }
 }
@@ -366,7 +403,7 @@ mod tests {
     fn parse(list: &[&str]) -> Result<BenchOptions, String> {
         let mut parser = lexopt::Parser::from_args(list.iter().map(std::ffi::OsString::from));
         match parse_bench(&mut parser)? {
-            Command::Bench(o) => Ok(o),
+            Command::Bench(o) => Ok(*o),
             other => Err(format!("{other:?}")),
         }
     }
@@ -390,7 +427,7 @@ mod tests {
     #[test]
     fn mode_is_required_and_checked() {
         assert!(parse(&[]).unwrap_err().contains("MODE"));
-        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip or jobs"));
+        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip, jobs or churn"));
     }
 
     #[test]

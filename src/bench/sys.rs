@@ -128,6 +128,60 @@ pub fn resident_bytes(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no VmRSS in /proc/{pid}/status")))
 }
 
+/// Resident memory of process `pid` by kind, in bytes, from `/proc/PID/status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resident {
+    /// VmRSS: all of it.
+    pub total: u64,
+    /// RssAnon: heap, stacks, anonymous mappings.
+    pub anon: u64,
+    /// RssFile: pages of the program and its libraries that have been touched.
+    pub file: u64,
+}
+
+/// VmRSS, RssAnon and RssFile of process `pid`.
+pub fn resident(pid: u32) -> io::Result<Resident> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("no {name} in /proc/{pid}/status"))
+            })
+    };
+    Ok(Resident { total: field("VmRSS:")?, anon: field("RssAnon:")?, file: field("RssFile:")? })
+}
+
+/// The size and the resident part of process `pid`'s `[heap]` mapping (the allocator's main
+/// arena), in bytes, from `/proc/PID/smaps`; `None` when it has none. A heap whose size stays
+/// put while its resident part grows is touching pages it already had, not asking for more.
+pub fn heap_mapping(pid: u32) -> io::Result<Option<(u64, u64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut lines = smaps.lines().skip_while(|line| !line.ends_with("[heap]"));
+    let Some(head) = lines.next() else { return Ok(None) };
+    let bad =
+        || io::Error::new(io::ErrorKind::InvalidData, format!("unreadable [heap] in /proc/{pid}/smaps"));
+    let (start, end) =
+        head.split_whitespace().next().and_then(|range| range.split_once('-')).ok_or_else(bad)?;
+    let address = |hex: &str| u64::from_str_radix(hex, 16).map_err(|_| bad());
+    let size = address(end)?.saturating_sub(address(start)?);
+    let rss = lines
+        .find_map(|line| line.strip_prefix("Rss:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    Ok(Some((size, rss * 1024)))
+}
+
+/// Open descriptors of process `pid`: the entries of `/proc/PID/fd`.
+pub fn open_fds(pid: u32) -> io::Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::io;
@@ -230,6 +284,12 @@ mod tests {
     #[test]
     fn our_own_memory_is_readable() {
         assert!(resident_bytes(std::process::id()).expect("VmRSS") > 0);
+        assert!(open_fds(std::process::id()).expect("fds") >= 3, "stdin, stdout, stderr at least");
+        let mine = resident(std::process::id()).expect("resident");
+        assert!(mine.total > 0 && mine.anon > 0 && mine.file > 0, "{mine:?}");
+        // A Rust test binary allocates from the main arena, so it has a heap.
+        let (size, rss) = heap_mapping(std::process::id()).expect("smaps").expect("a [heap]");
+        assert!(0 < rss && rss <= size, "{rss} of {size}");
         assert!(open_file_hard_limit() >= 64);
         assert!(ephemeral_ports() > 0);
         assert!(cpu_time(CpuProbe::Process(std::process::id())).is_ok());
