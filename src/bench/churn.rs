@@ -33,10 +33,11 @@ use super::{BenchOptions, DEFAULT_MESSAGE, DEFAULT_REPLY, parse_url, resolve};
 const TENTHS: usize = 10;
 /// Largest server frame a cycle accepts (the replies are a few bytes).
 const MAX_FRAME_BYTES: usize = 1 << 20;
-/// How often the server's descriptors are counted while it settles.
-const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// A descriptor count unchanged this long has settled, even above the baseline.
 const SETTLED_AFTER: Duration = Duration::from_secs(1);
+/// The baseline is read once the count has not moved for this long (a connection the server
+/// was just closing, a health check's, must not count in it).
+const STEADY_BEFORE: Duration = Duration::from_millis(300);
 
 /// What every cycle of a run sends and expects, framed and masked once.
 #[derive(Debug)]
@@ -285,8 +286,9 @@ pub fn run_churn(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     let mut checkpoints = Vec::new();
     let baseline = match opts.pid {
         Some(pid) => {
-            let fds = sys::open_fds(pid).map_err(|e| format!("--pid {pid}: {e}"))?;
-            checkpoints.push(read_server(pid, 0, fds, Duration::ZERO)?);
+            let (fds, settle) = sys::settle_fds(pid, None, STEADY_BEFORE, opts.settle)
+                .map_err(|e| format!("--pid {pid}: {e}"))?;
+            checkpoints.push(read_server(pid, 0, fds, settle)?);
             Some(fds)
         }
         None => None,
@@ -303,7 +305,8 @@ pub fn run_churn(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
         total.merge(&stretch);
         total.elapsed += stretch.elapsed;
         if let (Some(pid), Some(baseline)) = (opts.pid, baseline) {
-            let (fds, settle) = settle_fds(pid, baseline, opts.settle)?;
+            let (fds, settle) = sys::settle_fds(pid, Some(baseline), SETTLED_AFTER, opts.settle)
+                .map_err(|e| format!("--pid {pid}: {e}"))?;
             checkpoints.push(read_server(pid, done as u64, fds, settle)?);
         }
     }
@@ -390,24 +393,6 @@ fn run_stretch(
     }
     tally.elapsed = started.elapsed();
     Ok(tally)
-}
-
-/// Waits until `pid` holds no more descriptors than `baseline`, or its count has not moved for
-/// [`SETTLED_AFTER`], or `bound` has passed; returns the count and the time it took.
-fn settle_fds(pid: u32, baseline: u64, bound: Duration) -> Result<(u64, Duration), String> {
-    let start = Instant::now();
-    let mut last = sys::open_fds(pid).map_err(|e| format!("--pid {pid}: {e}"))?;
-    let mut since = start;
-    loop {
-        if last <= baseline || since.elapsed() >= SETTLED_AFTER || start.elapsed() >= bound {
-            return Ok((last, start.elapsed()));
-        }
-        thread::sleep(SETTLE_POLL);
-        let now = sys::open_fds(pid).map_err(|e| format!("--pid {pid}: {e}"))?;
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-    }
 }
 
 /// The criteria and how the run met them.

@@ -53,6 +53,8 @@ const CLIENTS_UP: Duration = Duration::from_secs(10);
 const FD_SAMPLE: Duration = Duration::from_millis(50);
 /// A descriptor count unchanged this long has settled, even above its target.
 const SETTLED_AFTER: Duration = Duration::from_secs(1);
+/// The baseline is read once the count has not moved for this long.
+const STEADY_BEFORE: Duration = Duration::from_millis(300);
 /// The first source address of the tricklers when `--source-base` is left at 127.0.0.1 (so
 /// they do not share ports with the real clients).
 const TRICKLE_BASE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -537,22 +539,6 @@ impl FdPeak {
     }
 }
 
-/// Waits until `pid` holds at most `target` descriptors, or its count has not moved for
-/// [`SETTLED_AFTER`], or `bound` has passed; returns the count.
-fn settle_fds(pid: u32, target: u64, bound: Duration) -> Result<u64, String> {
-    let start = Instant::now();
-    let mut last = sys::open_fds(pid).map_err(|e| format!("--pid {pid}: {e}"))?;
-    let mut since = start;
-    while last > target && since.elapsed() < SETTLED_AFTER && start.elapsed() < bound {
-        thread::sleep(Duration::from_millis(20));
-        let now = sys::open_fds(pid).map_err(|e| format!("--pid {pid}: {e}"))?;
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-    }
-    Ok(last)
-}
-
 /// What the tricklers got, all processes together.
 #[derive(Debug, Default)]
 struct Trickled {
@@ -627,7 +613,12 @@ pub fn run_flood(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     let per_source = opts.source_ips.unwrap_or(4).max(1);
     let base = if opts.source_base == Ipv4Addr::LOCALHOST { TRICKLE_BASE } else { opts.source_base };
 
-    let fds_baseline = sys::open_fds(pid).map_err(|e| format!("--pid {pid}: {e}"))?;
+    let fds = |target, steady| {
+        sys::settle_fds(pid, target, steady, opts.settle)
+            .map(|(n, _)| n)
+            .map_err(|e| format!("--pid {pid}: {e}"))
+    };
+    let fds_baseline = fds(None, STEADY_BEFORE)?;
 
     // The real clients, on their own loop, until `stop`.
     let mask = Rng::seeded(u64::MAX).mask();
@@ -717,7 +708,7 @@ pub fn run_flood(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     }
 
     // The slots come back: once the tricklers are reaped, every free slot opens again.
-    let fds_after_flood = settle_fds(pid, fds_baseline + clients as u64, opts.settle)?;
+    let fds_after_flood = fds(Some(fds_baseline + clients as u64), SETTLED_AFTER)?;
     let mut reopened = 0u64;
     let mut reopen_failures: BTreeMap<String, u64> = BTreeMap::new();
     if trouble.is_empty() {
@@ -745,7 +736,7 @@ pub fn run_flood(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
     stop.store(true, Ordering::Release);
     let ended = real.join().map_err(|_| "the real clients' thread panicked")??;
     let served = Served::of(&ended, window_start, window_end);
-    let fds_end = settle_fds(pid, fds_baseline, opts.settle)?;
+    let fds_end = fds(Some(fds_baseline), SETTLED_AFTER)?;
 
     let facts = Facts {
         slots,

@@ -182,6 +182,28 @@ pub fn open_fds(pid: u32) -> io::Result<u64> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
 
+/// Counts `pid`'s descriptors every 20 ms until the count is at most `target`, or has not
+/// moved for `steady`, or `bound` has passed; returns the last count and the time it took.
+/// (A server reaps closed connections on its own time: read it once it has.)
+pub fn settle_fds(
+    pid: u32,
+    target: Option<u64>,
+    steady: std::time::Duration,
+    bound: std::time::Duration,
+) -> io::Result<(u64, std::time::Duration)> {
+    let start = std::time::Instant::now();
+    let mut last = open_fds(pid)?;
+    let mut since = start;
+    while target.is_none_or(|t| last > t) && since.elapsed() < steady && start.elapsed() < bound {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = open_fds(pid)?;
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+    }
+    Ok((last, start.elapsed()))
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::io;
