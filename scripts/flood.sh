@@ -73,7 +73,8 @@ print(f"flood: {d['tricklers']:,} trickling connections ({d['tricklers'] - d['sl
 lat = c["latency_us"]
 print(f"real clients: {c['connected']} connected, {c['round_trips']:,} round trips during the flood "
       f"({c['round_trips_per_s']:,.0f}/s), p50 {lat['p50']:,.0f} µs, p99 {lat['p99']:,.0f} µs, "
-      f"max {lat['max']:,.0f} µs; longest wait {c['max_gap_ms']:,.0f} ms; failures {c['failures'] or 'none'}")
+      f"max {lat['max']:,.0f} µs; longest wait {c['max_gap_ms']:,.0f} ms (from {c['max_gap_from_ms']:,.0f} ms into "
+      f"the flood); failures {c['failures'] or 'none'}")
 print(f"tricklers: {t['408']:,} got 408 (after {t['to_408_ms']['min']:,.0f} to {t['to_408_ms']['max']:,.0f} ms), "
       f"{t['503']:,} got 503; other answers {dict((k, v) for k, v in t['statuses'].items() if k not in ('408', '503')) or 'none'}, "
       f"failures {t['failures'] or 'none'}")

@@ -316,6 +316,8 @@ struct Served {
     latency: Histogram<u64>,
     /// The longest any client went without a reply in the window (its edges included).
     max_gap: Duration,
+    /// When that longest wait began, from the window's start.
+    max_gap_from: Duration,
     /// The fewest replies one client got in the window.
     min_per_client: u64,
 }
@@ -329,6 +331,7 @@ impl Served {
             round_trips: 0,
             latency: latency_histogram(),
             max_gap: Duration::ZERO,
+            max_gap_from: Duration::ZERO,
             min_per_client: u64::MAX,
         };
         for (client, outcome) in clients {
@@ -341,11 +344,11 @@ impl Served {
             let mut count = 0;
             for &(at, rtt) in client.replies.iter().filter(|(at, _)| *at >= start && *at <= end) {
                 record(&mut served.latency, rtt);
-                served.max_gap = served.max_gap.max(at.saturating_duration_since(last));
+                served.note_gap(last, at, start);
                 last = at;
                 count += 1;
             }
-            served.max_gap = served.max_gap.max(end.saturating_duration_since(last));
+            served.note_gap(last, end, start);
             served.round_trips += count;
             served.min_per_client = served.min_per_client.min(count);
         }
@@ -353,6 +356,15 @@ impl Served {
             served.min_per_client = 0;
         }
         served
+    }
+
+    /// A client heard nothing from `from` to `to`.
+    fn note_gap(&mut self, from: Instant, to: Instant, start: Instant) {
+        let gap = to.saturating_duration_since(from);
+        if gap > self.max_gap {
+            self.max_gap = gap;
+            self.max_gap_from = from.saturating_duration_since(start);
+        }
     }
 }
 
@@ -875,7 +887,7 @@ impl Facts {
             "trickle_processes": self.processes,
             "trickle_source_addresses": self.sources,
             "flood": {
-                "duration_s": round(self.window.as_secs_f64() * 10.0) / 10.0,
+                "duration_s": (self.window.as_secs_f64() * 100.0).round() / 100.0,
                 "server_cpu_pct": self.cpu_pct.map(round),
                 "server_fds_baseline": self.fds_baseline,
                 "server_fds_peak": self.fds_peak,
@@ -889,6 +901,7 @@ impl Facts {
                 "round_trips_per_s": round(per_second(s.round_trips, self.window)),
                 "min_round_trips_per_client": s.min_per_client,
                 "max_gap_ms": round(s.max_gap.as_secs_f64() * 1000.0),
+                "max_gap_from_ms": round(s.max_gap_from.as_secs_f64() * 1000.0),
                 "latency_us": Latency::of(&s.latency).to_json(),
             },
             "trickle_answers": {
@@ -1068,7 +1081,10 @@ mod tests {
         let served = Served::of(&[(a, Ok(())), (b, Ok(()))], ms(10), ms(100));
         assert_eq!((served.connected, served.round_trips, served.min_per_client), (2, 3, 1));
         // a: 10..20, 20..90, 90..100; b: 10..50, 50..100.
-        assert_eq!(served.max_gap, Duration::from_millis(70));
+        assert_eq!(
+            (served.max_gap, served.max_gap_from),
+            (Duration::from_millis(70), Duration::from_millis(10))
+        );
     }
 
     #[test]
