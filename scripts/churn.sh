@@ -72,6 +72,12 @@ print(f"RSS growth from {g['from_cycles']:,} cycles to the end: {g['growth_pct']
       f"(at most {g['max_pct']} %): {verdict(g['ok'])}")
 f = crit["fds_back_to_baseline"]
 print(f"descriptors back to the baseline: {f['baseline']} -> {f['end']}: {verdict(f['ok'])}")
+first, end = s["checkpoints"][1], s["checkpoints"][-1]
+if not g["ok"] and first.get("heap_bytes") and first["heap_bytes"] == end["heap_bytes"]:
+    print(f"  note: glibc's [heap] kept its size ({kib(end['heap_bytes'])}) from {first['cycles']:,} cycles "
+          f"to the end; its resident part grew {kib(end['heap_resident_bytes'] - first['heap_resident_bytes'])} "
+          f"and anonymous RSS {kib(end['rss_anon_bytes'] - first['rss_anon_bytes'])}: pages of a heap the "
+          f"allocator already had, touched for the first time (RELIABILITY-churn-flood.md)")
 print("verdict:", "PASS" if d["ok"] else "FAIL")
 sys.exit(0 if d["ok"] else 1)
 PY
