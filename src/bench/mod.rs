@@ -282,7 +282,7 @@ flags:
   --threads N            client event loops (1)
   --source-ips N         spread connections over N source addresses (loopback targets; auto)
   --source-base ADDR     first source address (127.0.0.1); give each process its own range
-  --timeout-s S          a connection not up after S seconds fails (10); churn: a cycle
+  --timeout-s S          a connection not up after S seconds fails (10); churn: a cycle not over
   --cycles N             churn: cycles in all (100000)
   --settle-s S           churn: wait at most S s for the server's descriptors to settle (10)
   --max-growth-pct G     churn: allowed RSS growth from the first tenth to the end (1)
