@@ -587,7 +587,9 @@ pub fn run_mixed(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
         shared: shared.clone(),
     });
     // The driver's window only bounds the run; the main thread ends it (below).
-    let bound = opts.duration + opts.settle * 2 + Duration::from_secs(5);
+    // How long to wait for the last replies after sending stops (or after the SIGTERM).
+    let settle = opts.settle.unwrap_or(Duration::from_secs(15));
+    let bound = opts.duration + settle * 2 + Duration::from_secs(5);
     let run_spec = spec(opts, target, Schedule::Timed { warmup: Duration::ZERO, duration: bound })?;
     let fleet = Fleet::start(&run_spec, move |rng| {
         let turn = rng.next_u64() as usize;
@@ -628,10 +630,10 @@ pub fn run_mixed(opts: &BenchOptions) -> Result<i32, Box<dyn Error>> {
                 "gearsock bench mixed: SIGTERM sent to {pid} at {:.1} s",
                 now.duration_since(t0).as_secs_f64()
             );
-            settle_until.get_or_insert(now + opts.settle);
+            settle_until.get_or_insert(now + settle);
         }
         if now >= stop_sending_at && shared.sending.swap(false, Ordering::AcqRel) {
-            settle_until.get_or_insert(now + opts.settle);
+            settle_until.get_or_insert(now + settle);
         }
         if !opts.interval.is_zero() && now >= next_sample {
             let sample = take_sample(&shared, opts.pid, now.duration_since(t0), established);
@@ -675,7 +677,7 @@ fn take_sample(shared: &Shared, pid: Option<u32>, at: Duration, established: u64
         ended: interval.len(),
         latency: Latency::of(&interval),
         rss_kib: pid.and_then(|p| sys::resident_bytes(p).ok()).map(|b| b / 1024),
-        fds: pid.and_then(|p| sys::open_descriptors(p).ok()),
+        fds: pid.and_then(|p| sys::open_fds(p).ok()).map(|n| n as usize),
         outstanding: tally.outstanding,
         open: established.saturating_sub(tally.closes_total() + tally.dropped),
     }

@@ -14,10 +14,17 @@
 //!             process, the upgrade acceptor (connect) in a child `gearsock bench acceptor`
 //! modes.rs    connect / roundtrip / jobs: what to run, in which order, and the output
 //! mixed.rs    mixed: every kind of job at once, each reply recorded per job, and the reconcile
+//! cycle.rs    a per-thread mio loop for connections that end: each runs a sans-IO Script
+//! churn.rs    churn: connect, upgrade, one round trip, close handshake, again; server RSS/fds
+//! flood.rs    flood: paced real clients while trickling upgrades (child processes) fill the
+//!             server's slots; 408/503 counts, server CPU, slots back
 //! ```
 
+mod churn;
+mod cycle;
 mod driver;
 mod echo;
+mod flood;
 mod meter;
 mod mixed;
 mod modes;
@@ -51,6 +58,15 @@ pub enum Mode {
     /// Stream and background jobs and the article's pings at once, every reply recorded per
     /// job: the reconcile of fault and soak runs.
     Mixed,
+    /// Whole connections again and again (connect, upgrade, one round trip, close handshake):
+    /// cycles/s, and with `--pid` the server's RSS and descriptors at checkpoints.
+    Churn,
+    /// A half-open flood at the server's connection limit, with real clients being served
+    /// meanwhile: 408s and 503s, the server's CPU, the slots coming back.
+    Flood,
+    /// Internal, not in the help: one process of flood's trickling connections (see
+    /// `flood::run_trickle`).
+    Trickle,
     /// Internal, not in the help: the connect baseline's upgrade acceptor, run by `connect
     /// --baseline` as a child process. Prints `{"addr":...,"cpus":...}` once listening and
     /// serves until its stdin closes.
@@ -66,8 +82,13 @@ impl std::str::FromStr for Mode {
             "roundtrip" => Ok(Mode::Roundtrip),
             "jobs" => Ok(Mode::Jobs),
             "mixed" => Ok(Mode::Mixed),
+            "churn" => Ok(Mode::Churn),
+            "flood" => Ok(Mode::Flood),
+            "trickle" => Ok(Mode::Trickle),
             "acceptor" => Ok(Mode::Acceptor),
-            other => Err(format!("MODE must be connect, roundtrip, jobs or mixed, not {other:?}")),
+            other => {
+                Err(format!("MODE must be connect, roundtrip, jobs, mixed, churn or flood, not {other:?}"))
+            }
         }
     }
 }
@@ -80,6 +101,9 @@ impl Mode {
             Mode::Roundtrip => "roundtrip",
             Mode::Jobs => "jobs",
             Mode::Mixed => "mixed",
+            Mode::Churn => "churn",
+            Mode::Flood => "flood",
+            Mode::Trickle => "trickle",
             Mode::Acceptor => "acceptor",
         }
     }
@@ -144,7 +168,8 @@ pub struct BenchOptions {
     /// `--spawn-workers`: demo workers (echo, reverse, fail, boom) started on threads against
     /// `--gearmand` for the jobs mode. Default 0.
     pub spawn_workers: usize,
-    /// `--timeout-s`: a connection not through its handshake after this fails. Default 10 s.
+    /// `--timeout-s`: a connection not through its handshake after this fails (churn: a
+    /// cycle not over). Default 10 s.
     pub timeout: Duration,
     /// `--interval-s`: mixed prints job latency and the `--pid` server's RSS and descriptors
     /// this often. Default 0 (never).
@@ -153,8 +178,31 @@ pub struct BenchOptions {
     /// Default none.
     pub sigterm_after: Option<Duration>,
     /// `--settle-s`: how long mixed waits for the last replies after sending stops (or after
-    /// its SIGTERM). Default 15 s.
-    pub settle: Duration,
+    /// its SIGTERM; default 15 s), and churn and flood at most for the server's descriptors to
+    /// come back (default 10 s).
+    pub settle: Option<Duration>,
+    /// `--cycles`: churn's connections in all, each a whole cycle. Default 100,000.
+    pub cycles: usize,
+    /// `--max-growth-pct`: churn's limit on the server's RSS growth from the first tenth of
+    /// the cycles to the end. Default 1.
+    pub max_growth_pct: f64,
+    /// `--slots`: flood: the server's `--max-connections`. Required by flood.
+    pub slots: Option<usize>,
+    /// `--handshake-timeout-ms`: flood: the server's handshake timeout. Default 10,000 (the
+    /// server's default).
+    pub handshake_timeout: Duration,
+    /// `--beyond`: flood: tricklers beyond the free slots (they should get 503). Default 50.
+    pub beyond: usize,
+    /// `--interval-ms`: flood: each real client's pace, one request per interval. Default 10.
+    pub pace: Duration,
+    /// `--trickle-interval-ms`: flood: one byte of the upgrade request per interval. Default
+    /// 500.
+    pub trickle_interval: Duration,
+    /// `--per-process`: flood: tricklers per child process, at most. Default 4,000.
+    pub per_process: usize,
+    /// `--max-cpu-pct`: flood: the server's CPU over the flood, at most, in % of one core.
+    /// Default 50.
+    pub max_cpu_pct: f64,
 }
 
 impl Default for BenchOptions {
@@ -186,7 +234,16 @@ impl Default for BenchOptions {
             timeout: Duration::from_secs(10),
             interval: Duration::ZERO,
             sigterm_after: None,
-            settle: Duration::from_secs(15),
+            settle: None,
+            cycles: 100_000,
+            max_growth_pct: 1.0,
+            slots: None,
+            handshake_timeout: Duration::from_secs(10),
+            beyond: 50,
+            pace: Duration::from_millis(10),
+            trickle_interval: Duration::from_millis(500),
+            per_process: 4000,
+            max_cpu_pct: 50.0,
         }
     }
 }
@@ -212,6 +269,20 @@ modes:
               the reconcile: each job sent got exactly one terminal reply, or was never read
               by a server that closed first (exit 1 otherwise); --sigterm-after-s S stops the
               --pid server under load; --interval-s N samples latency, RSS and descriptors
+  churn       --cycles whole connections, --connections at once, each: connect, upgrade,
+              one round trip (--message), close handshake, close: cycles/s; --pid P reads
+              the server's RSS and open descriptors before, after each tenth and at the end
+              (once it has reaped the connections); fails if a cycle failed, if RSS grew more
+              than --max-growth-pct from the first tenth to the end, or if descriptors did not
+              come back
+  flood       a half-open flood at the limit of a server started with --max-connections N
+              (--slots N) and --handshake-timeout-ms T (same flag here): --connections real
+              clients do a round trip every --interval-ms, then child processes open the
+              other N - connections slots and --beyond more, each sending a valid upgrade
+              one byte every --trickle-interval-ms; needs --pid. Fails unless the real
+              clients are served throughout, every trickler gets 408 (or 503 beyond the
+              limit), the server's CPU stays under --max-cpu-pct, N - connections new
+              connections open afterwards and the server's descriptors come back
 
 flags:
   --url URL              the server (ws://127.0.0.1:8080)
@@ -245,10 +316,21 @@ flags:
   --threads N            client event loops (1)
   --source-ips N         spread connections over N source addresses (loopback targets; auto)
   --source-base ADDR     first source address (127.0.0.1); give each process its own range
-  --timeout-s S          a connection not up after S seconds fails (10)
+  --timeout-s S          a connection not up after S seconds fails (10); churn: a cycle not over
   --interval-s N         mixed: a sample every N seconds: job latency, --pid's RSS and fds
   --sigterm-after-s S    mixed: SIGTERM to --pid S seconds into the load (at most --duration-s)
-  --settle-s S           mixed: wait up to S seconds for the last replies (15)
+  --settle-s S           mixed: wait up to S seconds for the last replies (15); churn, flood:
+                         at most S s for the server's descriptors to settle (10)
+  --cycles N             churn: cycles in all (100000)
+  --max-growth-pct G     churn: allowed RSS growth from the first tenth to the end (1)
+  --slots N              flood: the server's --max-connections
+  --handshake-timeout-ms T  flood: the server's handshake timeout (10000)
+  --beyond B             flood: tricklers beyond the free slots (50)
+  --interval-ms I        flood: a real client's pace, one round trip per I ms (10)
+  --trickle-interval-ms I  flood: one byte of the upgrade request per I ms (500)
+  --per-process K        flood: tricklers per child process, at most (4000); each process
+                         uses --source-ips addresses (4), from --source-base (127.0.0.2) on
+  --max-cpu-pct P        flood: the server's CPU over the flood, at most (50)
   --json                 print one JSON object instead of the table
   -h, --help             this text
   -V, --version          the version
@@ -294,7 +376,20 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("timeout-s") => o.timeout = seconds(parser)?,
             Long("interval-s") => o.interval = seconds(parser)?,
             Long("sigterm-after-s") => o.sigterm_after = Some(seconds(parser)?),
-            Long("settle-s") => o.settle = seconds(parser)?,
+            Long("settle-s") => o.settle = Some(seconds(parser)?),
+            Long("cycles") => o.cycles = value(parser)?,
+            Long("max-growth-pct") => o.max_growth_pct = value(parser)?,
+            Long("slots") => o.slots = Some(value(parser)?),
+            Long("handshake-timeout-ms") => o.handshake_timeout = Duration::from_millis(value(parser)?),
+            Long("beyond") => o.beyond = value(parser)?,
+            Long("interval-ms") => {
+                let ms: f64 = value(parser)?;
+                o.pace = Duration::try_from_secs_f64(ms / 1000.0)
+                    .map_err(|e| format!("bad interval {ms}: {e}"))?;
+            }
+            Long("trickle-interval-ms") => o.trickle_interval = Duration::from_millis(value(parser)?),
+            Long("per-process") => o.per_process = value(parser)?,
+            Long("max-cpu-pct") => o.max_cpu_pct = value(parser)?,
             Long("help") | Short('h') => return Ok(Command::Help(BENCH_HELP.into())),
             Long("version") | Short('V') => return Ok(Command::Help(crate::config::VERSION.into())),
             Value(v) if mode.is_none() => {
@@ -303,7 +398,7 @@ pub fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
-    o.mode = mode.ok_or("MODE is missing: connect, roundtrip, jobs or mixed (try --help)")?;
+    o.mode = mode.ok_or("MODE is missing: connect, roundtrip, jobs, mixed, churn or flood (try --help)")?;
     if let Some(len) = message_bytes {
         if message_given {
             return Err("give --message or --message-bytes, not both".into());
@@ -334,7 +429,14 @@ impl BenchOptions {
         if self.connections == 0 || self.in_flight == 0 || self.concurrency == 0 || self.threads == 0 {
             return Err("--connections, --in-flight, --concurrency and --threads must be at least 1".into());
         }
-        if self.duration.is_zero() && self.mode != Mode::Connect {
+        if self.mode == Mode::Churn && self.cycles == 0 {
+            return Err("--cycles must be at least 1".into());
+        }
+        if self.mode == Mode::Flood && (self.trickle_interval.is_zero() || self.handshake_timeout.is_zero()) {
+            return Err("--trickle-interval-ms and --handshake-timeout-ms must be above zero".into());
+        }
+        let timed = matches!(self.mode, Mode::Roundtrip | Mode::Jobs);
+        if self.duration.is_zero() && timed {
             return Err("--duration-s must be above zero".into());
         }
         if self.timeout.is_zero() {
@@ -366,6 +468,9 @@ impl BenchOptions {
         let per_connection = if self.mode == Mode::Roundtrip && self.baseline { 2 } else { 1 };
         let files = sys::open_file_hard_limit();
         let cap = files.saturating_sub(FD_RESERVE) / per_connection;
+        if self.mode == Mode::Flood && !(1..=cap).contains(&self.per_process) {
+            return Err(format!("--per-process must be between 1 and {cap} (the open-file limit {files})"));
+        }
         if self.connections > cap {
             let why =
                 if per_connection == 2 { " (halved: the baseline echo server is in-process)" } else { "" };
@@ -429,6 +534,9 @@ pub fn run_bench(opts: &BenchOptions) -> Result<i32, Box<dyn std::error::Error>>
         Mode::Roundtrip => modes::run_roundtrip(opts),
         Mode::Jobs => modes::run_jobs(opts),
         Mode::Mixed => mixed::run_mixed(opts),
+        Mode::Churn => churn::run_churn(opts),
+        Mode::Flood => flood::run_flood(opts),
+        Mode::Trickle => flood::run_trickle(opts),
         Mode::Acceptor => modes::run_acceptor(opts),
     }
 }
@@ -477,7 +585,7 @@ mod tests {
     #[test]
     fn mode_is_required_and_checked() {
         assert!(parse(&[]).unwrap_err().contains("MODE"));
-        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip, jobs or mixed"));
+        assert!(parse(&["nap"]).unwrap_err().contains("connect, roundtrip, jobs, mixed, churn or flood"));
     }
 
     #[test]

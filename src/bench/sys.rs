@@ -119,16 +119,87 @@ pub fn resident_bytes(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no VmRSS in /proc/{pid}/status")))
 }
 
-/// Open descriptors of process `pid`: the entries of `/proc/PID/fd`.
-pub fn open_descriptors(pid: u32) -> io::Result<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
-}
-
 /// Sends SIGTERM to process `pid` (the server's shutdown that `mixed --sigterm-after-s` times).
 pub fn terminate(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: kill(2) takes two integers and touches none of our memory.
     if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Resident memory of process `pid` by kind, in bytes, from `/proc/PID/status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resident {
+    /// VmRSS: all of it.
+    pub total: u64,
+    /// RssAnon: heap, stacks, anonymous mappings.
+    pub anon: u64,
+    /// RssFile: pages of the program and its libraries that have been touched.
+    pub file: u64,
+}
+
+/// VmRSS, RssAnon and RssFile of process `pid`.
+pub fn resident(pid: u32) -> io::Result<Resident> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("no {name} in /proc/{pid}/status"))
+            })
+    };
+    Ok(Resident { total: field("VmRSS:")?, anon: field("RssAnon:")?, file: field("RssFile:")? })
+}
+
+/// The size and the resident part of process `pid`'s `[heap]` mapping (the allocator's main
+/// arena), in bytes, from `/proc/PID/smaps`; `None` when it has none. A heap whose size stays
+/// put while its resident part grows is touching pages it already had, not asking for more.
+pub fn heap_mapping(pid: u32) -> io::Result<Option<(u64, u64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut lines = smaps.lines().skip_while(|line| !line.ends_with("[heap]"));
+    let Some(head) = lines.next() else { return Ok(None) };
+    let bad =
+        || io::Error::new(io::ErrorKind::InvalidData, format!("unreadable [heap] in /proc/{pid}/smaps"));
+    let (start, end) =
+        head.split_whitespace().next().and_then(|range| range.split_once('-')).ok_or_else(bad)?;
+    let address = |hex: &str| u64::from_str_radix(hex, 16).map_err(|_| bad());
+    let size = address(end)?.saturating_sub(address(start)?);
+    let rss = lines
+        .find_map(|line| line.strip_prefix("Rss:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    Ok(Some((size, rss * 1024)))
+}
+
+/// Open descriptors of process `pid`: the entries of `/proc/PID/fd`.
+pub fn open_fds(pid: u32) -> io::Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
+/// Counts `pid`'s descriptors every 20 ms until the count is at most `target`, or has not
+/// moved for `steady`, or `bound` has passed; returns the last count and the time it took.
+/// (A server reaps closed connections on its own time: read it once it has.)
+pub fn settle_fds(
+    pid: u32,
+    target: Option<u64>,
+    steady: std::time::Duration,
+    bound: std::time::Duration,
+) -> io::Result<(u64, std::time::Duration)> {
+    let start = std::time::Instant::now();
+    let mut last = open_fds(pid)?;
+    let mut since = start;
+    while target.is_none_or(|t| last > t) && since.elapsed() < steady && start.elapsed() < bound {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = open_fds(pid)?;
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+    }
+    Ok((last, start.elapsed()))
 }
 
 #[cfg(target_os = "linux")]
@@ -233,6 +304,12 @@ mod tests {
     #[test]
     fn our_own_memory_is_readable() {
         assert!(resident_bytes(std::process::id()).expect("VmRSS") > 0);
+        assert!(open_fds(std::process::id()).expect("fds") >= 3, "stdin, stdout, stderr at least");
+        let mine = resident(std::process::id()).expect("resident");
+        assert!(mine.total > 0 && mine.anon > 0 && mine.file > 0, "{mine:?}");
+        // A Rust test binary allocates from the main arena, so it has a heap.
+        let (size, rss) = heap_mapping(std::process::id()).expect("smaps").expect("a [heap]");
+        assert!(0 < rss && rss <= size, "{rss} of {size}");
         assert!(open_file_hard_limit() >= 64);
         assert!(ephemeral_ports() > 0);
         assert!(cpu_time(CpuProbe::Process(std::process::id())).is_ok());

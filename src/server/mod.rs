@@ -67,6 +67,22 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
+/// Connections the kernel may hold completed for us between two accepts. Linux caps it at
+/// `net.core.somaxconn` (4096 by default since 5.4). std's and mio's `bind` ask for 128: a
+/// burst larger than that while one pass of the loop runs (a reconnect storm, a flood) had its
+/// handshakes dropped, and each dropped client waited for a SYN retransmit (1 s, then 2 s...).
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// A nonblocking listener on `addr` with [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as mio sets).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// What the wheel holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TimerEvent {
@@ -148,7 +164,7 @@ impl Server {
     /// Binds the listener and sets up the loop; gearmand links connect once `run` starts.
     pub fn bind(cfg: &Config) -> Result<Server, ServerError> {
         let poll = Poll::new().map_err(ServerError::Poll)?;
-        let mut listener = TcpListener::bind(cfg.listen).map_err(|e| ServerError::Bind(cfg.listen, e))?;
+        let mut listener = listen(cfg.listen).map_err(|e| ServerError::Bind(cfg.listen, e))?;
         let local_addr = listener.local_addr().map_err(|e| ServerError::Bind(cfg.listen, e))?;
         // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here
         // instead of one per connection (a fifth of the syscalls a handshake costs).

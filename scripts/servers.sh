@@ -1,0 +1,98 @@
+# Sourced by scripts/churn.sh and scripts/flood.sh (not run on its own): installs gearmand
+# when it is missing, builds gearsock, starts a private gearmand and a `gearsock serve` on free
+# loopback ports, and stops them on exit. Expects `set -euo pipefail` and the repository root
+# as the working directory; OUT_DIR must be set (logs go there).
+#
+#   start_gearmand             sets gearmand_pid, gearmand_port
+#   start_server [flags...]    sets server_pid, ws (HOST:PORT); pinned to SERVER_CPU if set
+#   machine_line               nproc, kernel, rustc, load average: one line for the report
+
+gearmand_pid="" gearmand_port="" server_pid="" ws=""
+bin="${CARGO_TARGET_DIR:-target}/release/gearsock"
+
+die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+
+stop_pid() {  # PID: TERM, up to 5 s, then KILL
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+stop_servers() {
+  stop_pid "$server_pid"; stop_pid "$gearmand_pid"
+  server_pid="" gearmand_pid=""
+}
+trap stop_servers EXIT
+trap 'echo "interrupted" >&2; exit 130' INT
+trap 'exit 143' TERM
+
+if [ ! -x /usr/sbin/gearmand ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "== installing gearmand (Debian package gearman-job-server)"
+  $sudo apt-get update
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends gearman-job-server
+fi
+for tool in python3 timeout; do command -v "$tool" >/dev/null || die "$tool is needed"; done
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  echo "== building gearsock (release)"
+  cargo build --release --quiet
+fi
+[ -x "$bin" ] || die "$bin is missing"
+mkdir -p "$OUT_DIR"
+# The server holds a descriptor per connection, the bench children theirs: the hard limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start_gearmand() {
+  gearmand_port=$(free_port)
+  /usr/sbin/gearmand --listen=127.0.0.1 --port="$gearmand_port" --log-file=stderr --threads=1 \
+    >"$OUT_DIR/gearmand.log" 2>&1 </dev/null &
+  gearmand_pid=$!
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$gearmand_port") 2>/dev/null && return 0
+    kill -0 "$gearmand_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$OUT_DIR/gearmand.log" >&2
+  die "gearmand did not come up on 127.0.0.1:$gearmand_port"
+}
+
+start_server() {  # [serve flags...]
+  local prefix=()
+  [ -z "${SERVER_CPU:-}" ] || prefix=(taskset -c "$SERVER_CPU")
+  server_cmd=("${prefix[@]}" "$bin" serve --listen 127.0.0.1:0 --gearmand "127.0.0.1:$gearmand_port"
+    --log-level warn "$@")
+  "${server_cmd[@]}" >"$OUT_DIR/server.out" 2>"$OUT_DIR/server.err" </dev/null &
+  server_pid=$!  # taskset execs the server: same pid
+  for _ in $(seq 100); do
+    ws=$(sed -n 's#^listening on ws://##p' "$OUT_DIR/server.out" | head -n 1)
+    if [ -n "$ws" ]; then
+      # Until the gearmand link is up the server is still settling (descriptors, buffers).
+      for _ in $(seq 100); do
+        python3 - "$ws" <<'PY' && return 0
+import sys, urllib.request
+try:
+    urllib.request.urlopen(f"http://{sys.argv[1]}/healthz", timeout=2)
+except Exception:
+    sys.exit(1)
+PY
+        sleep 0.1
+      done
+      die "the server's gearmand link did not come up"
+    fi
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$OUT_DIR/server.err" >&2
+  die "the server did not report 'listening on ws://...'"
+}
+
+machine_line() {
+  printf '%s CPUs, kernel %s, %s, load average %s\n' "$(nproc --all)" "$(uname -r)" \
+    "$(rustc -V 2>/dev/null || echo 'rustc unknown')" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
