@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-use gearsock::app::{App, AppConfig, ConnId, Effect};
+use gearsock::app::{App, ConnId, Effect};
 use gearsock::buf::InBuf;
 use gearsock::config::Config;
 use gearsock::gearman::client::{ClientSession, JobEvent, JobMode, JobTag, Priority};
 use gearsock::gearman::packet::{PacketType, encode_response};
 use gearsock::wheel::TimerWheel;
-use gearsock::ws::{Ws, WsEvent, WsLimits};
+use gearsock::ws::{Ws, WsEvent};
 
 fn codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("gearman");
@@ -104,7 +104,7 @@ fn client_frame(payload: &[u8]) -> Vec<u8> {
 
 fn message_path(c: &mut Criterion) {
     let cfg = Config::default();
-    let limits = WsLimits::from(&cfg);
+    let limits = gearsock::server::settings::ws_limits(&cfg);
     let mut ws = Ws::new();
     ws.input().expect("handshaking").extend(
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -112,7 +112,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     );
     assert!(matches!(ws.poll_event(&limits), Some(WsEvent::Opened(_))));
     ws.consume_output(ws.output_len());
-    let mut app = App::new(AppConfig::from(&cfg), 1, gearsock::random::Entropy::counter());
+    let mut app =
+        App::new(gearsock::server::settings::app_config(&cfg), 1, gearsock::random::Entropy::counter());
     let id = ConnId { key: 0, generation: 1 };
     app.handle_client_open(id, true);
     let frame = client_frame(br#"{"type":"worker.complete","id":1,"value":"done"}"#);

@@ -18,7 +18,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use slab::Slab;
 
-use crate::config::Config;
 use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
 use crate::gearman::packet;
 use crate::metrics::{ErrorCode, Message, Metrics, Mode, Outcome};
@@ -275,27 +274,6 @@ pub struct AppConfig {
     pub link_out_high_bytes: usize,
     /// ... and below which it takes them again.
     pub link_out_low_bytes: usize,
-}
-
-impl From<&Config> for AppConfig {
-    fn from(c: &Config) -> Self {
-        AppConfig {
-            poll_interval: c.poll_interval,
-            value_grace: c.value_grace,
-            value_ttl: c.value_ttl,
-            max_stored_values: c.max_stored_values,
-            max_stored_bytes: c.max_stored_bytes,
-            max_jobs_per_connection: c.max_jobs_per_connection,
-            queue_limit: c.queue_limit,
-            queue_timeout: c.queue_timeout,
-            worker_token: c.worker_token.clone(),
-            shared_uniques: c.shared_uniques,
-            max_orphans: c.max_orphans,
-            max_job_bytes: c.max_job_bytes,
-            link_out_high_bytes: c.gearman_out_high_bytes,
-            link_out_low_bytes: c.gearman_out_low_bytes,
-        }
-    }
 }
 
 /// A client message; every field optional so that a missing one gets a precise error.

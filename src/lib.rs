@@ -15,6 +15,7 @@
 pub mod app;
 pub mod bench;
 pub mod buf;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod gearman;

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use gearsock::config::{Command, parse_args};
+use gearsock::cli::{Command, parse_args};
 
 fn main() -> ExitCode {
     let command = match parse_args(std::env::args_os().skip(1).collect()) {

@@ -25,7 +25,7 @@ use crate::buf::InBuf;
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 const MAX_HEADERS: usize = 32;
 
-/// The limits a connection is built with; borrowed from `Config`.
+/// The limits a connection is built with (the server builds them from its `Config`).
 #[derive(Clone, Debug)]
 pub struct WsLimits {
     /// Largest message (close 1009 beyond).
@@ -38,18 +38,6 @@ pub struct WsLimits {
     pub in_limit_bytes: usize,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
-}
-
-impl From<&crate::config::Config> for WsLimits {
-    fn from(c: &crate::config::Config) -> Self {
-        WsLimits {
-            max_message_bytes: c.max_message_bytes,
-            max_frame_bytes: c.max_frame_bytes,
-            read_buffer_bytes: c.ws_read_buffer_bytes,
-            in_limit_bytes: c.client_in_limit_bytes,
-            allowed_origins: c.allowed_origins.clone(),
-        }
-    }
 }
 
 /// Bytes waiting for the socket, and where the first frame not yet started begins in them.

@@ -13,6 +13,7 @@ pub mod conn;
 pub mod gearman_link;
 pub mod io;
 pub mod resolver;
+pub mod settings;
 pub mod token;
 
 use std::fmt;
@@ -27,7 +28,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::app::{App, AppConfig, AppTimer, ConnId, Effect, is_trusted_peer};
+use crate::app::{App, AppTimer, ConnId, Effect, is_trusted_peer};
 use crate::config::Config;
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, ConnLimits, Connection, ReadInto};
 use crate::http::{self, LinkView, Response, Snapshot};
@@ -35,13 +36,13 @@ use crate::logging::{Event, SUMMARY_PERIOD, Tally};
 use crate::metrics::Gauges;
 use crate::random::{Entropy, XorShift64};
 use crate::wheel::TimerWheel;
-use crate::ws::WsLimits;
 use conn::Conn;
 use gearman_link::{GearmanLink, Health, LinkState, OutageNote, REMINDER_PERIOD, Role, SLOTS_PER_SERVER};
 use io::{
     Accept, Io, accept, connect_error, connect_outcome, discard, fill, flush, interest, wait, write_some,
 };
 use resolver::Resolver;
+use settings::{app_config, conn_limits};
 use token::{LISTENER, RESOLVER, SIGNALS, Tok, Tokens};
 
 /// Errors that stop the server. Everything else is a connection's problem, not the server's.
@@ -204,7 +205,7 @@ impl Server {
         Ok(Server {
             limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
-            app: App::new(AppConfig::from(cfg), links.len(), Entropy::os()),
+            app: App::new(app_config(cfg), links.len(), Entropy::os()),
             cfg: cfg.clone(),
             poll,
             listener: Some(listener),
@@ -1102,19 +1103,5 @@ fn list(list: &mut Vec<usize>, listed: &mut bool, key: usize) {
     if !*listed {
         *listed = true;
         list.push(key);
-    }
-}
-
-/// A connection's limits and timeouts, from the server's configuration.
-fn conn_limits(cfg: &Config) -> ConnLimits {
-    ConnLimits {
-        ws: WsLimits::from(cfg),
-        hold_reading_over: cfg.echo.then_some(cfg.client_out_soft_bytes),
-        handshake_timeout: cfg.handshake_timeout,
-        idle_timeout: cfg.idle_timeout,
-        close_timeout: cfg.close_timeout,
-        out_soft_bytes: cfg.client_out_soft_bytes,
-        out_soft_time: cfg.client_out_soft_time,
-        out_hard_bytes: cfg.client_out_hard_bytes,
     }
 }

@@ -1,0 +1,591 @@
+//! The command line: every subcommand's flags, parsed into a [`Command`] for `main.rs` to run.
+//! It reads no socket and starts nothing. The settings it fills (`Config`, `WorkerOptions`,
+//! `SubmitOptions`, `BenchOptions`) live with what they configure; nothing imports this module
+//! but `main.rs`.
+
+use std::time::Duration;
+
+use crate::bench::{BenchOptions, Mode, sized_message};
+use crate::config::Config;
+use crate::gearman::client::Priority;
+use crate::submit::SubmitOptions;
+use crate::worker::WorkerOptions;
+
+/// What `gearsock` was asked to do.
+#[derive(Debug)]
+pub enum Command {
+    /// `gearsock serve` (also plain `gearsock`).
+    Serve(Box<Config>),
+    /// `gearsock worker`: the article's ping worker.
+    Worker(WorkerOptions),
+    /// `gearsock submit FUNCTION [PAYLOAD]`: the article's gearman-client.
+    Submit(SubmitOptions),
+    /// `gearsock bench MODE`: the load generator.
+    Bench(Box<BenchOptions>),
+    /// `--help` for some command: print this and exit 0.
+    Help(String),
+}
+
+const SERVE_HELP: &str = "\
+gearsock serve: WebSocket clients run jobs on Gearman workers and watch them live
+
+usage: gearsock [serve] [flags]
+
+  --listen ADDR              listen here (127.0.0.1:8080; port 0 picks one)
+  --gearmand HOST:PORT       a gearmand server, repeatable (127.0.0.1:4730)
+  --poll-interval-ms N       background job status poll (100)
+  --worker-token T           worker.complete must carry \"token\": T (default: loopback peers only)
+  --worker-token-file PATH   the same, read from a file (keeps it off the command line)
+  --max-connections N        open client connections (open-file limit - 64)
+  --max-message-bytes N      largest WebSocket message, close 1009 beyond (65536)
+  --max-frame-bytes N        largest WebSocket frame (65536)
+  --handshake-timeout-ms N   to finish the HTTP request/upgrade (10000)
+  --idle-timeout-ms N        ping after this much silence, close after twice (60000)
+  --client-out-soft-bytes N  a reader may stay above this backlog for --client-out-soft-ms (4194304)
+  --client-out-soft-ms N     ... this long, then it is dropped with close 1008 (10000)
+  --client-out-hard-bytes N  backlog that drops a reader at once (33554432; alias --client-out-limit-bytes)
+  --client-out-total-bytes N backlog of all clients; past it the largest is dropped (1073741824)
+  --allowed-origin ORIGIN    allow this Origin (repeatable; default any)
+  --max-jobs-per-connection N  unfinished jobs per connection (64)
+  --value-grace-ms N         wait this long for a worker.complete value (500)
+  --value-ttl-ms N           keep unclaimed values this long (60000)
+  --queue-limit N            submissions held while no gearmand is up (1024)
+  --queue-timeout-ms N       how long a held submission waits (10000)
+  --reconnect-min-ms N       first gearmand reconnect delay (100)
+  --reconnect-max-ms N       largest gearmand reconnect delay (5000)
+  --gearmand-timeout-ms N    connect, probe and stalled-write timeout per gearmand (5000)
+  --max-job-bytes N          largest gearmand packet; a bigger one fails its job only (16777216)
+  --max-orphans N            abandoned stream jobs per gearmand connection before it is retired (1024)
+  --shared-uniques           pass clients' unique ids through unchanged (coalesce across clients)
+  --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
+  --log-level LEVEL          off, error, warn, info, debug, trace (info)
+  --echo                     echo mode: send every text and binary message back as it came; no
+                             job protocol, no gearmand (cannot be combined with --gearmand); the
+                             output limits grow to hold at least one echoed message
+  -h, --help                 this text
+  -V, --version              the version
+";
+
+const WORKER_HELP: &str = "\
+gearsock worker: the article's ping worker
+
+usage: gearsock worker [flags]
+
+  --gearmand HOST:PORT   gearmand to take jobs from (127.0.0.1:4730)
+  --report URL           where worker.complete goes (ws://127.0.0.1:8080)
+  --no-report            do not report over WebSocket
+  --worker-token T       send \"token\": T with worker.complete
+  --worker-token-file P  the same, read from a file
+  --count N              pings per job (5)
+  --interval-ms N        pause after each ping (1000)
+  --concurrency N        jobs run at once, one connection each (1)
+  --function NAME        function to register (ping)
+  -h, --help             this text
+  -V, --version          the version
+";
+
+const SUBMIT_HELP: &str = "\
+gearsock submit: the article's gearman-client
+
+usage: gearsock submit FUNCTION [PAYLOAD] [flags]   (PAYLOAD defaults to \"noop\")
+
+  --gearmand HOST:PORT   (127.0.0.1:4730)
+  --background           submit in the background and poll its status, printing `checking`
+  --priority P           low, normal or high (normal)
+  --unique U             unique id (none)
+  --poll-interval-ms N   background status poll (1000, as the article's sleep(1))
+  -h, --help             this text
+  -V, --version          the version
+";
+
+const TOP_HELP: &str = "\
+gearsock: WebSocket clients run jobs on Gearman workers and watch them live
+
+usage: gearsock [COMMAND] [flags]
+
+commands:
+  serve     the WebSocket server (the default)
+  worker    the article's ping worker
+  submit    submit a job to gearmand directly (the article's client)
+  bench     load generator: connect, roundtrip, jobs
+
+`gearsock COMMAND --help` lists each command's flags; `gearsock --version` the version.
+";
+
+/// `--version`: the program and its version.
+pub const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"), "\n");
+
+/// Turns `std::env::args_os()` (without the program name) into a [`Command`].
+pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
+    let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
+    let (name, rest) = match first {
+        "serve" | "worker" | "submit" | "bench" => (first.to_string(), args[1..].to_vec()),
+        "-h" | "--help" | "help" => return Ok(Command::Help(TOP_HELP.into())),
+        "-V" | "--version" => return Ok(Command::Help(VERSION.into())),
+        _ => ("serve".to_string(), args),
+    };
+    let mut parser = lexopt::Parser::from_args(rest);
+    match name.as_str() {
+        "serve" => parse_serve(&mut parser),
+        "worker" => parse_worker(&mut parser),
+        "submit" => parse_submit(&mut parser),
+        _ => parse_bench(&mut parser),
+    }
+    .map_err(|e| format!("gearsock {name}: {e}"))
+}
+
+/// Parses the value of the current flag.
+pub fn value<T: std::str::FromStr>(parser: &mut lexopt::Parser) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let raw = parser.value().map_err(|e| e.to_string())?;
+    let text = raw.to_str().ok_or("flag value is not UTF-8")?;
+    text.parse::<T>().map_err(|e| format!("bad value {text:?}: {e}"))
+}
+
+/// A token read from the file named by the flag's value, without its trailing newline (as
+/// `echo T > file` or a systemd credential leaves it). An empty file is an error.
+fn token_file(parser: &mut lexopt::Parser) -> Result<String, String> {
+    let path: String = value(parser)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let token = text.trim_end_matches(['\n', '\r']);
+    if token.trim().is_empty() {
+        return Err(format!("{path} holds no token"));
+    }
+    Ok(token.to_string())
+}
+
+fn millis(parser: &mut lexopt::Parser) -> Result<Duration, String> {
+    value::<u64>(parser).map(Duration::from_millis)
+}
+
+fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    use lexopt::Arg::Long;
+    let mut c = Config::default();
+    let mut gearmand = Vec::new();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("listen") => c.listen = value(parser)?,
+            Long("gearmand") => gearmand.push(value::<String>(parser)?),
+            Long("poll-interval-ms") => c.poll_interval = millis(parser)?,
+            Long("worker-token") => c.worker_token = Some(value(parser)?),
+            Long("worker-token-file") => c.worker_token = Some(token_file(parser)?),
+            Long("max-connections") => c.max_connections = value(parser)?,
+            Long("max-message-bytes") => c.max_message_bytes = value(parser)?,
+            Long("max-frame-bytes") => c.max_frame_bytes = value(parser)?,
+            Long("handshake-timeout-ms") => c.handshake_timeout = millis(parser)?,
+            Long("idle-timeout-ms") => c.idle_timeout = millis(parser)?,
+            Long("client-out-limit-bytes" | "client-out-hard-bytes") => {
+                c.client_out_hard_bytes = value(parser)?
+            }
+            Long("client-out-soft-bytes") => c.client_out_soft_bytes = value(parser)?,
+            Long("client-out-soft-ms") => c.client_out_soft_time = millis(parser)?,
+            Long("client-out-total-bytes") => c.client_out_total_bytes = value(parser)?,
+            Long("gearmand-timeout-ms") => c.gearmand_timeout = millis(parser)?,
+            Long("max-job-bytes") => c.max_job_bytes = value(parser)?,
+            Long("max-orphans") => c.max_orphans = value(parser)?,
+            Long("shared-uniques") => c.shared_uniques = true,
+            Long("max-stored-bytes") => c.max_stored_bytes = value(parser)?,
+            Long("allowed-origin") => c.allowed_origins.push(value(parser)?),
+            Long("max-jobs-per-connection") => c.max_jobs_per_connection = value(parser)?,
+            Long("value-grace-ms") => c.value_grace = millis(parser)?,
+            Long("value-ttl-ms") => c.value_ttl = millis(parser)?,
+            Long("queue-limit") => c.queue_limit = value(parser)?,
+            Long("queue-timeout-ms") => c.queue_timeout = millis(parser)?,
+            Long("reconnect-min-ms") => c.reconnect_min = millis(parser)?,
+            Long("reconnect-max-ms") => c.reconnect_max = millis(parser)?,
+            Long("log-level") => c.log_level = value(parser)?,
+            Long("echo") => c.echo = true,
+            Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
+            Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    if c.echo && !gearmand.is_empty() {
+        return Err("--echo connects to no gearmand: drop --gearmand".into());
+    }
+    if !gearmand.is_empty() {
+        c.gearmand = gearmand;
+    }
+    // A smaller message limit must not be undercut by the frame default.
+    c.max_frame_bytes = c.max_frame_bytes.min(c.max_message_bytes);
+    c.client_in_limit_bytes = c.max_frame_bytes + 14;
+    // A hard limit given alone (the old --client-out-limit-bytes) pulls the soft one down with it.
+    c.client_out_soft_bytes = c.client_out_soft_bytes.min(c.client_out_hard_bytes);
+    if c.echo {
+        c.fit_output_limits_to_echo();
+    }
+    c.validate()?;
+    Ok(Command::Serve(Box::new(c)))
+}
+
+fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    use lexopt::Arg::Long;
+    let mut o = WorkerOptions::default();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("gearmand") => o.gearmand = value(parser)?,
+            Long("report") => o.report = Some(value(parser)?),
+            Long("no-report") => o.report = None,
+            Long("worker-token") => o.worker_token = Some(value(parser)?),
+            Long("worker-token-file") => o.worker_token = Some(token_file(parser)?),
+            Long("count") => o.count = value(parser)?,
+            Long("interval-ms") => o.interval_ms = value(parser)?,
+            Long("concurrency") => o.concurrency = value::<u32>(parser)?.max(1),
+            Long("function") => o.function = value(parser)?,
+            Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(WORKER_HELP.into())),
+            Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    Ok(Command::Worker(o))
+}
+
+/// Parses `low`, `normal` or `high`.
+pub fn parse_priority(text: &str) -> Result<Priority, String> {
+    match text {
+        "low" => Ok(Priority::Low),
+        "normal" => Ok(Priority::Normal),
+        "high" => Ok(Priority::High),
+        other => Err(format!("priority must be low, normal or high, not {other:?}")),
+    }
+}
+
+fn parse_submit(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    use lexopt::Arg::{Long, Value};
+    let mut o = SubmitOptions::default();
+    let mut positional = Vec::new();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("gearmand") => o.gearmand = value(parser)?,
+            Long("background") => o.background = true,
+            Long("priority") => o.priority = parse_priority(&value::<String>(parser)?)?,
+            Long("unique") => o.unique = value(parser)?,
+            Long("poll-interval-ms") => o.poll_interval_ms = value(parser)?,
+            Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SUBMIT_HELP.into())),
+            Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
+            Value(v) => positional.push(v.into_string().map_err(|_| "argument is not UTF-8")?),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    let mut positional = positional.into_iter();
+    o.function = positional.next().ok_or("FUNCTION is missing (try --help)")?;
+    if let Some(payload) = positional.next() {
+        o.payload = payload.into_bytes();
+    }
+    if positional.next().is_some() {
+        return Err("too many arguments".into());
+    }
+    Ok(Command::Submit(o))
+}
+
+const BENCH_HELP: &str = "\
+gearsock bench: load generator for any server speaking gearsock's WebSocket protocol
+
+usage: gearsock bench MODE [flags]
+
+modes:
+  connect     open --connections with --concurrency handshakes in flight: handshakes/s,
+              handshake latency, failures; --hold S keeps them idle; --pid P reports the
+              server's RSS growth per idle connection; --baseline compares the handshakes
+              with a minimal acceptor's
+  roundtrip   --connections x --in-flight messages outstanding for --duration-s after
+              --warmup-s: messages/s, latency, and every reply checked
+  jobs        stream jobs {\"type\":\"submit\",...} kept --in-flight per connection, each
+              waiting for job.complete: jobs/s, latency (the server allows 64 per connection
+              by default)
+  mixed       --in-flight stream and background jobs of --function (default ping, for
+              `gearsock worker`) per connection, one article ping at a time, and with
+              --spawn-workers jobs that fail and throw; every reply recorded per job, then
+              the reconcile: each job sent got exactly one terminal reply, or was never read
+              by a server that closed first (exit 1 otherwise); --sigterm-after-s S stops the
+              --pid server under load; --interval-s N samples latency, RSS and descriptors
+  churn       --cycles whole connections, --connections at once, each: connect, upgrade,
+              one round trip (--message), close handshake, close: cycles/s; --pid P reads
+              the server's RSS and open descriptors before, after each tenth and at the end
+              (once it has reaped the connections); fails if a cycle failed, if RSS grew more
+              than --max-growth-pct from the first tenth to the end, or if descriptors did not
+              come back
+  flood       a half-open flood at the limit of a server started with --max-connections N
+              (--slots N) and --handshake-timeout-ms T (same flag here): --connections real
+              clients do a round trip every --interval-ms, then child processes open the
+              other N - connections slots and --beyond more, each sending a valid upgrade
+              one byte every --trickle-interval-ms; needs --pid. Fails unless the real
+              clients are served throughout, every trickler gets 408 (or 503 beyond the
+              limit), the server's CPU stays under --max-cpu-pct, N - connections new
+              connections open afterwards and the server's descriptors come back
+
+flags:
+  --url URL              the server (ws://127.0.0.1:8080)
+  --connections N        connections (100); one process opens at most ~19,000
+  --in-flight W          outstanding messages or jobs per connection (1)
+  --duration-s D         measured seconds, fractions allowed (10)
+  --warmup-s S           unmeasured seconds of load first (1)
+  --concurrency C        handshakes in flight while connecting (100)
+  --hold S               connect: keep all connections open, idle, S seconds (0)
+  --pid P                the server's pid: connect reports its VmRSS before and after (start
+                         a fresh server: memory freed by earlier clients is reused); roundtrip
+                         and jobs its CPU use; the connect and roundtrip baselines run on
+                         its CPUs
+  --message TEXT         roundtrip text, which must get exactly one reply (default: the
+                         article's worker.complete, answered `got it!`)
+  --message-bytes N      roundtrip: a message of N bytes of printable ASCII instead
+  --binary               roundtrip: send the message as binary frames; replies must be binary
+  --expect TEXT          roundtrip: the reply each message must get (custom message: any
+                         text but an {\"type\":\"error\",...} reply); `--expect echo`: the
+                         message itself, as an echo server (gearsock serve --echo) answers
+  --function F           jobs: Gearman function (echo); mixed: of its stream and background jobs (ping)
+  --payload-bytes N      jobs: payload size (16)
+  --gearmand HOST:PORT   jobs, mixed: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
+  --gearmand-pid P       jobs: gearmand's pid, for its CPU use over the window
+  --spawn-workers K      jobs, mixed: run K demo workers (echo, reverse, fail, boom) in this process
+  --baseline             connect: also a minimal upgrade acceptor (a canned 101, then idle)
+                         in a child process, same connections and concurrency;
+                         roundtrip: also a plain TCP line-echo server inside this process;
+                         jobs: also a direct Gearman client; results shown side by side
+  --baseline-cpu N       run that acceptor or echo server on CPU N (default: the CPUs of --pid)
+  --threads N            client event loops (1)
+  --source-ips N         spread connections over N source addresses (loopback targets; auto)
+  --source-base ADDR     first source address (127.0.0.1); give each process its own range
+  --timeout-s S          a connection not up after S seconds fails (10); churn: a cycle not over
+  --interval-s N         mixed: a sample every N seconds: job latency, --pid's RSS and fds
+  --sigterm-after-s S    mixed: SIGTERM to --pid S seconds into the load (at most --duration-s)
+  --settle-s S           mixed: wait up to S seconds for the last replies (15); churn, flood:
+                         at most S s for the server's descriptors to settle (10)
+  --cycles N             churn: cycles in all (100000)
+  --max-growth-pct G     churn: allowed RSS growth from the first tenth to the end (1)
+  --slots N              flood: the server's --max-connections
+  --handshake-timeout-ms T  flood: the server's handshake timeout (10000)
+  --beyond B             flood: tricklers beyond the free slots (50)
+  --interval-ms I        flood: a real client's pace, one round trip per I ms (10)
+  --trickle-interval-ms I  flood: one byte of the upgrade request per I ms (500)
+  --per-process K        flood: tricklers per child process, at most (4000); each process
+                         uses --source-ips addresses (4), from --source-base (127.0.0.2) on
+  --max-cpu-pct P        flood: the server's CPU over the flood, at most (50)
+  --json                 print one JSON object instead of the table
+  -h, --help             this text
+  -V, --version          the version
+
+The exit status is 1 when any error, mismatched reply or failed connection was counted.
+";
+
+/// Parses `gearsock bench` flags.
+fn parse_bench(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    use lexopt::Arg::{Long, Short, Value};
+    let mut o = BenchOptions::default();
+    let mut mode = None;
+    let (mut message_given, mut message_bytes) = (false, None);
+    let mut function = None;
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("url") => o.url = value(parser)?,
+            Long("connections") => o.connections = value(parser)?,
+            Long("in-flight") => o.in_flight = value(parser)?,
+            Long("duration-s") => o.duration = seconds(parser)?,
+            Long("warmup-s") => o.warmup = seconds(parser)?,
+            Long("concurrency") => o.concurrency = value(parser)?,
+            Long("hold" | "hold-s") => o.hold = seconds(parser)?,
+            Long("pid") => o.pid = Some(value(parser)?),
+            Long("gearmand-pid") => o.gearmand_pid = Some(value(parser)?),
+            Long("message") => {
+                o.message = value(parser)?;
+                message_given = true;
+            }
+            Long("message-bytes") => message_bytes = Some(value::<usize>(parser)?),
+            Long("binary") => o.binary = true,
+            Long("expect") => o.expect = Some(value(parser)?),
+            Long("function") => function = Some(value(parser)?),
+            Long("payload-bytes") => o.payload_bytes = value(parser)?,
+            Long("gearmand") => o.gearmand = value(parser)?,
+            Long("spawn-workers") => o.spawn_workers = value(parser)?,
+            Long("baseline") => o.baseline = true,
+            Long("baseline-cpu") => o.baseline_cpu = Some(value(parser)?),
+            Long("json") => o.json = true,
+            Long("threads") => o.threads = value(parser)?,
+            Long("source-ips") => o.source_ips = Some(value(parser)?),
+            Long("source-base") => o.source_base = value(parser)?,
+            Long("timeout-s") => o.timeout = seconds(parser)?,
+            Long("interval-s") => o.interval = seconds(parser)?,
+            Long("sigterm-after-s") => o.sigterm_after = Some(seconds(parser)?),
+            Long("settle-s") => o.settle = Some(seconds(parser)?),
+            Long("cycles") => o.cycles = value(parser)?,
+            Long("max-growth-pct") => o.max_growth_pct = value(parser)?,
+            Long("slots") => o.slots = Some(value(parser)?),
+            Long("handshake-timeout-ms") => o.handshake_timeout = Duration::from_millis(value(parser)?),
+            Long("beyond") => o.beyond = value(parser)?,
+            Long("interval-ms") => {
+                let ms: f64 = value(parser)?;
+                o.pace = Duration::try_from_secs_f64(ms / 1000.0)
+                    .map_err(|e| format!("bad interval {ms}: {e}"))?;
+            }
+            Long("trickle-interval-ms") => o.trickle_interval = Duration::from_millis(value(parser)?),
+            Long("per-process") => o.per_process = value(parser)?,
+            Long("max-cpu-pct") => o.max_cpu_pct = value(parser)?,
+            Long("help") | Short('h') => return Ok(Command::Help(BENCH_HELP.into())),
+            Long("version") | Short('V') => return Ok(Command::Help(VERSION.into())),
+            Value(v) if mode.is_none() => {
+                mode = Some(v.into_string().map_err(|_| "MODE is not UTF-8")?.parse::<Mode>()?);
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    o.mode = mode.ok_or("MODE is missing: connect, roundtrip, jobs, mixed, churn or flood (try --help)")?;
+    if let Some(len) = message_bytes {
+        if message_given {
+            return Err("give --message or --message-bytes, not both".into());
+        }
+        o.message = sized_message(len);
+    }
+    // mixed's jobs go to `gearsock worker`'s function by default; jobs' to the demo echo.
+    o.function = function.unwrap_or_else(|| if o.mode == Mode::Mixed { "ping".into() } else { o.function });
+    o.validate()?;
+    Ok(Command::Bench(Box::new(o)))
+}
+
+/// Parses seconds, fractions allowed.
+fn seconds(parser: &mut lexopt::Parser) -> Result<Duration, String> {
+    let secs: f64 = value(parser)?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {secs}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::EXPECT_ECHO;
+
+    fn args(list: &[&str]) -> Vec<std::ffi::OsString> {
+        list.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn plain_gearsock_serves_with_the_article_defaults() {
+        let Ok(Command::Serve(c)) = parse_args(args(&[])) else { panic!("not serve") };
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.gearmand, vec!["127.0.0.1:4730"]);
+        assert_eq!(c.poll_interval, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn repeated_gearmand_and_limits_parse() {
+        let parsed = parse_args(args(&[
+            "serve",
+            "--gearmand",
+            "127.0.0.1:1",
+            "--gearmand",
+            "127.0.0.1:2",
+            "--max-message-bytes",
+            "1000",
+        ]));
+        let Ok(Command::Serve(c)) = parsed else { panic!("not serve") };
+        assert_eq!(c.gearmand.len(), 2);
+        assert_eq!(c.max_frame_bytes, 1000);
+    }
+
+    #[test]
+    fn echo_mode_needs_no_gearmand_and_refuses_one() {
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--echo"])) else { panic!("not serve") };
+        assert!(c.echo);
+        let err = parse_args(args(&["serve", "--echo", "--gearmand", "127.0.0.1:1"])).unwrap_err();
+        assert!(err.contains("--gearmand"), "{err}");
+    }
+
+    #[test]
+    fn echo_mode_output_limits_hold_the_largest_message() {
+        let sixteen = (16 << 20).to_string();
+        let flags = ["serve", "--echo", "--max-message-bytes", &sixteen, "--max-frame-bytes", &sixteen];
+        let Ok(Command::Serve(c)) = parse_args(args(&flags)) else { panic!("not serve") };
+        let echoed = (16 << 20) + 10;
+        assert_eq!(c.client_out_soft_bytes, echoed);
+        assert_eq!(c.client_out_hard_bytes, 2 * echoed + c.read_budget_bytes);
+        assert_eq!(c.client_out_total_bytes, 1 << 30);
+        // Limits that already hold it, and the job protocol's, are left alone.
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--echo"])) else { panic!("not serve") };
+        let d = Config::default();
+        assert_eq!(
+            (c.client_out_soft_bytes, c.client_out_hard_bytes),
+            (d.client_out_soft_bytes, d.client_out_hard_bytes)
+        );
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--max-message-bytes", &sixteen])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.client_out_soft_bytes, d.client_out_soft_bytes);
+    }
+
+    #[test]
+    fn over_the_file_limit_is_refused() {
+        let parsed = parse_args(args(&["--max-connections", "100000000"]));
+        assert!(parsed.unwrap_err().contains("open-file limit"));
+    }
+
+    #[test]
+    fn submit_takes_function_and_payload() {
+        let Ok(Command::Submit(o)) = parse_args(args(&["submit", "ping", "--background"])) else {
+            panic!("not submit")
+        };
+        assert_eq!((o.function.as_str(), o.payload.as_slice(), o.background), ("ping", &b"noop"[..], true));
+    }
+
+    #[test]
+    fn a_token_comes_from_a_file_and_is_never_empty() {
+        let path = std::env::temp_dir().join(format!("gearsock-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let file = path.to_str().unwrap();
+        let Ok(Command::Serve(c)) = parse_args(args(&["--worker-token-file", file])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.worker_token.as_deref(), Some("s3cret"));
+        let Ok(Command::Worker(o)) = parse_args(args(&["worker", "--worker-token-file", file])) else {
+            panic!("not worker")
+        };
+        assert_eq!(o.worker_token.as_deref(), Some("s3cret"));
+        std::fs::write(&path, "\n").unwrap();
+        assert!(parse_args(args(&["--worker-token-file", file])).unwrap_err().contains("holds no token"));
+        std::fs::remove_file(&path).unwrap();
+        assert!(parse_args(args(&["--worker-token-file", file])).unwrap_err().contains("cannot read"));
+        assert!(parse_args(args(&["--worker-token", ""])).unwrap_err().contains("empty"));
+    }
+
+    fn bench(list: &[&str]) -> Result<BenchOptions, String> {
+        let mut parser = lexopt::Parser::from_args(list.iter().map(std::ffi::OsString::from));
+        match parse_bench(&mut parser)? {
+            Command::Bench(o) => Ok(*o),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn flags_parse_with_fractional_seconds() {
+        let o =
+            bench(&["roundtrip", "--connections", "5", "--in-flight", "3", "--duration-s", "1.5", "--json"])
+                .expect("parses");
+        assert_eq!((o.mode, o.connections, o.in_flight), (Mode::Roundtrip, 5, 3));
+        assert_eq!(o.duration, Duration::from_millis(1500));
+        assert!(o.json);
+    }
+
+    #[test]
+    fn too_many_connections_suggest_several_processes() {
+        let err = bench(&["connect", "--connections", "100000000"]).unwrap_err();
+        assert!(err.contains("several"), "{err}");
+    }
+
+    #[test]
+    fn echo_roundtrips_parse_with_a_sized_binary_message() {
+        let o =
+            bench(&["roundtrip", "--message-bytes", "40", "--binary", "--expect", "echo"]).expect("parses");
+        assert_eq!(o.message.len(), 40);
+        assert!(o.message.bytes().all(|b| b.is_ascii_alphanumeric()), "{}", o.message);
+        assert!(o.binary && o.expect.as_deref() == Some(EXPECT_ECHO));
+        let err = bench(&["roundtrip", "--message", "x", "--message-bytes", "3"]).unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+        let too_big = (64 * 1024 * 1024).to_string();
+        assert!(bench(&["roundtrip", "--message-bytes", &too_big]).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn mode_is_required_and_checked() {
+        assert!(bench(&[]).unwrap_err().contains("MODE"));
+        assert!(bench(&["nap"]).unwrap_err().contains("connect, roundtrip, jobs, mixed, churn or flood"));
+    }
+}
