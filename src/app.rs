@@ -638,7 +638,11 @@ impl App {
             // store over its bytes, the oldest go below.
             self.stored_bytes = self.stored_bytes - s.value.len() + value.len();
             *s = Stored { value, at: now, seq };
-            self.stored_order.push_back((handle.into(), seq));
+            match self.stored_order.back_mut() {
+                // Already the newest: it stays at the back with its new seq (no stale entry).
+                Some((key, last)) if **key == *handle => *last = seq,
+                _ => self.stored_order.push_back((handle.into(), seq)),
+            }
             self.evict_stored(0, 0);
             return self.compact_stored_order();
         }

@@ -428,6 +428,12 @@ impl Connection {
         !matches!(self.phase, Phase::Closed) && self.ws.output_len() > 0
     }
 
+    /// A `Closed` event waits to be handed out (after a drop or a socket error outside
+    /// `poll_event`): the shell polls events only then, not after every write.
+    pub fn closed_pending(&self) -> bool {
+        self.reason.is_some() && !self.told
+    }
+
     /// Over: the shell deregisters and drops the socket.
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)

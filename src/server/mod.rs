@@ -75,13 +75,29 @@ impl std::error::Error for ServerError {}
 const LISTEN_BACKLOG: i32 = 65_535;
 
 /// A nonblocking listener on `addr` with [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as mio sets).
+/// Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here instead
+/// of one per connection (a fifth of the syscalls a handshake costs).
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// `SLOTS_PER_SERVER` link slots per gearmand, the first of each active (none in echo mode:
+/// no job protocol, no gearmand).
+fn gearmand_links(cfg: &Config, now: Instant) -> Vec<GearmanLink> {
+    let gearmand = if cfg.echo { &[][..] } else { &cfg.gearmand[..] };
+    let slots = gearmand.iter().enumerate().flat_map(|(server, addr)| {
+        (0..SLOTS_PER_SERVER).map(move |slot| {
+            let role = if slot == 0 { Role::Active } else { Role::Spare };
+            GearmanLink::new(addr.clone(), server, role, cfg.max_job_bytes, now)
+        })
+    });
+    slots.collect()
 }
 
 /// What the wheel holds.
@@ -167,27 +183,14 @@ impl Server {
         let poll = Poll::new().map_err(ServerError::Poll)?;
         let mut listener = listen(cfg.listen).map_err(|e| ServerError::Bind(cfg.listen, e))?;
         let local_addr = listener.local_addr().map_err(|e| ServerError::Bind(cfg.listen, e))?;
-        // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here
-        // instead of one per connection (a fifth of the syscalls a handshake costs).
-        socket2::SockRef::from(&listener)
-            .set_tcp_nodelay(true)
-            .map_err(|e| ServerError::Bind(cfg.listen, e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(ServerError::Register)?;
         let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Register)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
-        let mut links = Vec::new();
-        // Echo mode has no job protocol: no gearmand is ever connected to.
-        let gearmand = if cfg.echo { &[][..] } else { &cfg.gearmand[..] };
-        for (server, addr) in gearmand.iter().enumerate() {
-            for slot in 0..SLOTS_PER_SERVER {
-                let role = if slot == 0 { Role::Active } else { Role::Spare };
-                links.push(GearmanLink::new(addr.clone(), server, role, cfg.max_job_bytes, now));
-            }
-        }
-        let active: Vec<usize> = (0..gearmand.len()).map(|s| s * SLOTS_PER_SERVER).collect();
+        let links = gearmand_links(cfg, now);
+        let active: Vec<usize> = (0..links.len()).step_by(SLOTS_PER_SERVER).collect();
         let resolver = if links.iter().all(|l| l.numeric.is_some()) {
             None
         } else {
@@ -961,7 +964,9 @@ impl Server {
             );
             c.io.writable_registered = want_writable;
         }
-        self.take_events(key, now);
+        if c.conn.closed_pending() {
+            self.take_events(key, now); // a write error or the hard limit ended it
+        }
         self.rearm(key, now);
     }
 
