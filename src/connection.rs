@@ -142,8 +142,9 @@ pub enum AfterWrite {
 enum Phase {
     /// Waiting for the request head.
     Handshaking { deadline: Instant },
-    /// A WebSocket: keepalive and output-limit state.
-    Open { last_seen: Instant, ping_sent: Option<Instant>, over_soft_since: Option<Instant> },
+    /// A WebSocket: keepalive (`last_seen` is the last traffic, or the ping once `pinged`) and
+    /// output-limit state.
+    Open { last_seen: Instant, pinged: bool, over_soft_since: Option<Instant> },
     /// Ending since `since`: writing what is queued, then the write side is shut. `reading`:
     /// the socket is still drained meanwhile (not for a dropped slow reader).
     Closing { since: Instant, reading: bool },
@@ -201,11 +202,11 @@ impl Connection {
     pub fn handle_read(&mut self, bytes: usize, eof: bool, now: Instant) {
         self.peer_eof |= eof;
         match &mut self.phase {
-            Phase::Open { last_seen, ping_sent, .. } => {
+            Phase::Open { last_seen, pinged, .. } => {
                 if bytes > 0 {
                     // Any traffic (the pong included) counts as life.
                     *last_seen = now;
-                    *ping_sent = None;
+                    *pinged = false;
                 }
                 if eof {
                     // The Ws reads to the end of its input, then reports the missing close.
@@ -253,7 +254,7 @@ impl Connection {
             return Some(match event {
                 WsEvent::Opened(upgrade) => {
                     self.never_opened = false;
-                    self.phase = Phase::Open { last_seen: now, ping_sent: None, over_soft_since: None };
+                    self.phase = Phase::Open { last_seen: now, pinged: false, over_soft_since: None };
                     ConnEvent::Opened(upgrade)
                 }
                 WsEvent::Http { method, path } => ConnEvent::Http { method, path },
@@ -337,22 +338,21 @@ impl Connection {
                 self.ws.respond(408, "Request Timeout", "text/plain", b"request not received in time\n");
                 self.finish(CloseReason::HandshakeTimeout, now, true);
             }
-            Phase::Open { last_seen, ping_sent, over_soft_since } => {
+            Phase::Open { last_seen, pinged, over_soft_since } => {
                 if over_soft_since.is_some_and(|t| now >= t + limits.out_soft_time) {
                     return self.drop_slow_reader(now);
                 }
-                match ping_sent {
-                    Some(t) if now >= t + limits.idle_timeout => {
-                        self.close(1001, "idle timeout", CloseReason::IdleTimeout, now)
-                    }
-                    None if now >= last_seen + limits.idle_timeout => {
-                        // Keepalive: any answer (the pong) counts as traffic.
-                        self.ws.send_ping();
-                        if let Phase::Open { ping_sent, .. } = &mut self.phase {
-                            *ping_sent = Some(now);
-                        }
-                    }
-                    _ => {}
+                if now < last_seen + limits.idle_timeout {
+                    return;
+                }
+                if pinged {
+                    return self.close(1001, "idle timeout", CloseReason::IdleTimeout, now);
+                }
+                // Keepalive: any answer (the pong) counts as traffic. The silence through the
+                // ping is timed from the ping.
+                self.ws.send_ping();
+                if let Phase::Open { last_seen, pinged, .. } = &mut self.phase {
+                    (*last_seen, *pinged) = (now, true);
                 }
             }
             Phase::Closing { since, .. } | Phase::Lingering { since }
@@ -369,11 +369,8 @@ impl Connection {
         match self.phase {
             Phase::Handshaking { deadline } => Some(deadline),
             Phase::Closing { since, .. } | Phase::Lingering { since } => Some(since + limits.close_timeout),
-            Phase::Open { last_seen, ping_sent, over_soft_since } => {
-                let idle = match ping_sent {
-                    Some(t) => t + limits.idle_timeout,
-                    None => last_seen + limits.idle_timeout,
-                };
+            Phase::Open { last_seen, over_soft_since, .. } => {
+                let idle = last_seen + limits.idle_timeout;
                 Some(over_soft_since.map_or(idle, |t| idle.min(t + limits.out_soft_time)))
             }
             Phase::Closed => None,

@@ -203,6 +203,13 @@ impl<T> TimerWheel<T> {
             .is_some_and(|entry| entry.generation == key.generation && entry.armed.is_some())
     }
 
+    /// When `key`'s timer fires (its deadline rounded up to its tick), or `None` when it is no
+    /// longer armed.
+    pub fn deadline(&self, key: TimerKey) -> Option<Instant> {
+        let entry = self.entries.get(key.index).filter(|e| e.generation == key.generation)?;
+        entry.armed.as_ref().map(|_| self.instant_of(entry.tick))
+    }
+
     /// The earliest pending deadline, rounded up to its tick's Instant, or `None` when no timer is
     /// armed. Meant as the poll timeout: it may lie in the past (a timer armed for a past Instant),
     /// then poll should not block. See the type's docs for its cost (O(1) when cached).
@@ -908,5 +915,15 @@ mod tests {
         assert_eq!(wheel.next_deadline(), Some(t0 + ms(1)));
         assert_eq!(drain(&mut wheel, t0 + ms(5)), vec![9, 8, 7, 6, 5]);
         assert_eq!(drain(&mut wheel, t0 + ms(50)), vec![4, 3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn deadline_tells_when_an_armed_timer_fires() {
+        let t0 = Instant::now();
+        let mut wheel = TimerWheel::new(t0, Duration::from_millis(1), 64);
+        let key = wheel.insert(t0 + Duration::from_micros(2500), "x");
+        assert_eq!(wheel.deadline(key), Some(t0 + Duration::from_millis(3)), "rounded up to its tick");
+        wheel.cancel(key);
+        assert_eq!(wheel.deadline(key), None);
     }
 }

@@ -2,7 +2,6 @@
 //! and the sans-IO [`Connection`] that decides everything else.
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -35,9 +34,9 @@ pub struct Conn {
     pub conn: Connection,
     /// Readiness and registered interest.
     pub io: Readiness,
-    /// The one timer entry, and when it fires. It may fire early (the deadline moved later):
-    /// the connection then does nothing and the timer is set again.
-    pub timer: Option<(TimerKey, Instant)>,
+    /// The one timer entry. It may fire early (the deadline moved later): the connection then
+    /// does nothing and the timer is set again.
+    pub timer: Option<TimerKey>,
     /// Lists it is on this pass.
     pub listed: Listed,
 }

@@ -369,7 +369,7 @@ impl Server {
         }
         let mut c = Conn::new(sock, self.next_gen, peer, Connection::new(now, &self.limits));
         if let Some(at) = c.conn.next_deadline(&self.limits) {
-            c.timer = Some((self.wheel.insert(at, TimerEvent::Conn(c.id(key))), at));
+            c.timer = Some(self.wheel.insert(at, TimerEvent::Conn(c.id(key))));
         }
         c.listed.ready = true;
         entry.insert(c);
@@ -735,13 +735,14 @@ impl Server {
     fn rearm(&mut self, key: usize, now: Instant) {
         let c = &mut self.conns[key];
         let want = c.conn.next_deadline(&self.limits);
-        match (c.timer, want) {
-            (Some((_, at)), Some(want)) if at <= want => {}
-            (old, want) => {
-                if let Some((t, _)) = old {
+        let armed = c.timer.and_then(|t| self.wheel.deadline(t));
+        match (armed, want) {
+            (Some(at), Some(want)) if at <= want => {}
+            (_, want) => {
+                if let Some(t) = c.timer.take() {
                     self.wheel.cancel(t);
                 }
-                c.timer = want.map(|at| (self.wheel.insert(at.max(now), TimerEvent::Conn(c.id(key))), at));
+                c.timer = want.map(|at| self.wheel.insert(at.max(now), TimerEvent::Conn(c.id(key))));
             }
         }
     }
@@ -1037,7 +1038,7 @@ impl Server {
             }
             let mut c = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut c.sock);
-            if let Some((t, _)) = c.timer {
+            if let Some(t) = c.timer {
                 self.wheel.cancel(t);
             }
             self.app.metrics.closed += 1;
