@@ -334,23 +334,7 @@ fn read_server(pid: u32, cycles: u64, fds: u64, settle: Duration) -> Result<Chec
 /// that the cycles need no address's port range more than 3/4 (closed ports are free again at
 /// once on our side, but the server's side keeps each pair in TIME_WAIT for a minute).
 fn churn_sources(opts: &BenchOptions, target: std::net::SocketAddr) -> Result<Vec<Ipv4Addr>, String> {
-    let loopback = matches!(target, std::net::SocketAddr::V4(v4) if v4.ip().is_loopback());
-    let count = match opts.source_ips {
-        Some(n) if n > 1 && !loopback => {
-            return Err(format!("--source-ips needs an IPv4 loopback target, not {target}"));
-        }
-        Some(n) => n,
-        None if loopback => opts.cycles.div_ceil((sys::ephemeral_ports() * 3 / 4).max(1)),
-        None => 1,
-    };
-    if count <= 1 && (opts.source_base == Ipv4Addr::LOCALHOST || !loopback) {
-        return Ok(Vec::new());
-    }
-    let base = u32::from(opts.source_base);
-    (0..count as u32)
-        .map(|i| base.checked_add(i).map(Ipv4Addr::from))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| "--source-base plus --source-ips runs past 255.255.255.255".to_string())
+    super::modes::sources_for(opts, target, opts.cycles)
 }
 
 /// Runs cycles `first..first + count` on `--threads` loops, `--connections` at once in all.

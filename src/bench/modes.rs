@@ -307,13 +307,23 @@ pub(super) fn spec(opts: &BenchOptions, target: SocketAddr, schedule: Schedule) 
 /// by default enough that no address needs more than 3/4 of the ephemeral port range. Empty
 /// (the kernel chooses, no bind) for a single default address or a non-loopback target.
 fn source_addresses(opts: &BenchOptions, target: SocketAddr) -> Result<Vec<Ipv4Addr>, String> {
+    sources_for(opts, target, opts.connections)
+}
+
+/// [`source_addresses`] for `ports` local ports in all (connections held at once, or churn's
+/// cycles, whose ports stay in TIME_WAIT on the server's side).
+pub(super) fn sources_for(
+    opts: &BenchOptions,
+    target: SocketAddr,
+    ports: usize,
+) -> Result<Vec<Ipv4Addr>, String> {
     let loopback = matches!(target, SocketAddr::V4(v4) if v4.ip().is_loopback());
     let count = match opts.source_ips {
         Some(n) if n > 1 && !loopback => {
             return Err(format!("--source-ips needs an IPv4 loopback target, not {target}"));
         }
         Some(n) => n,
-        None if loopback => opts.connections.div_ceil((sys::ephemeral_ports() * 3 / 4).max(1)),
+        None if loopback => ports.div_ceil((sys::ephemeral_ports() * 3 / 4).max(1)),
         None => 1,
     };
     if count <= 1 && (opts.source_base == Ipv4Addr::LOCALHOST || !loopback) {
