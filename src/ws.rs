@@ -144,8 +144,9 @@ const SHED_FRAME_BYTES: usize = 4096;
 /// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
 /// `write` appends to `output` and never fails.
 ///
-/// A read never crosses the end of a frame, so when tungstenite hands over a message it holds
-/// no byte of the next frame, and its state can be dropped and made afresh.
+/// A read never crosses the end of a large frame, so when tungstenite hands over a message
+/// that had one it holds no byte of the next frame, and its state can be dropped and made
+/// afresh. Small frames are handed over together.
 #[derive(Debug)]
 pub struct MemStream {
     input: InBuf,
@@ -170,23 +171,36 @@ impl Read for MemStream {
         if data.is_empty() {
             return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
         }
-        if self.frame_left == 0 {
-            // At a frame boundary: learn how long the next frame is from its header.
-            self.frame_left = match frame_len(data) {
-                Some(len) => len,
-                // The header is cut short: wait for the rest (it always fits in `input`).
-                None if data.len() < MAX_FRAME_HEADER && !self.eof => {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
-                None => usize::MAX,
-            };
-            self.large_frame |= self.frame_left > SHED_FRAME_BYTES;
+        // Whole small frames go together (one read for a batch of messages); a large frame is
+        // handed alone, and nothing past its end, so tungstenite can be made afresh after it.
+        let limit = data.len().min(buf.len());
+        let mut n = 0;
+        while n < limit {
+            if self.frame_left == 0 {
+                let len = match frame_len(&data[n..]) {
+                    Some(len) if n > 0 && len > SHED_FRAME_BYTES => break,
+                    Some(len) => len,
+                    // A header cut short after whole frames: those go now, the rest later.
+                    None if n > 0 => break,
+                    // The header is cut short: wait for the rest (it always fits in `input`).
+                    None if data.len() < MAX_FRAME_HEADER && !self.eof => {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
+                    None => usize::MAX,
+                };
+                self.frame_left = len;
+                self.large_frame |= len > SHED_FRAME_BYTES;
+            }
+            let take = (limit - n).min(self.frame_left);
+            n += take;
+            self.frame_left -= take;
+            if self.large_frame {
+                break;
+            }
         }
-        let n = data.len().min(buf.len()).min(self.frame_left);
         buf[..n].copy_from_slice(&data[..n]);
         self.input.consume(n);
-        self.frame_left -= n;
         Ok(n)
     }
 }
@@ -778,19 +792,29 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     }
 
     #[test]
-    fn tungstenite_is_never_handed_bytes_past_the_end_of_a_frame() {
+    fn small_frames_go_together_and_a_large_frame_alone() {
         let (first, second) = (masked_frame(0x81, &[b'a'; 300]), masked_frame(0x82, b"bc"));
+        let large = masked_frame(0x82, &[b'L'; SHED_FRAME_BYTES + 1]);
+        let after = masked_frame(0x81, b"z");
         let third = masked_frame(0x82, &[b'd'; 200]); // its length takes two more header bytes
-        let mut input = InBuf::new(1024);
-        input.extend(&[&first[..], &second, &third[..3]].concat());
+        let wire = [&first[..], &second, &large, &after, &third[..3]].concat();
+        let mut input = InBuf::new(wire.len());
+        input.extend(&wire);
         let mut stream = MemStream::new(input, OutQueue::default());
-        let mut buf = [0u8; 1024];
-        assert_eq!(stream.read(&mut buf).unwrap(), first.len());
-        assert!(stream.large_frame == (first.len() > SHED_FRAME_BYTES));
+        let mut buf = vec![0u8; 2 * SHED_FRAME_BYTES];
+        assert_eq!(
+            stream.read(&mut buf).unwrap(),
+            first.len() + second.len(),
+            "whole small frames, together"
+        );
+        assert!(!stream.large_frame);
         assert_eq!(stream.read(&mut buf[..4]).unwrap(), 4, "a short buffer takes part of a frame");
-        assert_eq!(stream.read(&mut buf).unwrap(), second.len() - 4, "then the rest of it, no more");
-        // Three bytes of an 8-byte header, too few for the length: wait for the rest, unless
-        // the peer has gone.
+        assert!(stream.large_frame);
+        assert_eq!(stream.read(&mut buf).unwrap(), large.len() - 4, "then the rest of it, no more");
+        // The next frames are small again; three bytes of an 8-byte header are too few for
+        // its length: what is whole goes, the rest waits, unless the peer has gone.
+        stream.large_frame = false;
+        assert_eq!(stream.read(&mut buf).unwrap(), after.len());
         assert_eq!(stream.read(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         stream.eof = true;
         assert_eq!(stream.read(&mut buf).unwrap(), 3);
