@@ -734,6 +734,9 @@ impl Server {
     /// moving it on every message).
     fn rearm(&mut self, key: usize, now: Instant) {
         let c = &mut self.conns[key];
+        if !c.conn.take_earlier() && c.timer.is_some() {
+            return; // the deadline can only have moved later: the timer fires early, and is set again
+        }
         let want = c.conn.next_deadline(&self.limits);
         let armed = c.timer.and_then(|t| self.wheel.deadline(t));
         match (armed, want) {
