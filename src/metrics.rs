@@ -118,6 +118,33 @@ labels! {
     }
 }
 
+/// What the IO shell saw, handed on to be counted: the shell reports, `Metrics` counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopEvent {
+    /// A pass of the event loop.
+    Pass,
+    /// A client connection was accepted.
+    Accepted,
+    /// One was refused at `--max-connections`.
+    Refused,
+    /// One was closed and reaped.
+    Closed,
+    /// A WebSocket upgrade completed.
+    Handshake,
+    /// A plain HTTP request was answered.
+    HttpRequest,
+    /// A client was dropped for not reading its replies.
+    SlowReaderDropped,
+    /// A gearmand answered on a new connection.
+    GearmandConnected,
+    /// A gearmand connection that was up was lost.
+    GearmandLost,
+    /// An attempt to reach a gearmand failed.
+    GearmandConnectFailed,
+    /// Echo mode sent a message of this many bytes back.
+    Echoed(usize),
+}
+
 /// Everything `/metrics` reports that is counted rather than read off live state.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
@@ -132,31 +159,31 @@ pub struct Metrics {
     /// Jobs ended, by `Mode` then `Outcome`.
     jobs_finished: [[u64; Outcome::ALL.len()]; Mode::ALL.len()],
     /// WebSocket upgrades completed.
-    pub handshakes: u64,
+    handshakes: u64,
     /// Plain HTTP requests answered.
-    pub http_requests: u64,
+    http_requests: u64,
     /// Connections accepted.
-    pub accepted: u64,
+    accepted: u64,
     /// Connections refused because the server was full.
-    pub refused: u64,
+    refused: u64,
     /// Connections closed (reaped), whoever ended them.
-    pub closed: u64,
+    closed: u64,
     /// Successful gearmand (re)connections.
-    pub gearmand_connects: u64,
+    gearmand_connects: u64,
     /// gearmand connections lost after they were up.
-    pub gearmand_disconnects: u64,
+    gearmand_disconnects: u64,
     /// Attempts to reach a gearmand that failed (lookup, connect or greeting).
-    pub gearmand_connect_failures: u64,
+    gearmand_connect_failures: u64,
     /// gearmand connections retired for holding too many abandoned jobs.
     pub gearmand_retired: u64,
     /// Clients dropped for not reading their replies (soft, hard or total output limit).
-    pub slow_readers_dropped: u64,
+    slow_readers_dropped: u64,
     /// Passes of the event loop.
-    pub loop_iterations: u64,
+    loop_iterations: u64,
     /// Messages sent back in echo mode (`serve --echo`), and their payload bytes.
-    pub echoed: u64,
+    echoed: u64,
     /// Payload bytes of those messages.
-    pub echoed_bytes: u64,
+    echoed_bytes: u64,
 }
 
 /// Live values read when `/metrics` is asked for.
@@ -211,10 +238,25 @@ impl Metrics {
         self.jobs_finished[mode as usize][outcome as usize] += 1;
     }
 
-    /// Counts one message of `bytes` sent back in echo mode.
-    pub fn note_echo(&mut self, bytes: usize) {
-        self.echoed += 1;
-        self.echoed_bytes += bytes as u64;
+    /// Counts what the shell saw.
+    pub fn observe(&mut self, event: LoopEvent) {
+        let counter = match event {
+            LoopEvent::Pass => &mut self.loop_iterations,
+            LoopEvent::Accepted => &mut self.accepted,
+            LoopEvent::Refused => &mut self.refused,
+            LoopEvent::Closed => &mut self.closed,
+            LoopEvent::Handshake => &mut self.handshakes,
+            LoopEvent::HttpRequest => &mut self.http_requests,
+            LoopEvent::SlowReaderDropped => &mut self.slow_readers_dropped,
+            LoopEvent::GearmandConnected => &mut self.gearmand_connects,
+            LoopEvent::GearmandLost => &mut self.gearmand_disconnects,
+            LoopEvent::GearmandConnectFailed => &mut self.gearmand_connect_failures,
+            LoopEvent::Echoed(bytes) => {
+                self.echoed_bytes += bytes as u64;
+                &mut self.echoed
+            }
+        };
+        *counter += 1;
     }
 
     /// Renders the Prometheus text exposition format (version 0.0.4).

@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, ConnLimits, Connection, ReadInto};
 use crate::http::{self, LinkView, Response, Snapshot};
 use crate::logging::{Event, SUMMARY_PERIOD, Tally};
-use crate::metrics::Gauges;
+use crate::metrics::{Gauges, LoopEvent};
 use crate::random::{Entropy, XorShift64};
 use crate::wheel::TimerWheel;
 use conn::Conn;
@@ -264,7 +264,7 @@ impl Server {
             };
             wait(&mut self.poll, &mut events, timeout).map_err(ServerError::Poll)?;
             let now = Instant::now(); // every decision of this pass uses this one reading
-            self.app.metrics.loop_iterations += 1;
+            self.app.metrics.observe(LoopEvent::Pass);
             for event in events.iter() {
                 self.note_readiness(event); // bits only, no I/O
             }
@@ -348,7 +348,7 @@ impl Server {
                 // Refused cleanly: an HTTP 503 the client can read, instead of a silent backlog.
                 use std::io::Write;
                 let _ = sock.write(REFUSAL);
-                self.app.metrics.refused += 1;
+                self.app.metrics.observe(LoopEvent::Refused);
                 debug!("refused {peer}: at the limit of {} connections", self.cfg.max_connections);
                 self.note(Event::Refused, now);
                 continue;
@@ -374,7 +374,7 @@ impl Server {
         c.listed.ready = true;
         entry.insert(c);
         self.ready.push(key);
-        self.app.metrics.accepted += 1;
+        self.app.metrics.observe(LoopEvent::Accepted);
         debug!("conn={key} accepted from {peer}");
     }
 
@@ -427,7 +427,7 @@ impl Server {
         let decoded = link.session.handle_input(&mut link.input);
         if matches!(link.state, LinkState::Greeting(_)) && link.session.has_answered() {
             link.greeted(now);
-            self.app.metrics.gearmand_connects += 1;
+            self.app.metrics.observe(LoopEvent::GearmandConnected);
             match link.back() {
                 Some(outage) => info!(
                     "gearmand {} back after {} failed attempts ({:.1} s down)",
@@ -467,7 +467,7 @@ impl Server {
         link.reset_buffers();
         self.app.handle_link_down(i);
         if was_up {
-            self.app.metrics.gearmand_disconnects += 1;
+            self.app.metrics.observe(LoopEvent::GearmandLost);
         }
         let link = &mut self.links[i];
         if link.role != Role::Active {
@@ -481,7 +481,7 @@ impl Server {
             link.lost(now, why);
             return warn!("gearmand {} lost ({why}); reconnecting", link.addr);
         }
-        self.app.metrics.gearmand_connect_failures += 1;
+        self.app.metrics.observe(LoopEvent::GearmandConnectFailed);
         debug!("gearmand {}: {why}; retrying in {delay:?}", link.addr);
         self.report_failed_attempt(i, now, why);
     }
@@ -681,7 +681,7 @@ impl Server {
         while let Some(event) = self.conns[key].conn.poll_event(&self.limits.ws, now) {
             match event {
                 ConnEvent::Opened(upgrade) => {
-                    self.app.metrics.handshakes += 1;
+                    self.app.metrics.observe(LoopEvent::Handshake);
                     debug!("conn={key} open");
                     if !self.cfg.echo {
                         // Echo clients never reach the App: it keeps no record of them.
@@ -694,12 +694,12 @@ impl Server {
                 ConnEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
                 ConnEvent::Text(text) if self.cfg.echo => {
                     if self.conns[key].conn.send_text(text.as_str()) {
-                        self.app.metrics.note_echo(text.len());
+                        self.app.metrics.observe(LoopEvent::Echoed(text.len()));
                     }
                 }
                 ConnEvent::Binary(data) if self.cfg.echo => {
                     if self.conns[key].conn.send_binary(&data) {
-                        self.app.metrics.note_echo(data.len());
+                        self.app.metrics.observe(LoopEvent::Echoed(data.len()));
                     }
                 }
                 ConnEvent::Text(text) => self.app.handle_client_text(id, &text, now),
@@ -707,7 +707,7 @@ impl Server {
                 ConnEvent::Closed { reason, handshaking } => {
                     debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer);
                     if reason == CloseReason::OutputLimit {
-                        self.app.metrics.slow_readers_dropped += 1;
+                        self.app.metrics.observe(LoopEvent::SlowReaderDropped);
                     }
                     if let Some(event) = reason.event(handshaking) {
                         self.note(event, now);
@@ -771,7 +771,7 @@ impl Server {
 
     /// A plain HTTP request: `http::route` decides; this gathers what it reports on.
     fn answer_http(&mut self, key: usize, method: &str, path: &str, now: Instant) {
-        self.app.metrics.http_requests += 1;
+        self.app.metrics.observe(LoopEvent::HttpRequest);
         let response = http::route(method, path, || {
             let links = self.link_views(now);
             Snapshot {
@@ -932,18 +932,7 @@ impl Server {
         if c.conn.is_closed() {
             return;
         }
-        let mut written = 0;
-        if !c.io.write_blocked && c.conn.output_len() > 0 {
-            match write_some(&mut c.sock, c.conn.output()) {
-                // Partial writes are normal: the connection keeps the tail and knows where its
-                // frames begin, so a slow reader can still be sent a clean close.
-                Ok((io, n)) => {
-                    written = n;
-                    c.io.write_blocked = io == Io::Blocked;
-                }
-                Err(e) => c.conn.handle_error(e.kind()),
-            }
-        }
+        let written = write_out(c);
         if c.conn.handle_written(written, &self.limits, now) == AfterWrite::ShutdownWrite {
             // All our bytes are out: shut our side and keep reading until the peer hangs up
             // (closing with unread input would reset the connection and could destroy our
@@ -1044,7 +1033,7 @@ impl Server {
             if let Some(t) = c.timer {
                 self.wheel.cancel(t);
             }
-            self.app.metrics.closed += 1;
+            self.app.metrics.observe(LoopEvent::Closed);
         }
         self.dead = dead;
         if self.shutting_down && self.conns.is_empty() {
@@ -1105,6 +1094,25 @@ fn human_bytes(n: usize) -> String {
 /// most a fifth late), between 10 ms and 1 s.
 fn link_check_period(cfg: &Config) -> Duration {
     (cfg.gearmand_timeout / 5).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Writes what the socket takes of a client's output (nothing while it is blocked); returns
+/// how much. Partial writes are normal: the connection keeps the tail and knows where its frames
+/// begin, so a slow reader can still be sent a clean close.
+fn write_out(c: &mut Conn) -> usize {
+    if c.io.write_blocked || c.conn.output_len() == 0 {
+        return 0;
+    }
+    match write_some(&mut c.sock, c.conn.output()) {
+        Ok((io, n)) => {
+            c.io.write_blocked = io == Io::Blocked;
+            n
+        }
+        Err(e) => {
+            c.conn.handle_error(e.kind());
+            0
+        }
+    }
 }
 
 /// Puts `key` on a per-pass list once (`listed` remembers).
