@@ -87,6 +87,25 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// The resolver thread, waking `poll` with the `RESOLVER` token when a lookup is done.
+fn spawn_resolver(poll: &Poll) -> std::io::Result<Resolver> {
+    Resolver::spawn(Arc::new(mio::Waker::new(poll.registry(), RESOLVER)?))
+}
+
+/// The wheel with its first timers: each gearmand's first connect (now) and the periodic
+/// health check of the links.
+fn first_timers(cfg: &Config, active: &[usize], now: Instant) -> TimerWheel<TimerEvent> {
+    let mut wheel = TimerWheel::new(now, WHEEL_TICK, WHEEL_SLOTS);
+    for &i in active {
+        wheel.insert(now, TimerEvent::Reconnect(i));
+    }
+    if !active.is_empty() {
+        let period = link_check_period(cfg);
+        wheel.insert_periodic(now + period, period, TimerEvent::LinkCheck);
+    }
+    wheel
+}
+
 /// `SLOTS_PER_SERVER` link slots per gearmand, the first of each active (none in echo mode:
 /// no job protocol, no gearmand).
 fn gearmand_links(cfg: &Config, now: Instant) -> Vec<GearmanLink> {
@@ -191,20 +210,11 @@ impl Server {
         let now = Instant::now();
         let links = gearmand_links(cfg, now);
         let active: Vec<usize> = (0..links.len()).step_by(SLOTS_PER_SERVER).collect();
-        let resolver = if links.iter().all(|l| l.numeric.is_some()) {
-            None
-        } else {
-            let waker = mio::Waker::new(poll.registry(), RESOLVER).map_err(ServerError::Register)?;
-            Some(Resolver::spawn(Arc::new(waker)).map_err(ServerError::Register)?)
-        };
-        let mut wheel = TimerWheel::new(now, WHEEL_TICK, WHEEL_SLOTS);
-        for &i in &active {
-            wheel.insert(now, TimerEvent::Reconnect(i));
-        }
-        if !links.is_empty() {
-            let period = link_check_period(cfg);
-            wheel.insert_periodic(now + period, period, TimerEvent::LinkCheck);
-        }
+        // Only host names need the resolver thread.
+        let numeric = links.iter().all(|l| l.numeric.is_some());
+        let resolver =
+            if numeric { None } else { Some(spawn_resolver(&poll).map_err(ServerError::Register)?) };
+        let wheel = first_timers(cfg, &active, now);
         Ok(Server {
             limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
