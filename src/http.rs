@@ -28,8 +28,6 @@ pub struct LinkView {
 /// What the pages report on, gathered by the shell when a page that needs it is asked for.
 #[derive(Debug)]
 pub struct Snapshot<'a> {
-    /// Echo mode: no gearmand, no job protocol.
-    pub echo: bool,
     /// Each gearmand.
     pub links: Vec<LinkView>,
     /// Live values.
@@ -59,9 +57,9 @@ impl Response {
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
-/// Answers `method` `path` (query ignored). `snapshot` is called only for the pages that
-/// report state.
-pub fn route<'a>(method: &str, path: &str, snapshot: impl FnOnce() -> Snapshot<'a>) -> Response {
+/// Answers `method` `path` (query ignored); `echo`: the server runs in echo mode. `snapshot`
+/// is called only for the pages that report state.
+pub fn route<'a>(method: &str, path: &str, echo: bool, snapshot: impl FnOnce() -> Snapshot<'a>) -> Response {
     let path = path.split('?').next().unwrap_or("");
     if !matches!(path, "/" | "/healthz" | "/metrics") {
         return Response::new(404, "Not Found", TEXT, "not found\n");
@@ -70,28 +68,22 @@ pub fn route<'a>(method: &str, path: &str, snapshot: impl FnOnce() -> Snapshot<'
         return Response::new(405, "Method Not Allowed", TEXT, "only GET\n");
     }
     match path {
-        "/healthz" => healthz(&snapshot()),
+        "/healthz" => healthz(echo, &snapshot()),
         "/metrics" => {
             let s = snapshot();
             let text = s.metrics.render(&s.gauges);
             Response::new(200, "OK", "text/plain; version=0.0.4; charset=utf-8", text)
         }
-        _ => {
-            // The demo page needs the job protocol; knowing the mode costs a snapshot only here.
-            let echo = snapshot().echo;
-            if echo {
-                Response::new(200, "OK", TEXT, ECHO_PAGE)
-            } else {
-                Response::new(200, "OK", "text/html; charset=utf-8", DEMO_PAGE)
-            }
-        }
+        // The demo page speaks the job protocol, which echo mode does not.
+        _ if echo => Response::new(200, "OK", TEXT, ECHO_PAGE),
+        _ => Response::new(200, "OK", "text/html; charset=utf-8", DEMO_PAGE),
     }
 }
 
 /// 200 while some gearmand is connected and not stalled (always, in echo mode: nothing to
 /// depend on), 503 otherwise; JSON either way.
-fn healthz(s: &Snapshot) -> Response {
-    let body = if s.echo {
+fn healthz(echo: bool, s: &Snapshot) -> Response {
+    let body = if echo {
         json!({"status": "ok", "mode": "echo", "gearmand": [], "connections": s.gauges.connections})
     } else {
         let any_up = s.links.iter().any(|l| l.state == "connected");
@@ -117,39 +109,42 @@ fn healthz(s: &Snapshot) -> Response {
 mod tests {
     use super::*;
 
-    fn snapshot<'a>(metrics: &'a Metrics, echo: bool, states: &[&'static str]) -> Snapshot<'a> {
+    fn snapshot<'a>(metrics: &'a Metrics, states: &[&'static str]) -> Snapshot<'a> {
         let links = states
             .iter()
             .map(|&state| LinkView { addr: "127.0.0.1:4730".into(), state, connects: 1, retiring: 0 })
             .collect();
-        Snapshot { echo, links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
+        Snapshot { links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
     }
 
     #[test]
     fn paths_methods_and_pages() {
         let m = Metrics::default();
-        let page = route("GET", "/?x=1", || snapshot(&m, false, &[]));
+        let page = route("GET", "/?x=1", false, || unreachable!("no snapshot for a page"));
         assert_eq!((page.status, page.content_type), (200, "text/html; charset=utf-8"));
-        assert_eq!(route("GET", "/", || snapshot(&m, true, &[])).body, ECHO_PAGE.as_bytes());
-        assert_eq!(route("POST", "/healthz", || unreachable!("no snapshot for a 405")).status, 405);
-        assert_eq!(route("GET", "/nope", || unreachable!("no snapshot for a 404")).status, 404);
-        let metrics = route("GET", "/metrics", || snapshot(&m, false, &["connected"]));
+        assert_eq!(
+            route("GET", "/", true, || unreachable!("no snapshot for a page")).body,
+            ECHO_PAGE.as_bytes()
+        );
+        assert_eq!(route("POST", "/healthz", false, || unreachable!("no snapshot for a 405")).status, 405);
+        assert_eq!(route("GET", "/nope", false, || unreachable!("no snapshot for a 404")).status, 404);
+        let metrics = route("GET", "/metrics", false, || snapshot(&m, &["connected"]));
         assert!(String::from_utf8_lossy(&metrics.body).contains("gearsock_connections_open 3"));
     }
 
     #[test]
     fn health_follows_the_gearmand_links() {
         let m = Metrics::default();
-        let up = route("GET", "/healthz", || snapshot(&m, false, &["stalled", "connected"]));
+        let up = route("GET", "/healthz", false, || snapshot(&m, &["stalled", "connected"]));
         assert_eq!(up.status, 200);
-        let down = route("GET", "/healthz", || snapshot(&m, false, &["stalled", "resolving"]));
+        let down = route("GET", "/healthz", false, || snapshot(&m, &["stalled", "resolving"]));
         assert_eq!(down.status, 503);
         let body: serde_json::Value = serde_json::from_slice(&down.body).unwrap();
         assert_eq!(
             (body["status"].as_str(), body["gearmand"][1]["state"].as_str()),
             (Some("unavailable"), Some("resolving"))
         );
-        let echo = route("GET", "/healthz", || snapshot(&m, true, &[]));
+        let echo = route("GET", "/healthz", true, || snapshot(&m, &[]));
         assert_eq!(echo.status, 200, "echo mode depends on no gearmand");
     }
 }

@@ -11,9 +11,9 @@
 //! line per kind at most once per `SUMMARY_PERIOD`.
 
 use std::io::Write;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -33,11 +33,12 @@ enum Msg {
 struct Sink {
     level: LevelFilter,
     queue: SyncSender<Msg>,
-    dropped: &'static AtomicU64,
 }
 
+/// Lines dropped since the writer last said so.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-static QUEUE: OnceLock<Mutex<SyncSender<Msg>>> = OnceLock::new();
+/// The queue, for `flush` (the logger itself is behind `log`'s `&dyn Log`).
+static QUEUE: OnceLock<SyncSender<Msg>> = OnceLock::new();
 
 /// Installs the non-blocking logger at `level` (once per process; later calls do nothing).
 pub fn init(level: LevelFilter) {
@@ -46,10 +47,10 @@ pub fn init(level: LevelFilter) {
     if spawned.is_err() {
         return; // no thread, no log: the server still runs
     }
-    let sink = Sink { level, queue: tx.clone(), dropped: &DROPPED };
+    let sink = Sink { level, queue: tx.clone() };
     if log::set_logger(Box::leak(Box::new(sink))).is_ok() {
         log::set_max_level(level);
-        let _ = QUEUE.set(Mutex::new(tx));
+        let _ = QUEUE.set(tx);
     }
 }
 
@@ -57,8 +58,7 @@ pub fn init(level: LevelFilter) {
 pub fn flush(limit: Duration) {
     let Some(queue) = QUEUE.get() else { return };
     let (tx, rx) = mpsc::channel();
-    let sent = queue.lock().map(|q| q.try_send(Msg::Flush(tx)).is_ok()).unwrap_or(false);
-    if sent {
+    if queue.try_send(Msg::Flush(tx)).is_ok() {
         let _ = rx.recv_timeout(limit);
     }
 }
@@ -95,7 +95,7 @@ impl Log for Sink {
         match self.queue.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                DROPPED.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -782,10 +782,9 @@ impl Server {
     /// A plain HTTP request: `http::route` decides; this gathers what it reports on.
     fn answer_http(&mut self, key: usize, method: &str, path: &str, now: Instant) {
         self.app.metrics.observe(LoopEvent::HttpRequest);
-        let response = http::route(method, path, || {
+        let response = http::route(method, path, self.cfg.echo, || {
             let links = self.link_views(now);
             Snapshot {
-                echo: self.cfg.echo,
                 gauges: Gauges {
                     connections: self.conns.len(),
                     jobs_in_flight: self.app.jobs_in_flight(),
