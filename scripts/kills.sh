@@ -24,29 +24,8 @@ WORKER_THREADS=${WORKER_THREADS:-12}  # per `gearsock worker` (two, and a third 
 OUT=${OUT:-$(mktemp -d /tmp/gearsock-kills.XXXXXX)}
 mkdir -p "$OUT"
 
-target=${CARGO_TARGET_DIR:-target}
-if [ -z "${GEARSOCK:-}" ]; then
-  cargo build --release --quiet
-  GEARSOCK=$target/release/gearsock
-fi
-[ -x /usr/sbin/gearmand ] || { echo "kills.sh: /usr/sbin/gearmand is missing (apt-get install gearman-job-server)" >&2; exit 2; }
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-# A port nobody answers on (a connect that fails), for gearmand: it must be the same on restarts.
-free_port() {
-  local p
-  for _ in $(seq 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "kills.sh: no free port found" >&2; exit 2
-}
+# shellcheck source=scripts/processes.sh
+source scripts/processes.sh
 
 # True once gearmand on $GPORT answers its admin `version`.
 gearmand_answers() {

@@ -31,28 +31,8 @@ if [ "$SECONDS_TOTAL" -lt $((INTERVAL * 4)) ]; then
   exit 2
 fi
 
-target=${CARGO_TARGET_DIR:-target}
-if [ -z "${GEARSOCK:-}" ]; then
-  cargo build --release --quiet
-  GEARSOCK=$target/release/gearsock
-fi
-[ -x /usr/sbin/gearmand ] || { echo "soak.sh: /usr/sbin/gearmand is missing (apt-get install gearman-job-server)" >&2; exit 2; }
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-free_port() {
-  local p
-  for _ in $(seq 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "soak.sh: no free port found" >&2; exit 2
-}
+# shellcheck source=scripts/processes.sh
+source scripts/processes.sh
 
 GPORT=$(free_port)
 /usr/sbin/gearmand --listen=127.0.0.1 --port="$GPORT" --log-file=stderr --threads=1 >"$OUT/gearmand.log" 2>&1 &
