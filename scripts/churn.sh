@@ -39,14 +39,7 @@ start_server
 json="$OUT_DIR/churn-$CYCLES.json"
 bench=("$bin" bench churn --url "ws://$ws" --cycles "$CYCLES" --connections "$CONNECTIONS"
   --pid "$server_pid" --max-growth-pct "$MAX_GROWTH_PCT" --json)
-[ -z "$BENCH_CPU" ] || bench=(taskset -c "$BENCH_CPU" "${bench[@]}")
-echo "== server: ${server_cmd[*]}"
-echo "== bench:  ${bench[*]}"
-echo "== started $(date -u +'%Y-%m-%d %H:%M:%S UTC')"
-rc=0
-timeout -k 5 "$TIMEOUT" "${bench[@]}" >"$json" || rc=$?
-[ "$rc" != 124 ] || die "the bench did not finish within $TIMEOUT s"
-stop_servers
+run_bench "$json"  # sets rc
 
 python3 - "$json" <<'PY' || rc=$((rc == 0 ? 1 : rc))
 import json, sys

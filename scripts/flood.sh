@@ -54,14 +54,7 @@ bench=("$bin" bench flood --url "ws://$ws" --pid "$server_pid" --slots "$SLOTS"
   --handshake-timeout-ms "$HANDSHAKE_MS" --connections "$CLIENTS" --beyond "$BEYOND"
   --interval-ms "$INTERVAL_MS" --per-process "$PER_PROCESS" --source-ips "$SOURCE_IPS"
   --max-cpu-pct "$MAX_CPU_PCT" --json)
-[ -z "$BENCH_CPU" ] || bench=(taskset -c "$BENCH_CPU" "${bench[@]}")
-echo "== server: ${server_cmd[*]}"
-echo "== bench:  ${bench[*]}"
-echo "== started $(date -u +'%Y-%m-%d %H:%M:%S UTC')"
-rc=0
-timeout -k 5 "$TIMEOUT" "${bench[@]}" >"$json" || rc=$?
-[ "$rc" != 124 ] || die "the bench did not finish within $TIMEOUT s"
-stop_servers
+run_bench "$json"  # sets rc
 
 python3 - "$json" <<'PY' || rc=$((rc == 0 ? 1 : rc))
 import json, sys

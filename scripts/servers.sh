@@ -6,6 +6,8 @@
 #   start_gearmand             sets gearmand_pid, gearmand_port
 #   start_server [flags...]    sets server_pid, ws (HOST:PORT); pinned to SERVER_CPU if set
 #   machine_line               nproc, kernel, rustc, load average: one line for the report
+#   run_bench JSON             runs "${bench[@]}" (pinned to BENCH_CPU if set) within TIMEOUT
+#                              seconds into JSON, sets rc, then stops the servers
 
 gearmand_pid="" gearmand_port="" server_pid="" ws=""
 bin="${CARGO_TARGET_DIR:-target}/release/gearsock"
@@ -95,4 +97,15 @@ PY
 machine_line() {
   printf '%s CPUs, kernel %s, %s, load average %s\n' "$(nproc --all)" "$(uname -r)" \
     "$(rustc -V 2>/dev/null || echo 'rustc unknown')" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+run_bench() {  # JSON
+  [ -z "$BENCH_CPU" ] || bench=(taskset -c "$BENCH_CPU" "${bench[@]}")
+  echo "== server: ${server_cmd[*]}"
+  echo "== bench:  ${bench[*]}"
+  echo "== started $(date -u +'%Y-%m-%d %H:%M:%S UTC')"
+  rc=0
+  timeout -k 5 "$TIMEOUT" "${bench[@]}" >"$1" || rc=$?
+  [ "$rc" != 124 ] || die "the bench did not finish within $TIMEOUT s"
+  stop_servers
 }
