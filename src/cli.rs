@@ -62,6 +62,10 @@ usage: gearsock [serve] [flags]
   --echo                     echo mode: send every text and binary message back as it came; no
                              job protocol, no gearmand (cannot be combined with --gearmand); the
                              output limits grow to hold at least one echoed message
+  --instance-id ID           this instance's name among those sharing a gearmand (random); its
+                             uniques start with it and it takes reports for them forwarded by
+                             others as function gearsock.report.ID
+  --processes N              event-loop processes sharing the port with SO_REUSEPORT (1)
   -h, --help                 this text
   -V, --version              the version
 ";
@@ -197,6 +201,8 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("reconnect-max-ms") => c.reconnect_max = millis(parser)?,
             Long("log-level") => c.log_level = value(parser)?,
             Long("echo") => c.echo = true,
+            Long("instance-id") => c.instance_id = Some(value(parser)?),
+            Long("processes") => c.processes = value(parser)?,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
@@ -480,6 +486,19 @@ mod tests {
         let Ok(Command::Serve(c)) = parsed else { panic!("not serve") };
         assert_eq!(c.gearmand.len(), 2);
         assert_eq!(c.max_frame_bytes, 1000);
+    }
+
+    #[test]
+    fn instance_ids_and_process_counts_are_checked() {
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--instance-id", "eu-1", "--processes", "2"]))
+        else {
+            panic!("not serve")
+        };
+        assert_eq!((c.instance_id.as_deref(), c.processes), (Some("eu-1"), 2));
+        for bad in ["a.b", "", "seventeen-chars-x", "é"] {
+            assert!(parse_args(args(&["serve", "--instance-id", bad])).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_args(args(&["serve", "--processes", "0"])).is_err());
     }
 
     #[test]

@@ -98,6 +98,14 @@ pub struct Config {
     /// and the App never sees a message. For conformance suites and echo benchmarks that hold
     /// the loop against other servers. Default off.
     pub echo: bool,
+    /// This instance's name among the gearsock instances sharing a gearmand (`--instance-id`):
+    /// the uniques of its background jobs and pings start with it, and it takes reports for
+    /// them forwarded by other instances as Gearman function `gearsock.report.<id>`. Default
+    /// unset: a random id is drawn at startup.
+    pub instance_id: Option<String>,
+    /// Event-loop processes sharing the listening port (`--processes`). Default 1: this
+    /// process serves alone.
+    pub processes: usize,
 }
 
 /// Descriptors kept back from `max_connections`: listener, poll, gearmand links, logs.
@@ -141,6 +149,8 @@ impl Default for Config {
             close_timeout: Duration::from_secs(2),
             log_level: log::LevelFilter::Info,
             echo: false,
+            instance_id: None,
+            processes: 1,
         }
     }
 }
@@ -164,6 +174,16 @@ impl Config {
         if self.worker_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             // An empty token would let anyone who sends "token": "" report results.
             return Err("--worker-token is empty".into());
+        }
+        if let Some(id) = &self.instance_id
+            && !is_instance_id(id)
+        {
+            return Err(format!(
+                "--instance-id {id:?}: 1 to {MAX_INSTANCE_ID} characters of A-Z a-z 0-9 _ -"
+            ));
+        }
+        if self.processes == 0 || self.processes > MAX_PROCESSES {
+            return Err(format!("--processes is 1 to {MAX_PROCESSES}"));
         }
         if self.max_frame_bytes > self.max_message_bytes {
             return Err("--max-frame-bytes cannot exceed --max-message-bytes".into());
@@ -214,6 +234,18 @@ impl Config {
             self.client_out_hard_bytes.max(self.client_out_soft_bytes.saturating_add(pass));
         self.client_out_total_bytes = self.client_out_total_bytes.max(self.client_out_hard_bytes);
     }
+}
+
+/// Longest `--instance-id`: it starts every unique the instance makes, and gearmand keeps 63
+/// bytes of those.
+pub const MAX_INSTANCE_ID: usize = 16;
+/// Most `--processes`.
+pub const MAX_PROCESSES: usize = 64;
+
+/// Whether `id` can name an instance: what goes before the first `.` of its uniques.
+pub fn is_instance_id(id: &str) -> bool {
+    (1..=MAX_INSTANCE_ID).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Bytes one echoed message of `max_message_bytes` takes in a client's output: the payload
