@@ -112,8 +112,11 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     );
     assert!(matches!(ws.poll_event(&limits), Some(WsEvent::Opened(_))));
     ws.consume_output(ws.output_len());
-    let mut app =
-        App::new(gearsock::server::settings::app_config(&cfg), 1, gearsock::random::Entropy::counter());
+    let mut app = App::new(
+        gearsock::server::settings::app_config(&cfg, "bench".into()),
+        1,
+        gearsock::random::Entropy::counter(),
+    );
     let id = ConnId { key: 0, generation: 1 };
     app.handle_client_open(id, true);
     let frame = client_frame(br#"{"type":"worker.complete","id":1,"value":"done"}"#);

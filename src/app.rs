@@ -270,6 +270,9 @@ pub struct AppConfig {
     pub max_orphans: usize,
     /// Largest packet from gearmand (for the reason given when one is over it).
     pub max_job_bytes: usize,
+    /// This instance's id: its uniques start with `<id>.`, and reports forwarded to it arrive
+    /// as jobs of `gearsock.report.<id>` (see [`App::desk_function`]).
+    pub instance_id: String,
     /// Bytes queued for one gearmand above which it takes no new jobs ...
     pub link_out_high_bytes: usize,
     /// ... and below which it takes them again.
@@ -309,6 +312,12 @@ const NAMESPACE_END: u8 = b'~';
 const RANDOM_UNIQUE_CHARS: usize = 16;
 /// libgearman's limit on function names.
 const MAX_FUNCTION_BYTES: usize = 512;
+/// Ends the instance id at the start of every unique gearsock makes (ids cannot contain it).
+const INSTANCE_END: u8 = b'.';
+/// The desk function of instance `<id>` is this followed by the id.
+pub const DESK_PREFIX: &str = "gearsock.report.";
+/// The tag of a report forwarded to another instance: no job of ours answers to it.
+const FORWARD_TAG: JobTag = JobTag(u64::MAX);
 
 /// Application state: jobs, clients, links, stored values, metrics.
 #[derive(Debug)]
@@ -382,6 +391,17 @@ impl App {
             effects: Vec::new(),
             metrics: Metrics::default(),
         }
+    }
+
+    /// This instance's id (`--instance-id`, or drawn at startup).
+    pub fn instance_id(&self) -> &str {
+        &self.cfg.instance_id
+    }
+
+    /// The Gearman function this instance serves on every gearmand connection: other instances
+    /// forward reports for its jobs there.
+    pub fn desk_function(&self) -> String {
+        format!("{DESK_PREFIX}{}", self.cfg.instance_id)
     }
 
     /// True when effects wait to be drained (the loop then polls without sleeping).
@@ -571,12 +591,17 @@ impl App {
             // The unique names one gearmand job exactly (or the submissions of one client that
             // coalesced into it): no other job can take the value.
             let takers = self.by_unique.get(unique.as_bytes()).cloned().unwrap_or_default();
-            if takers.is_empty() {
-                let text = "no unfinished background job has that unique";
-                return self.error(id, ErrorCode::UnknownJob, text, r);
+            if !takers.is_empty() {
+                self.send(id, "got it!".to_string());
+                return self.deliver_value(&takers, &value);
             }
-            self.send(id, "got it!".to_string());
-            return self.deliver_value(&takers, &value);
+            return match self.owner_elsewhere(&unique) {
+                Some(owner) => self.forward_report(id, owner, &unique, &value, r),
+                None => {
+                    let text = "no unfinished background job has that unique";
+                    self.error(id, ErrorCode::UnknownJob, text, r)
+                }
+            };
         }
         let handle = match msg.id {
             Some(Value::String(s)) => s,
@@ -603,6 +628,50 @@ impl App {
                 self.error(id, ErrorCode::AmbiguousJob, text, r);
             }
         }
+    }
+
+    /// The instance a unique names, when it is not this one: the part before its first `.`,
+    /// if that can be an instance id.
+    fn owner_elsewhere<'u>(&self, unique: &'u str) -> Option<&'u str> {
+        let (owner, _) = unique.split_once(char::from(INSTANCE_END))?;
+        (owner != self.cfg.instance_id && crate::config::is_instance_id(owner)).then_some(owner)
+    }
+
+    /// The job of this report lives on instance `owner`: leave it at that instance's desk as a
+    /// background job whose unique is the job's own (so repeated reports for one job coalesce
+    /// in gearmand while the first waits). The owner delivers it as if reported there.
+    fn forward_report(&mut self, id: ConnId, owner: &str, unique: &str, value: &str, r: Option<&Value>) {
+        let Some(link) = self.pick_link() else {
+            let text = "the job belongs to another gearsock instance, and no gearmand is taking jobs \
+                        to forward the report through";
+            return self.error(id, ErrorCode::Unavailable, text, r);
+        };
+        let function = format!("{DESK_PREFIX}{owner}").into_bytes();
+        let (unique, payload) = (unique.as_bytes().to_vec(), value.as_bytes().to_vec());
+        self.links[link].out_bytes +=
+            packet::HEADER_BYTES + function.len() + unique.len() + payload.len() + 2;
+        self.metrics.reports_forwarded += 1;
+        self.effects.push(Effect::Submit {
+            link,
+            tag: FORWARD_TAG,
+            function,
+            unique,
+            payload,
+            mode: JobMode::Background,
+            priority: Priority::High,
+        });
+        self.send(id, "got it!".to_string());
+    }
+
+    /// A report another instance forwarded to this one's desk: delivered exactly as a local
+    /// report with that unique would be (a unique no live job has is dropped: its job ended).
+    fn on_forwarded(&mut self, unique: &[u8], value: &[u8]) {
+        let takers = self.by_unique.get(unique).cloned().unwrap_or_default();
+        self.metrics.count_report_received(!takers.is_empty());
+        if takers.is_empty() {
+            return debug!("forwarded report for unique {:?}: no live job", unique.escape_ascii());
+        }
+        self.deliver_value(&takers, &String::from_utf8_lossy(value));
     }
 
     /// Which live jobs gearmand named `handle`: one gearmand job (on one connection, possibly
@@ -789,25 +858,41 @@ impl App {
 
     /// gearmand keeps 63 bytes of a unique; a client's namespace takes its share of them.
     fn max_client_unique_bytes(&self) -> usize {
-        if self.cfg.shared_uniques { MAX_UNIQUE_BYTES } else { MAX_UNIQUE_BYTES - NAMESPACE_CHARS - 1 }
+        if self.cfg.shared_uniques {
+            return MAX_UNIQUE_BYTES;
+        }
+        MAX_UNIQUE_BYTES.saturating_sub(self.cfg.instance_id.len() + 1 + NAMESPACE_CHARS + 1)
     }
 
-    /// The unique gearmand and the worker see: the client's own in its namespace, or for a
-    /// background job or ping without one a fresh random id (so a report can name it); a
-    /// stream job without one gets none (nothing is reported for it).
+    /// `<instance id>.`, with room for `extra` more bytes.
+    fn instance_prefix(&self, extra: usize) -> Vec<u8> {
+        let mut unique = Vec::with_capacity(self.cfg.instance_id.len() + 1 + extra);
+        unique.extend_from_slice(self.cfg.instance_id.as_bytes());
+        unique.push(INSTANCE_END);
+        unique
+    }
+
+    /// The unique gearmand and the worker see: `<instance id>.` and then the client's own in
+    /// its namespace, or for a background job or ping without one a fresh random id (so a
+    /// report can name it, and reach this instance from any other); a stream job without one
+    /// gets none (nothing is reported for it). `--shared-uniques` passes a client's unchanged.
     fn gearman_unique(&mut self, id: ConnId, kind: Kind, unique: Option<String>) -> Vec<u8> {
         match unique {
+            Some(u) if self.cfg.shared_uniques => u.into_bytes(),
             Some(u) => {
-                let shared = self.cfg.shared_uniques;
-                let mut full = match self.client(id) {
-                    Some(c) if !shared => c.namespace.to_vec(),
-                    _ => Vec::new(),
-                };
+                let mut full = self.instance_prefix(NAMESPACE_CHARS + 1 + u.len());
+                if let Some(c) = self.client(id) {
+                    full.extend_from_slice(&c.namespace);
+                }
                 full.extend_from_slice(u.as_bytes());
                 full
             }
             None if kind == Kind::Stream => Vec::new(),
-            None => self.entropy.id(RANDOM_UNIQUE_CHARS),
+            None => {
+                let mut full = self.instance_prefix(RANDOM_UNIQUE_CHARS);
+                full.extend_from_slice(&self.entropy.id(RANDOM_UNIQUE_CHARS));
+                full
+            }
         }
     }
 
@@ -1094,6 +1179,12 @@ impl App {
     /// One event from a gearmand link's ClientSession.
     pub fn handle_job_event(&mut self, link: usize, event: JobEvent, now: Instant) {
         match event {
+            JobEvent::Forwarded { unique, value } => self.on_forwarded(&unique, &value),
+            JobEvent::Created { tag: FORWARD_TAG, .. } => {}
+            JobEvent::Rejected { tag: FORWARD_TAG, code, message } => {
+                self.metrics.reports_forward_failed += 1;
+                debug!("gearmand refused a forwarded report: {code} {message}");
+            }
             JobEvent::Created { tag, handle } => self.on_created(link, tag, handle, now),
             JobEvent::Data { tag, data } => self.stream_bytes(tag, "job.data", "data", &data),
             JobEvent::Warning { tag, data } => self.stream_bytes(tag, "job.warning", "data", &data),
@@ -1413,6 +1504,7 @@ mod tests {
             queue_timeout: Duration::from_secs(10),
             worker_token: None,
             shared_uniques: false,
+            instance_id: "a1".into(),
             max_orphans: 3,
             max_job_bytes: 1 << 20,
             link_out_high_bytes: 4096,
@@ -1717,6 +1809,53 @@ mod tests {
     }
 
     #[test]
+    fn a_report_for_another_instances_job_is_forwarded_to_its_desk() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        let report =
+            |unique: &str| json!({"type":"worker.complete","unique":unique,"value":"done"}).to_string();
+        app.handle_client_text(A, &report("b2.XYZ~invoice"), t0);
+        let e = effects(&mut app);
+        assert_eq!(sent(&e), vec![(A, "got it!")]);
+        assert!(
+            matches!(&e[0], Effect::Submit { tag: FORWARD_TAG, function, unique, payload, mode: JobMode::Background, .. }
+            if function == b"gearsock.report.b2" && unique == b"b2.XYZ~invoice" && payload == b"done")
+        );
+        // gearmand's answers to the forward concern no job.
+        app.handle_job_event(0, JobEvent::Created { tag: FORWARD_TAG, handle: b"H:vm:9".to_vec() }, t0);
+        assert!(effects(&mut app).is_empty());
+
+        // Our own id, or no instance at all: nobody to forward to.
+        for unique in ["a1.nope", "nope", "not an id.x"] {
+            app.handle_client_text(A, &report(unique), t0);
+            assert_eq!(codes(&effects(&mut app)), ["unknown_job"], "{unique}");
+        }
+        // No gearmand up: the reporter hears that it was not forwarded.
+        app.handle_link_down(0);
+        effects(&mut app);
+        app.handle_client_text(A, &report("b2.XYZ"), t0);
+        assert_eq!(codes(&effects(&mut app)), ["unavailable"]);
+    }
+
+    #[test]
+    fn a_forwarded_report_is_delivered_as_if_reported_here() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        app.handle_client_text(A, r#"{"type":"ping"}"#, t0);
+        let (_, tag, unique) = submits(&effects(&mut app)).remove(0);
+        assert!(unique.starts_with(b"a1."), "our uniques name this instance: {:?}", unique.escape_ascii());
+        app.handle_job_event(0, JobEvent::Created { tag, handle: b"H:vm:7".to_vec() }, t0);
+        app.handle_job_event(0, JobEvent::Forwarded { unique: unique.clone(), value: b"done".to_vec() }, t0);
+        effects(&mut app);
+        let ask = poll(&mut app, tag, t0);
+        app.handle_job_event(0, gone(ask, b"H:vm:7"), t0);
+        assert_eq!(sent(&effects(&mut app)), vec![(A, "job: H:vm:7"), (A, "value: done")]);
+        // A forward for a job that has ended is dropped quietly.
+        app.handle_job_event(0, JobEvent::Forwarded { unique, value: b"late".to_vec() }, t0);
+        assert!(effects(&mut app).is_empty());
+    }
+
+    #[test]
     fn uniques_live_in_each_clients_namespace_unless_shared() {
         let t0 = Instant::now();
         for shared in [false, true] {
@@ -1731,6 +1870,7 @@ mod tests {
             let (ua, ub) = (&subs[0].2, &subs[1].2);
             assert!(ua.ends_with(b"invoice-42") && ub.ends_with(b"invoice-42"));
             assert_eq!(ua == ub, shared, "{:?} {:?}", ua.escape_ascii(), ub.escape_ascii());
+            assert_eq!(ua.starts_with(b"a1."), !shared, "namespaced uniques name the instance");
             assert!(ua.len() <= MAX_UNIQUE_BYTES);
         }
         // The namespace takes its share of gearmand's 63 bytes.

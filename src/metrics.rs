@@ -178,6 +178,12 @@ pub struct Metrics {
     pub gearmand_retired: u64,
     /// Clients dropped for not reading their replies (soft, hard or total output limit).
     slow_readers_dropped: u64,
+    /// Reports for another instance's jobs forwarded through gearmand.
+    pub reports_forwarded: u64,
+    /// ... of which gearmand refused the forward.
+    pub reports_forward_failed: u64,
+    /// Reports other instances forwarded here: for a live job, and for none.
+    reports_received: [u64; 2],
     /// Passes of the event loop.
     loop_iterations: u64,
     /// Messages sent back in echo mode (`serve --echo`), and their payload bytes.
@@ -236,6 +242,11 @@ impl Metrics {
     /// Counts a job ended.
     pub fn count_finished(&mut self, mode: Mode, outcome: Outcome) {
         self.jobs_finished[mode as usize][outcome as usize] += 1;
+    }
+
+    /// Counts a report another instance forwarded here, `claimed` when a live job took it.
+    pub fn count_report_received(&mut self, claimed: bool) {
+        self.reports_received[usize::from(!claimed)] += 1;
     }
 
     /// Counts what the shell saw.
@@ -335,6 +346,28 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_gearmand_connect_failures_total {}", self.gearmand_connect_failures);
         family(&mut o, "gearmand_retired_total", "counter", "gearmand connections retired (orphans).");
         let _ = writeln!(o, "gearsock_gearmand_retired_total {}", self.gearmand_retired);
+        family(
+            &mut o,
+            "reports_forwarded_total",
+            "counter",
+            "Reports forwarded to other instances, by outcome.",
+        );
+        let sent = self.reports_forwarded - self.reports_forward_failed;
+        let _ = writeln!(o, "gearsock_reports_forwarded_total{{outcome=\"sent\"}} {sent}");
+        let _ = writeln!(
+            o,
+            "gearsock_reports_forwarded_total{{outcome=\"refused\"}} {}",
+            self.reports_forward_failed
+        );
+        family(
+            &mut o,
+            "reports_received_total",
+            "counter",
+            "Reports other instances forwarded here, by outcome.",
+        );
+        let [claimed, unclaimed] = self.reports_received;
+        let _ = writeln!(o, "gearsock_reports_received_total{{outcome=\"delivered\"}} {claimed}");
+        let _ = writeln!(o, "gearsock_reports_received_total{{outcome=\"no_job\"}} {unclaimed}");
         family(&mut o, "timers_armed", "gauge", "Timers in the wheel.");
         let _ = writeln!(o, "gearsock_timers_armed {}", g.timers);
         family(&mut o, "loop_iterations_total", "counter", "Passes of the event loop.");

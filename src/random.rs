@@ -46,6 +46,13 @@ impl Entropy {
         id
     }
 
+    /// A short name of `chars` lower-case letters and digits (about 5.2 bits each): safe on a
+    /// command line and in a Gearman function name.
+    pub fn name(&mut self, chars: usize) -> String {
+        const NAME: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        (0..chars).map(|_| char::from(NAME[usize::from(self.byte()) % NAME.len()])).collect()
+    }
+
     /// Fills `out` with characters of `ALPHABET`, 6 random bits each.
     pub fn fill_id(&mut self, out: &mut [u8]) {
         for c in out {

@@ -94,7 +94,10 @@ pub fn run_submit(opts: &SubmitOptions) -> Result<i32, Box<dyn Error>> {
 fn run_foreground(link: &mut Link) -> Result<i32, Box<dyn Error>> {
     let code = loop {
         match link.next_event()? {
-            JobEvent::Created { .. } | JobEvent::StatusRes { .. } | JobEvent::StatusFailed { .. } => {}
+            JobEvent::Created { .. }
+            | JobEvent::StatusRes { .. }
+            | JobEvent::StatusFailed { .. }
+            | JobEvent::Forwarded { .. } => {}
             JobEvent::Data { data, .. } => say(&format!("data: {}", String::from_utf8_lossy(&data))),
             JobEvent::Warning { data, .. } => say(&format!("warning: {}", String::from_utf8_lossy(&data))),
             JobEvent::Status { numerator, denominator, .. } => {

@@ -46,6 +46,7 @@ fn config(control: u8) -> AppConfig {
         shared_uniques: control & 4 != 0,
         max_orphans: 1,
         max_job_bytes: 1 << 10,
+        instance_id: "f1".into(),
         link_out_high_bytes: 4096,
         link_out_low_bytes: 1024,
     }
@@ -216,8 +217,16 @@ impl Sim {
                     self.replies += 1;
                 }
             }
-            Effect::Submit { link, tag, function, payload, mode, .. } => {
+            Effect::Submit { link, tag, function, unique, payload, mode, .. } => {
                 assert!(self.up[link], "submit to a link that is down");
+                if function.starts_with(b"gearsock.report.") {
+                    // A report forwarded to another instance's desk: hand it back as if this
+                    // were that instance, so both ends of routing meet the same inputs.
+                    let created = JobEvent::Created { tag, handle: b"H:fz:desk".to_vec() };
+                    self.app.handle_job_event(link, created, self.now);
+                    let forwarded = JobEvent::Forwarded { unique, value: payload };
+                    return self.app.handle_job_event(link, forwarded, self.now);
+                }
                 let fate = function.first().copied().unwrap_or(b'-');
                 if mode == JobMode::Foreground && fate == b'r' {
                     let event =

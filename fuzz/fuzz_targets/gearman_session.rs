@@ -142,6 +142,7 @@ impl ClientRun {
                 assert!(matches!(self.state(tag), TagState::Pending(_)), "ERROR for a created tag");
                 (tag, None)
             }
+            JobEvent::Forwarded { .. } => panic!("a desk job, but this session serves no desk"),
             JobEvent::StatusRes { ask, handle, .. } => {
                 assert!(handle.len() <= max);
                 assert!(self.asks.remove(&ask), "second answer to status question {ask}");

@@ -496,6 +496,7 @@ impl Session for GearmanDirect {
                     self.take_slot(tag);
                 }
                 JobEvent::Created { .. }
+                | JobEvent::Forwarded { .. }
                 | JobEvent::Data { .. }
                 | JobEvent::Warning { .. }
                 | JobEvent::Status { .. }

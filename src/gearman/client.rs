@@ -13,6 +13,12 @@
 //! A WORK_* packet whose body is over the limit does not cost the link: once its handle is in,
 //! the submission it was meant for gets `JobEvent::TooLarge`, and the rest of the body is counted
 //! off the input as it streams past, never buffered. Any other oversized packet is an error.
+//!
+//! The same connection can also be a Gearman worker for one function (`serve_reports`): the
+//! desk where other gearsock instances leave reports for this instance's jobs. Its grab cycle
+//! (GRAB_JOB_UNIQ, NO_JOB → PRE_SLEEP, NOOP → GRAB again) runs inside the session; each job
+//! handed out comes out as `JobEvent::Forwarded` and is completed at once. Its answers have
+//! distinct packet types, so they never meet the FIFO of client replies.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -135,6 +141,14 @@ pub enum JobEvent {
         /// gearmand's text.
         message: String,
     },
+    /// A report another instance forwarded to this one's desk (a job of the function given to
+    /// `serve_reports`, already completed at gearmand).
+    Forwarded {
+        /// The unique of the job the report is for (the desk job's own unique).
+        unique: Vec<u8>,
+        /// The reported value (the desk job's payload).
+        value: Vec<u8>,
+    },
     /// A WORK_* packet for this submission had a body over the session's limit; it was skipped
     /// unread. Terminal: the tag gets nothing more, even if the job goes on.
     TooLarge {
@@ -233,6 +247,20 @@ fn work_terminal(kind: PacketType) -> Option<bool> {
     }
 }
 
+/// Where the report desk is in Gearman's grab cycle.
+///
+/// ```text
+///   Off --serve_reports()--> Grabbing --JOB_ASSIGN_UNIQ, sends WORK_COMPLETE + GRAB--> Grabbing
+///                            Grabbing --NO_JOB, sends PRE_SLEEP--> Sleeping
+///                            Sleeping --NOOP, sends GRAB_JOB_UNIQ--> Grabbing
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Desk {
+    Off,
+    Grabbing,
+    Sleeping,
+}
+
 /// The client side of one gearmand connection. See the module docs.
 #[derive(Debug)]
 pub struct ClientSession {
@@ -244,6 +272,10 @@ pub struct ClientSession {
     skip_bytes: u64,
     /// A complete packet has been decoded since the session (or connection) started.
     answered: bool,
+    /// The worker side: the report desk's grab cycle.
+    desk: Desk,
+    /// What the desk must send in answer to gearmand, collected by `take_replies`.
+    replies: Vec<u8>,
 }
 
 impl ClientSession {
@@ -257,7 +289,24 @@ impl ClientSession {
             events: VecDeque::new(),
             skip_bytes: 0,
             answered: false,
+            desk: Desk::Off,
+            replies: Vec::new(),
         }
+    }
+
+    /// Makes this connection a Gearman worker for `function` too (CAN_DO, then GRAB_JOB_UNIQ):
+    /// each job of it comes out as `JobEvent::Forwarded` and is completed at once. The requests
+    /// the grab cycle sends on its own collect in `take_replies`.
+    pub fn serve_reports(&mut self, function: &[u8], out: &mut Vec<u8>) {
+        encode_request(out, PacketType::CanDo, &[function]);
+        encode_request(out, PacketType::GrabJobUniq, &[]);
+        self.desk = Desk::Grabbing;
+    }
+
+    /// Moves what the desk must send (PRE_SLEEP, GRAB_JOB_UNIQ, WORK_COMPLETE) to `out`. Call
+    /// after every `handle_input`.
+    pub fn take_replies(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.replies);
     }
 
     /// Appends the connection's opening requests: OPTION_REQ `exceptions`, so a worker's
@@ -357,7 +406,7 @@ impl ClientSession {
     /// Replies gearmand still owes (submits, status queries, options, probes). Zero means an idle
     /// connection, as far as requests go.
     pub fn awaiting_replies(&self) -> usize {
-        self.expected.len()
+        self.expected.len() + usize::from(self.desk == Desk::Grabbing)
     }
 
     /// True once gearmand has sent at least one complete packet on this connection: the link is
@@ -384,6 +433,8 @@ impl ClientSession {
         tags.extend(self.running.drain().flat_map(|(_, s)| s.slots.into_iter().flatten()));
         self.skip_bytes = 0;
         self.answered = false;
+        self.desk = Desk::Off;
+        self.replies.clear();
         tags
     }
 
@@ -427,6 +478,27 @@ impl ClientSession {
                 let (handle, data) = (next(), next());
                 self.on_work(&handle, true, |tag| JobEvent::Exception { tag, data });
             }
+            PacketType::NoJob => {
+                self.desk_answer(PacketType::NoJob)?;
+                encode_request(&mut self.replies, PacketType::PreSleep, &[]);
+                self.desk = Desk::Sleeping;
+            }
+            PacketType::Noop => {
+                // gearmand may wake a worker that is not asleep; only a sleeping desk grabs.
+                if self.desk == Desk::Sleeping {
+                    encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
+                    self.desk = Desk::Grabbing;
+                }
+            }
+            PacketType::JobAssignUniq => {
+                self.desk_answer(PacketType::JobAssignUniq)?;
+                let (handle, _function, unique, value) = (next(), next(), next(), next());
+                // Delivery happens in this process and cannot be retried elsewhere, so the job
+                // is done as soon as it is read.
+                encode_request(&mut self.replies, PacketType::WorkComplete, &[&handle, b""]);
+                encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
+                self.events.push_back(JobEvent::Forwarded { unique, value });
+            }
             kind => return Err(ProtocolError::Unexpected { kind, expected: "a client reply" }),
         }
         Ok(())
@@ -444,8 +516,11 @@ impl ClientSession {
     ) -> Result<bool, ProtocolError> {
         let too_large =
             ProtocolError::BodyTooLarge { size_bytes: u64::from(size_bytes), max_bytes: self.max_body_bytes };
-        let Some(terminal) = work_terminal(kind) else {
-            return Err(too_large);
+        let assigned = kind == PacketType::JobAssignUniq && self.desk == Desk::Grabbing;
+        let terminal = match work_terminal(kind) {
+            Some(terminal) => terminal,
+            None if assigned => true,
+            None => return Err(too_large),
         };
         // The shell's input holds at least `max_body_bytes` of body, so never wait for more.
         let window = HANDLE_SCAN_BYTES.min(self.max_body_bytes);
@@ -457,6 +532,13 @@ impl ClientSession {
         };
         input.consume(HEADER_BYTES);
         self.skip_bytes = u64::from(size_bytes);
+        if assigned {
+            // No report is that large: fail it (so gearmand forgets it) and grab the next.
+            debug!("gearman failing an oversized desk job of {size_bytes} bytes");
+            encode_request(&mut self.replies, PacketType::WorkFail, &[&handle]);
+            encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
+            return Ok(true);
+        }
         self.on_oversized(&handle, kind, terminal, u64::from(size_bytes));
         Ok(true)
     }
@@ -481,6 +563,14 @@ impl ClientSession {
                 self.events.push_back(JobEvent::TooLarge { tag, kind, size_bytes });
             }
             None => trace!("gearman skipping oversized {kind} for a detached submission"),
+        }
+    }
+
+    /// NO_JOB and JOB_ASSIGN_UNIQ answer the desk's GRAB_JOB_UNIQ, and nothing else.
+    fn desk_answer(&self, kind: PacketType) -> Result<(), ProtocolError> {
+        match self.desk {
+            Desk::Grabbing => Ok(()),
+            _ => Err(ProtocolError::Unexpected { kind, expected: "no worker reply (not grabbing)" }),
         }
     }
 
@@ -815,7 +905,7 @@ mod tests {
         let (mut session, _, mut input) = setup();
         assert!(feed(&mut session, &mut input, &response(JobCreated, &[b"H:gm:1"])).is_err());
         let (mut session, _, mut input) = setup();
-        assert!(feed(&mut session, &mut input, &response(Noop, &[])).is_err());
+        assert!(feed(&mut session, &mut input, &response(NoJob, &[])).is_err());
     }
 
     #[test]
@@ -1210,5 +1300,74 @@ mod tests {
         let (packet, used) = crate::gearman::packet::decode_request(&out, MAX).unwrap().unwrap();
         assert_eq!((packet.kind, packet.args, used), (OptionReq, vec![b"exceptions".to_vec()], out.len()));
         assert_eq!(session.awaiting_replies(), 1);
+    }
+
+    fn requests(mut wire: &[u8]) -> Vec<(PacketType, Vec<Vec<u8>>)> {
+        let mut packets = Vec::new();
+        while let Some((packet, used)) = crate::gearman::packet::decode_request(wire, MAX).unwrap() {
+            packets.push((packet.kind, packet.args));
+            wire = &wire[used..];
+        }
+        packets
+    }
+
+    #[test]
+    fn the_report_desk_grabs_sleeps_wakes_and_completes_beside_client_jobs() {
+        let (mut session, mut out, mut input) = setup();
+        session.serve_reports(b"gearsock.report.a1", &mut out);
+        fg(&mut session, 1, b"", &mut out);
+        let sent = requests(&out);
+        assert_eq!(sent[0], (CanDo, vec![b"gearsock.report.a1".to_vec()]));
+        assert_eq!(sent[1].0, GrabJobUniq);
+        assert_eq!(session.awaiting_replies(), 2, "the grab and the submit are owed answers");
+
+        // Worker and client answers interleave; each goes to its own side.
+        let wire = [response(NoJob, &[]), response(JobCreated, &[b"H:gm:1"])].concat();
+        feed(&mut session, &mut input, &wire).unwrap();
+        let mut replies = Vec::new();
+        session.take_replies(&mut replies);
+        assert_eq!(requests(&replies), vec![(PreSleep, vec![])]);
+        assert_eq!(session.awaiting_replies(), 0, "asleep, and the submit is answered");
+        assert_eq!(
+            events(&mut session),
+            vec![JobEvent::Created { tag: JobTag(1), handle: b"H:gm:1".to_vec() }]
+        );
+
+        feed(&mut session, &mut input, &response(Noop, &[])).unwrap();
+        replies.clear();
+        session.take_replies(&mut replies);
+        assert_eq!(requests(&replies), vec![(GrabJobUniq, vec![])]);
+
+        let assign = response(JobAssignUniq, &[b"H:gm:2", b"gearsock.report.a1", b"a1.XYZ", b"done"]);
+        feed(&mut session, &mut input, &assign).unwrap();
+        assert_eq!(
+            events(&mut session),
+            vec![JobEvent::Forwarded { unique: b"a1.XYZ".to_vec(), value: b"done".to_vec() }]
+        );
+        replies.clear();
+        session.take_replies(&mut replies);
+        assert_eq!(
+            requests(&replies),
+            vec![(WorkComplete, vec![b"H:gm:2".to_vec(), Vec::new()]), (GrabJobUniq, vec![])]
+        );
+    }
+
+    #[test]
+    fn worker_replies_nobody_asked_for_break_the_session_and_a_huge_report_is_failed() {
+        let (mut session, _, mut input) = setup();
+        assert!(
+            feed(&mut session, &mut input, &response(NoJob, &[])).is_err(),
+            "no desk: NO_JOB is unexpected"
+        );
+
+        let mut session = ClientSession::new(16);
+        let (mut out, mut input) = (Vec::new(), InBuf::new(1024));
+        session.serve_reports(b"f", &mut out);
+        let big = response(JobAssignUniq, &[b"H:gm:9", b"f", b"u", &[b'x'; 100]]);
+        feed(&mut session, &mut input, &big).unwrap();
+        assert!(input.is_empty() && events(&mut session).is_empty());
+        let mut replies = Vec::new();
+        session.take_replies(&mut replies);
+        assert_eq!(requests(&replies), vec![(WorkFail, vec![b"H:gm:9".to_vec()]), (GrabJobUniq, vec![])]);
     }
 }

@@ -194,8 +194,9 @@ impl GearmanLink {
         }
     }
 
-    /// The TCP connect finished: greet gearmand (OPTION_REQ) and wait for its answer.
-    pub fn connected(&mut self, now: Instant) {
+    /// The TCP connect finished: greet gearmand (OPTION_REQ), open the report desk for `desk`
+    /// (see `ClientSession::serve_reports`) and wait for the answer.
+    pub fn connected(&mut self, now: Instant, desk: &[u8]) {
         let LinkState::Connecting(sock) = std::mem::replace(&mut self.state, LinkState::Down) else { return };
         let _ = sock.set_nodelay(true);
         self.state = LinkState::Greeting(sock);
@@ -203,6 +204,7 @@ impl GearmanLink {
         self.last_heard = now;
         self.io.can_read = true;
         self.session.start(&mut self.output);
+        self.session.serve_reports(desk, &mut self.output);
     }
 
     /// gearmand answered: the link is up.
@@ -336,7 +338,7 @@ mod tests {
         l.state = LinkState::Connecting(sock);
         l.since = now;
         if up {
-            l.connected(now);
+            l.connected(now, b"gearsock.report.t");
             l.greeted(now);
         }
         l
@@ -348,7 +350,7 @@ mod tests {
         let mut l = with_state(t0, false);
         assert_eq!(l.check_health(t0 + Duration::from_millis(4999), timeout), Health::Fine);
         assert!(matches!(l.check_health(t0 + timeout, timeout), Health::Dead(_)));
-        l.connected(t0 + Duration::from_secs(1));
+        l.connected(t0 + Duration::from_secs(1), b"gearsock.report.t");
         assert_eq!(l.check_health(t0 + Duration::from_secs(5), timeout), Health::Fine);
         assert!(matches!(l.check_health(t0 + Duration::from_secs(6), timeout), Health::Dead(_)));
     }

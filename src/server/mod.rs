@@ -142,6 +142,9 @@ const EVENTS_CAPACITY: usize = 1024;
 const SCRATCH_BYTES: usize = 64 * 1024;
 const WHEEL_TICK: Duration = Duration::from_millis(1);
 const WHEEL_SLOTS: usize = 4096;
+/// Characters of an instance id drawn at startup (31 bits: distinct among any fleet of
+/// gearsock instances one gearmand serves).
+const INSTANCE_ID_CHARS: usize = 6;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Bytes read from one gearmand link per pass, so a burst leaves (as client frames, written
 /// each pass) while it arrives, instead of piling up in one pass's output.
@@ -215,10 +218,12 @@ impl Server {
         let resolver =
             if numeric { None } else { Some(spawn_resolver(&poll).map_err(ServerError::Register)?) };
         let wheel = first_timers(cfg, &active, now);
+        let mut entropy = Entropy::os();
+        let instance_id = cfg.instance_id.clone().unwrap_or_else(|| entropy.name(INSTANCE_ID_CHARS));
         Ok(Server {
             limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
-            app: App::new(app_config(cfg), links.len(), Entropy::os()),
+            app: App::new(app_config(cfg, instance_id), links.len(), entropy),
             cfg: cfg.clone(),
             poll,
             listener: Some(listener),
@@ -403,7 +408,9 @@ impl Server {
                 }
                 match connect_outcome(sock) {
                     Ok(true) => {
-                        link.connected(now); // OPTION_REQ queued: up once gearmand answers it
+                        // OPTION_REQ queued: up once gearmand answers it. The connection is
+                        // also this instance's report desk (CAN_DO gearsock.report.<id>).
+                        link.connected(now, self.app.desk_function().as_bytes());
                         self.links_dirty = true;
                     }
                     Ok(false) => continue,
@@ -435,6 +442,11 @@ impl Server {
             link.last_heard = now;
         }
         let decoded = link.session.handle_input(&mut link.input);
+        // The report desk answers gearmand on its own (PRE_SLEEP, GRAB, WORK_COMPLETE); those
+        // bytes are written with the link's other output in this pass's flush.
+        let queued = link.output.len();
+        link.session.take_replies(&mut link.output);
+        self.links_dirty |= link.output.len() > queued;
         if matches!(link.state, LinkState::Greeting(_)) && link.session.has_answered() {
             link.greeted(now);
             self.app.metrics.observe(LoopEvent::GearmandConnected);
@@ -1055,10 +1067,11 @@ impl Server {
     fn log_startup(&self) {
         let c = &self.cfg;
         info!(
-            "gearsock {} on ws://{}: gearmand {}; max {} connections, {} per message, {} per job; \
+            "gearsock {} on ws://{} (instance {}): gearmand {}; max {} connections, {} per message, {} per job; \
              client output {} soft, {} hard, {} total; worker token {}",
             env!("CARGO_PKG_VERSION"),
             self.local_addr,
+            self.app.instance_id(),
             c.gearmand.join(", "),
             c.max_connections,
             human_bytes(c.max_message_bytes),

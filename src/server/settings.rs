@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::connection::ConnLimits;
 use crate::ws::WsLimits;
 
-/// What the App needs.
-pub fn app_config(c: &Config) -> AppConfig {
+/// What the App needs; `instance_id` is `--instance-id` or the one drawn at startup.
+pub fn app_config(c: &Config, instance_id: String) -> AppConfig {
     AppConfig {
         poll_interval: c.poll_interval,
         value_grace: c.value_grace,
@@ -21,6 +21,7 @@ pub fn app_config(c: &Config) -> AppConfig {
         shared_uniques: c.shared_uniques,
         max_orphans: c.max_orphans,
         max_job_bytes: c.max_job_bytes,
+        instance_id,
         link_out_high_bytes: c.gearman_out_high_bytes,
         link_out_low_bytes: c.gearman_out_low_bytes,
     }
