@@ -457,6 +457,10 @@ mod tests {
         assert_eq!(cfg.instance_id.as_deref(), Some("eu-2"));
         assert_eq!(cfg.processes, 3);
         assert_eq!(cfg.group_child, Some(crate::config::GroupChild { slot: 2, board_fd: 7 }));
+        // A random base may start with '-' (its alphabet has it): still the flag's value.
+        let child = child_args(&args, addr, "-x_", 0, 7);
+        let Ok(crate::cli::Command::Serve(cfg)) = crate::cli::parse_args(child) else { panic!("not serve") };
+        assert_eq!(cfg.instance_id.as_deref(), Some("-x_-0"));
     }
 
     #[test]
