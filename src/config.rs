@@ -115,7 +115,7 @@ pub struct Config {
 /// the shared memory where every member publishes its figures (inherited from the supervisor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupChild {
-    /// 0 to `processes - 1`; its log lines start with `p<slot>`.
+    /// 0 to `processes - 1`; its log lines name it `p<slot>`.
     pub slot: usize,
     /// The shared memory's file descriptor.
     pub board_fd: i32,
