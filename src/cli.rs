@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::bench::{BenchOptions, Mode, sized_message};
-use crate::config::Config;
+use crate::config::{Config, GroupChild};
 use crate::gearman::client::Priority;
 use crate::submit::SubmitOptions;
 use crate::worker::WorkerOptions;
@@ -168,6 +168,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
     use lexopt::Arg::Long;
     let mut c = Config::default();
     let mut gearmand = Vec::new();
+    let (mut group_slot, mut group_board) = (None, None);
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("listen") => c.listen = value(parser)?,
@@ -203,6 +204,9 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("echo") => c.echo = true,
             Long("instance-id") => c.instance_id = Some(value(parser)?),
             Long("processes") => c.processes = value(parser)?,
+            // Internal, not in --help: what the supervisor of a group passes to each child.
+            Long("group-slot") => group_slot = Some(value(parser)?),
+            Long("group-board") => group_board = Some(value(parser)?),
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
@@ -214,6 +218,11 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
     if !gearmand.is_empty() {
         c.gearmand = gearmand;
     }
+    c.group_child = match (group_slot, group_board) {
+        (Some(slot), Some(board_fd)) => Some(GroupChild { slot, board_fd }),
+        (None, None) => None,
+        _ => return Err("--group-slot and --group-board are internal and go together".into()),
+    };
     // A smaller message limit must not be undercut by the frame default.
     c.max_frame_bytes = c.max_frame_bytes.min(c.max_message_bytes);
     c.client_in_limit_bytes = c.max_frame_bytes + 14;
@@ -499,6 +508,32 @@ mod tests {
             assert!(parse_args(args(&["serve", "--instance-id", bad])).is_err(), "{bad:?} accepted");
         }
         assert!(parse_args(args(&["serve", "--processes", "0"])).is_err());
+    }
+
+    #[test]
+    fn a_group_base_id_leaves_room_for_the_slot() {
+        let serve = |list: &[&str]| parse_args(args(list)).map(|c| matches!(c, Command::Serve(_)));
+        assert_eq!(serve(&["--instance-id", "abcdefghijklmn", "--processes", "2"]), Ok(true));
+        let err = serve(&["--instance-id", "abcdefghijklmno", "--processes", "2"]).unwrap_err();
+        assert!(err.contains("at most 14"), "{err}");
+        assert!(serve(&["--instance-id", "abcdefghijklmn", "--processes", "11"]).is_err());
+        // A child gets the full name and its seat.
+        let Ok(Command::Serve(c)) = parse_args(args(&[
+            "--instance-id",
+            "abcdefghijklm-10",
+            "--processes",
+            "11",
+            "--group-slot",
+            "10",
+            "--group-board",
+            "5",
+        ])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.group_child, Some(GroupChild { slot: 10, board_fd: 5 }));
+        assert!(serve(&["--processes", "2", "--group-slot", "2", "--group-board", "5"]).is_err());
+        assert!(serve(&["--group-slot", "0"]).is_err(), "the slot without the board");
+        assert!(!SERVE_HELP.contains("--group-"), "internal flags stay out of --help");
     }
 
     #[test]

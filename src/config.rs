@@ -106,6 +106,19 @@ pub struct Config {
     /// Event-loop processes sharing the listening port (`--processes`). Default 1: this
     /// process serves alone.
     pub processes: usize,
+    /// Set in a process the group's supervisor started (the internal flags `--group-slot` and
+    /// `--group-board`): its seat in the group. Default unset.
+    pub group_child: Option<GroupChild>,
+}
+
+/// A child's seat in a group of `--processes`: which slot it serves in, and the descriptor of
+/// the shared memory where every member publishes its figures (inherited from the supervisor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupChild {
+    /// 0 to `processes - 1`; its log lines name it `p<slot>`.
+    pub slot: usize,
+    /// The shared memory's file descriptor.
+    pub board_fd: i32,
 }
 
 /// Descriptors kept back from `max_connections`: listener, poll, gearmand links, logs.
@@ -151,6 +164,7 @@ impl Default for Config {
             echo: false,
             instance_id: None,
             processes: 1,
+            group_child: None,
         }
     }
 }
@@ -184,6 +198,21 @@ impl Config {
         }
         if self.processes == 0 || self.processes > MAX_PROCESSES {
             return Err(format!("--processes is 1 to {MAX_PROCESSES}"));
+        }
+        match (&self.group_child, &self.instance_id) {
+            (Some(child), _) if child.slot >= self.processes => {
+                return Err("--group-slot is beyond --processes".into());
+            }
+            // Each child is named `{id}-{slot}`: the id must leave room for the longest suffix.
+            (None, Some(id)) if self.processes > 1 && id.len() > max_group_base(self.processes) => {
+                return Err(format!(
+                    "--instance-id {id:?} is too long for --processes {}: each process is named \
+                     ID-N, so ID may have at most {} characters",
+                    self.processes,
+                    max_group_base(self.processes)
+                ));
+            }
+            _ => {}
         }
         if self.max_frame_bytes > self.max_message_bytes {
             return Err("--max-frame-bytes cannot exceed --max-message-bytes".into());
@@ -241,6 +270,12 @@ impl Config {
 pub const MAX_INSTANCE_ID: usize = 16;
 /// Most `--processes`.
 pub const MAX_PROCESSES: usize = 64;
+
+/// The longest `--instance-id` a group of `processes` can extend with `-{slot}` for each child.
+pub fn max_group_base(processes: usize) -> usize {
+    let digits = processes.saturating_sub(1).max(1).ilog10() as usize + 1;
+    MAX_INSTANCE_ID.saturating_sub(1 + digits)
+}
 
 /// Whether `id` can name an instance: what goes before the first `.` of its uniques.
 pub fn is_instance_id(id: &str) -> bool {

@@ -2,7 +2,8 @@
 //! `/healthz` and `/metrics`. The shell hands over the parsed request and a snapshot of the
 //! state these pages report on; it never decides a status code itself.
 
-use serde_json::json;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Value, json};
 
 use crate::metrics::{Gauges, Metrics};
 
@@ -12,8 +13,11 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 const ECHO_PAGE: &str =
     "gearsock echo server: every WebSocket text or binary message is sent back as it came\n";
 
-/// One gearmand as the pages show it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The states a gearmand link can be shown in.
+pub const LINK_STATES: [&str; 5] = ["connected", "stalled", "connecting", "resolving", "disconnected"];
+
+/// One gearmand as the pages show it (and as a process of a group publishes it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LinkView {
     /// `HOST:PORT` as configured.
     pub addr: String,
@@ -57,27 +61,78 @@ impl Response {
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
+/// The pages of this port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// `GET /`: the demo page (a short text in echo mode).
+    Demo,
+    /// `GET /healthz`.
+    Health,
+    /// `GET /metrics`.
+    Metrics,
+}
+
+/// Which page `method` `path` asks for (query ignored), or the answer that says there is none
+/// (404, or 405 for another method on a known path).
+pub fn page(method: &str, path: &str) -> Result<Page, Response> {
+    let page = match path.split('?').next().unwrap_or("") {
+        "/" => Page::Demo,
+        "/healthz" => Page::Health,
+        "/metrics" => Page::Metrics,
+        _ => return Err(Response::new(404, "Not Found", TEXT, "not found\n")),
+    };
+    if method != "GET" {
+        return Err(Response::new(405, "Method Not Allowed", TEXT, "only GET\n"));
+    }
+    Ok(page)
+}
+
 /// Answers `method` `path` (query ignored); `echo`: the server runs in echo mode. `snapshot`
 /// is called only for the pages that report state.
 pub fn route<'a>(method: &str, path: &str, echo: bool, snapshot: impl FnOnce() -> Snapshot<'a>) -> Response {
-    let path = path.split('?').next().unwrap_or("");
-    if !matches!(path, "/" | "/healthz" | "/metrics") {
-        return Response::new(404, "Not Found", TEXT, "not found\n");
-    }
-    if method != "GET" {
-        return Response::new(405, "Method Not Allowed", TEXT, "only GET\n");
-    }
-    match path {
-        "/healthz" => healthz(echo, &snapshot()),
-        "/metrics" => {
+    match page(method, path) {
+        Err(refusal) => refusal,
+        Ok(Page::Health) => healthz(echo, &snapshot()),
+        Ok(Page::Metrics) => {
             let s = snapshot();
-            let text = s.metrics.render(&s.gauges);
-            Response::new(200, "OK", "text/plain; version=0.0.4; charset=utf-8", text)
+            metrics_page(s.metrics.render(&s.gauges))
         }
-        // The demo page speaks the job protocol, which echo mode does not.
-        _ if echo => Response::new(200, "OK", TEXT, ECHO_PAGE),
-        _ => Response::new(200, "OK", "text/html; charset=utf-8", DEMO_PAGE),
+        Ok(Page::Demo) => demo(echo),
     }
+}
+
+/// `GET /`: the demo page speaks the job protocol, which echo mode does not.
+pub fn demo(echo: bool) -> Response {
+    if echo {
+        Response::new(200, "OK", TEXT, ECHO_PAGE)
+    } else {
+        Response::new(200, "OK", "text/html; charset=utf-8", DEMO_PAGE)
+    }
+}
+
+/// `GET /metrics` with this Prometheus text.
+pub fn metrics_page(text: String) -> Response {
+    Response::new(200, "OK", "text/plain; version=0.0.4; charset=utf-8", text)
+}
+
+/// `GET /healthz` with this JSON: 200 when its `status` is `ok` (or `degraded`: a group still
+/// serving with a process down), 503 otherwise.
+pub fn health_page(body: &Value) -> Response {
+    let ok = matches!(body["status"].as_str(), Some("ok" | "degraded"));
+    let (status, reason) = if ok { (200, "OK") } else { (503, "Service Unavailable") };
+    Response::new(status, reason, "application/json", format!("{body}\n"))
+}
+
+/// Whether a process with these gearmand links can run jobs: some gearmand is connected and
+/// not stalled (always, in echo mode: nothing to depend on).
+pub fn links_ok(echo: bool, links: &[LinkView]) -> bool {
+    echo || links.iter().any(|l| l.state == "connected")
+}
+
+/// The `gearmand` list of `/healthz`.
+pub fn links_json(links: &[LinkView]) -> Vec<Value> {
+    let each = |l: &LinkView| json!({"server": l.addr, "state": l.state, "connects": l.connects, "retiring": l.retiring});
+    links.iter().map(each).collect()
 }
 
 /// 200 while some gearmand is connected and not stalled (always, in echo mode: nothing to
@@ -86,23 +141,32 @@ fn healthz(echo: bool, s: &Snapshot) -> Response {
     let body = if echo {
         json!({"status": "ok", "mode": "echo", "gearmand": [], "connections": s.gauges.connections})
     } else {
-        let any_up = s.links.iter().any(|l| l.state == "connected");
-        let servers: Vec<_> = s
-            .links
-            .iter()
-            .map(|l| json!({"server": l.addr, "state": l.state, "connects": l.connects, "retiring": l.retiring}))
-            .collect();
         json!({
-            "status": if any_up { "ok" } else { "unavailable" },
-            "gearmand": servers,
+            "status": if links_ok(echo, &s.links) { "ok" } else { "unavailable" },
+            "gearmand": links_json(&s.links),
             "connections": s.gauges.connections,
             "jobs_in_flight": s.gauges.jobs_in_flight,
             "jobs_queued": s.gauges.jobs_queued,
         })
     };
-    let ok = body["status"] == "ok";
-    let (status, reason) = if ok { (200, "OK") } else { (503, "Service Unavailable") };
-    Response::new(status, reason, "application/json", format!("{body}\n"))
+    health_page(&body)
+}
+
+/// A link read back from a group member's figures; its state as the `&'static str` the pages
+/// use (`disconnected` for a name this build does not know).
+impl<'de> Deserialize<'de> for LinkView {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            addr: String,
+            state: String,
+            connects: u64,
+            retiring: usize,
+        }
+        let w = Wire::deserialize(d)?;
+        let state = LINK_STATES.iter().copied().find(|s| *s == w.state).unwrap_or("disconnected");
+        Ok(LinkView { addr: w.addr, state, connects: w.connects, retiring: w.retiring })
+    }
 }
 
 #[cfg(test)]

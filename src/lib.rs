@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod gearman;
+pub mod group;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -33,6 +33,9 @@ enum Msg {
 struct Sink {
     level: LevelFilter,
     queue: SyncSender<Msg>,
+    /// Written after the level: `p1 ` in the second process of a group, `group ` in its
+    /// supervisor, empty when the process serves alone.
+    prefix: String,
 }
 
 /// Lines dropped since the writer last said so.
@@ -42,12 +45,22 @@ static QUEUE: OnceLock<SyncSender<Msg>> = OnceLock::new();
 
 /// Installs the non-blocking logger at `level` (once per process; later calls do nothing).
 pub fn init(level: LevelFilter) {
+    init_as(level, "");
+}
+
+/// `init`, with every line's message preceded by `who` (a process of a group: `p0`, `p1`, …),
+/// so that processes sharing one standard error can be told apart.
+pub fn init_as(level: LevelFilter, who: &str) {
     let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
-    let spawned = std::thread::Builder::new().name("gearsock-log".into()).spawn(move || write_lines(rx));
+    let prefix = if who.is_empty() { String::new() } else { format!("{who} ") };
+    let writer_prefix = prefix.clone();
+    let spawned = std::thread::Builder::new()
+        .name("gearsock-log".into())
+        .spawn(move || write_lines(rx, &writer_prefix));
     if spawned.is_err() {
         return; // no thread, no log: the server still runs
     }
-    let sink = Sink { level, queue: tx.clone() };
+    let sink = Sink { level, queue: tx.clone(), prefix };
     if log::set_logger(Box::leak(Box::new(sink))).is_ok() {
         log::set_max_level(level);
         let _ = QUEUE.set(tx);
@@ -63,7 +76,7 @@ pub fn flush(limit: Duration) {
     }
 }
 
-fn write_lines(rx: Receiver<Msg>) {
+fn write_lines(rx: Receiver<Msg>, prefix: &str) {
     let mut stderr = std::io::stderr();
     for msg in rx {
         match msg {
@@ -76,7 +89,10 @@ fn write_lines(rx: Receiver<Msg>) {
         }
         let lost = DROPPED.swap(0, Ordering::Relaxed);
         if lost > 0 {
-            let note = format!("{} WARN  {lost} log lines dropped: stderr was not keeping up\n", timestamp());
+            let note = format!(
+                "{} WARN  {prefix}{lost} log lines dropped: stderr was not keeping up\n",
+                timestamp()
+            );
             let _ = stderr.write_all(note.as_bytes());
         }
     }
@@ -91,7 +107,7 @@ impl Log for Sink {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = format!("{} {:<5} {}\n", timestamp(), record.level(), record.args());
+        let line = format!("{} {:<5} {}{}\n", timestamp(), record.level(), self.prefix, record.args());
         match self.queue.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {

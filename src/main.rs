@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use gearsock::cli::{Command, parse_args};
 
 fn main() -> ExitCode {
-    let command = match parse_args(std::env::args_os().skip(1).collect()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let command = match parse_args(args.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -18,8 +19,14 @@ fn main() -> ExitCode {
             print!("{text}");
             Ok(0)
         }
+        // Several processes: this one supervises them (it serves no client itself).
+        Command::Serve(cfg) if cfg.processes > 1 && cfg.group_child.is_none() => {
+            gearsock::logging::init_as(cfg.log_level, "group");
+            gearsock::group::supervisor::run(&cfg, &args)
+        }
         Command::Serve(cfg) => {
-            gearsock::logging::init(cfg.log_level);
+            let who = cfg.group_child.map(|g| format!("p{}", g.slot)).unwrap_or_default();
+            gearsock::logging::init_as(cfg.log_level, &who);
             gearsock::server::Server::bind(&cfg)
                 .and_then(|mut server| {
                     println!("listening on ws://{}", server.local_addr());

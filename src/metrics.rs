@@ -4,6 +4,8 @@
 
 use std::fmt::Write;
 
+use serde::{Deserialize, Serialize};
+
 /// Declares a label enum: its variants, `ALL` in `/metrics` order, and each one's label.
 macro_rules! labels {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $label:literal,)+ }) => {
@@ -145,8 +147,11 @@ pub enum LoopEvent {
     Echoed(usize),
 }
 
-/// Everything `/metrics` reports that is counted rather than read off live state.
-#[derive(Debug, Default, Clone)]
+/// Everything `/metrics` reports that is counted rather than read off live state. It travels
+/// between the processes of a group as it is (serde), so a counter added here reaches the
+/// group's page without more code.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Metrics {
     /// Client messages, by `Message` (read with [`Metrics::messages`]).
     messages_in: [u64; Message::ALL.len()],
@@ -192,8 +197,10 @@ pub struct Metrics {
     echoed_bytes: u64,
 }
 
-/// Live values read when `/metrics` is asked for.
-#[derive(Debug, Default)]
+/// Live values read when `/metrics` is asked for (and published to the group, without
+/// `links`, which travel as the pages' `LinkView`s).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Gauges {
     /// Open client connections.
     pub connections: usize,
@@ -211,6 +218,7 @@ pub struct Gauges {
     pub client_output_bytes: usize,
     /// gearmand links by state name (`connected`, `stalled`, `connecting`, `resolving`,
     /// `disconnected`).
+    #[serde(skip)]
     pub links: Vec<(String, &'static str)>,
 }
 

@@ -12,6 +12,7 @@
 pub mod conn;
 pub mod gearman_link;
 pub mod io;
+pub mod member;
 pub mod resolver;
 pub mod settings;
 pub mod token;
@@ -41,6 +42,7 @@ use gearman_link::{GearmanLink, Health, LinkState, OutageNote, REMINDER_PERIOD, 
 use io::{
     Accept, Io, accept, connect_error, connect_outcome, discard, fill, flush, interest, wait, write_some,
 };
+use member::{Membership, PUBLISH_PERIOD};
 use resolver::Resolver;
 use settings::{app_config, conn_limits};
 use token::{LISTENER, RESOLVER, SIGNALS, Tok, Tokens};
@@ -54,6 +56,8 @@ pub enum ServerError {
     Poll(std::io::Error),
     /// Registering the listener or the signal pipe failed.
     Register(std::io::Error),
+    /// A process of a group could not map the group's shared memory.
+    Group(std::io::Error),
 }
 
 impl fmt::Display for ServerError {
@@ -62,6 +66,7 @@ impl fmt::Display for ServerError {
             ServerError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             ServerError::Poll(e) => write!(f, "poll failed: {e}"),
             ServerError::Register(e) => write!(f, "cannot register with poll: {e}"),
+            ServerError::Group(e) => write!(f, "cannot join the group's shared memory: {e}"),
         }
     }
 }
@@ -76,10 +81,14 @@ const LISTEN_BACKLOG: i32 = 65_535;
 
 /// A nonblocking listener on `addr` with [`LISTEN_BACKLOG`] (and SO_REUSEADDR, as mio sets).
 /// Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here instead
-/// of one per connection (a fifth of the syscalls a handshake costs).
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// of one per connection (a fifth of the syscalls a handshake costs). `shared`: a process of a
+/// group, whose listeners share the port with SO_REUSEPORT (the kernel spreads connections).
+fn listen(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
@@ -134,6 +143,8 @@ enum TimerEvent {
     AcceptResume,
     /// Shutdown grace is over: exit even if some clients did not hang up.
     ShutdownDeadline,
+    /// Publish this process's figures to its group (periodic; only in a group).
+    Publish,
     /// A timer the App asked for.
     App(AppTimer),
 }
@@ -197,13 +208,17 @@ pub struct Server {
     effects: Vec<Effect>,
     fired: Vec<TimerEvent>,
     rng: XorShift64,
+    /// This process's seat in a group of `--processes` (none when it serves alone).
+    group: Option<Membership>,
 }
 
 impl Server {
     /// Binds the listener and sets up the loop; gearmand links connect once `run` starts.
     pub fn bind(cfg: &Config) -> Result<Server, ServerError> {
         let poll = Poll::new().map_err(ServerError::Poll)?;
-        let mut listener = listen(cfg.listen).map_err(|e| ServerError::Bind(cfg.listen, e))?;
+        let group = cfg.group_child.map(Membership::join).transpose().map_err(ServerError::Group)?;
+        let mut listener =
+            listen(cfg.listen, group.is_some()).map_err(|e| ServerError::Bind(cfg.listen, e))?;
         let local_addr = listener.local_addr().map_err(|e| ServerError::Bind(cfg.listen, e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
@@ -217,10 +232,13 @@ impl Server {
         let numeric = links.iter().all(|l| l.numeric.is_some());
         let resolver =
             if numeric { None } else { Some(spawn_resolver(&poll).map_err(ServerError::Register)?) };
-        let wheel = first_timers(cfg, &active, now);
+        let mut wheel = first_timers(cfg, &active, now);
+        if group.is_some() {
+            wheel.insert_periodic(now + PUBLISH_PERIOD, PUBLISH_PERIOD, TimerEvent::Publish);
+        }
         let mut entropy = Entropy::os();
         let instance_id = cfg.instance_id.clone().unwrap_or_else(|| entropy.name(INSTANCE_ID_CHARS));
-        Ok(Server {
+        let mut server = Server {
             limits: conn_limits(cfg),
             tokens: Tokens::new(links.len()),
             app: App::new(app_config(cfg, instance_id), links.len(), entropy),
@@ -253,7 +271,10 @@ impl Server {
             fired: Vec::new(),
             // Reconnect jitter only needs gearsocks on one gearmand not to move in step.
             rng: XorShift64::seeded(0),
-        })
+            group,
+        };
+        server.publish(now); // a member is on the board before it says it listens
+        Ok(server)
     }
 
     /// The address the listener got (useful with port 0).
@@ -794,25 +815,32 @@ impl Server {
     /// A plain HTTP request: `http::route` decides; this gathers what it reports on.
     fn answer_http(&mut self, key: usize, method: &str, path: &str, now: Instant) {
         self.app.metrics.observe(LoopEvent::HttpRequest);
-        let response = http::route(method, path, self.cfg.echo, || {
-            let links = self.link_views(now);
-            Snapshot {
-                gauges: Gauges {
-                    connections: self.conns.len(),
-                    jobs_in_flight: self.app.jobs_in_flight(),
-                    jobs_queued: self.app.jobs_queued(),
-                    timers: self.wheel.len(),
-                    stored_values: self.app.stored_values(),
-                    stored_bytes: self.app.stored_bytes(),
-                    client_output_bytes: self.backlog_bytes(),
-                    links: links.iter().map(|l| (l.addr.clone(), l.state)).collect(),
-                },
-                links,
-                metrics: &self.app.metrics,
-            }
-        });
+        let response = if self.group.is_some() {
+            self.answer_group(method, path, now) // the pages describe the whole group
+        } else {
+            http::route(method, path, self.cfg.echo, || self.snapshot(now))
+        };
         let Response { status, reason, content_type, body } = response;
         self.conns[key].conn.respond(status, reason, content_type, &body, now);
+    }
+
+    /// What `/healthz` and `/metrics` report on (and a member of a group publishes).
+    fn snapshot(&self, now: Instant) -> Snapshot<'_> {
+        let links = self.link_views(now);
+        Snapshot {
+            gauges: Gauges {
+                connections: self.conns.len(),
+                jobs_in_flight: self.app.jobs_in_flight(),
+                jobs_queued: self.app.jobs_queued(),
+                timers: self.wheel.len(),
+                stored_values: self.app.stored_values(),
+                stored_bytes: self.app.stored_bytes(),
+                client_output_bytes: self.backlog_bytes(),
+                links: links.iter().map(|l| (l.addr.clone(), l.state)).collect(),
+            },
+            links,
+            metrics: &self.app.metrics,
+        }
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -834,6 +862,7 @@ impl Server {
                 }
                 TimerEvent::App(timer) => self.app.handle_timer(timer, now),
                 TimerEvent::LinkCheck => self.check_links(now),
+                TimerEvent::Publish => self.publish(now),
             }
         }
         self.fired = fired;
