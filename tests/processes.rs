@@ -124,6 +124,48 @@ fn connections_land_on_every_process_and_a_killed_one_is_replaced() {
     clients(&s, 10);
 }
 
+/// The group's sum of the samples of `name` whose labels include `label`.
+fn group_sum(s: &Server, name: &str, label: &str) -> f64 {
+    let (_, body) = s.http("GET", "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn every_ping_hears_its_value_whichever_process_the_workers_report_lands_in() {
+    let g = Gearmand::start();
+    let (s, _log) = start_group(&g.addr(), 2);
+    wait_all_ok(&s);
+    // One worker, one report connection: it lands in one process, while the pings' clients
+    // land in both, so about half of the reports must be forwarded to the other process.
+    let (gearmand, url) = (g.addr(), s.url());
+    let args = ["worker", "--gearmand", &gearmand, "--count", "1", "--interval-ms", "1", "--report", &url];
+    let mut worker = Proc::spawn(&args);
+    assert_eq!(worker.line(), "waiting");
+    let mut pingers: Vec<Ws> = (0..20).map(|_| connect(&s.url())).collect();
+    wait_for("every client on the board", Duration::from_secs(10), || {
+        per_process(&s, "gearsock_handshakes_total").values().sum::<f64>() == 20.0
+    });
+    let upgrades = per_process(&s, "gearsock_handshakes_total");
+    assert!(upgrades.values().all(|&n| n > 0.0), "the clients landed in one process: {upgrades:?}");
+    for ws in &mut pingers {
+        send(ws, r#"{"type":"ping"}"#);
+    }
+    for ws in &mut pingers {
+        assert_eq!(recv(ws), "before the 'received' message");
+        assert!(recv(ws).starts_with("job: H:"));
+        assert_eq!(recv(ws), "value: done");
+    }
+    let forwarded = r#"outcome="sent""#;
+    wait_for("the forwards on the board", Duration::from_secs(5), || {
+        group_sum(&s, "gearsock_reports_forwarded_total", forwarded) > 0.0
+            && group_sum(&s, "gearsock_reports_received_total", r#"outcome="delivered""#)
+                == group_sum(&s, "gearsock_reports_forwarded_total", forwarded)
+    });
+}
+
 #[test]
 fn sigterm_closes_every_client_with_1001_and_stops_every_process() {
     let g = Gearmand::start();
