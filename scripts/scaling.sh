@@ -68,6 +68,9 @@ PY
 stop_server() { stop_pid "$server_pid"; server_pid=""; }
 
 # Connections the bench holds: the sum of the counts, less the /metrics request's own.
+# The kernel's slab memory (KiB): socket structures of both ends of every loopback connection.
+slab_kib() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
+
 sum_counts() { local t=-1 kv; for kv in $1; do t=$((t + ${kv#*=})); done; echo "$t"; }
 
 json_field() {  # FILE KEY... : prints d[KEY][KEY]...
@@ -90,6 +93,8 @@ held() {
   pids=$(loop_pids)
   # shellcheck disable=SC2086
   rss0=$(rss_kib $pids)
+  local slab0 slab1
+  slab0=$(slab_kib)
   benches=$(( (total + 18999) / 19000 ))
   per=$(( (total + benches - 1) / benches ))
   echo "== held: $p process(es), $total connections from $benches bench processes"
@@ -110,15 +115,17 @@ held() {
   done
   # shellcheck disable=SC2086
   rss1=$(rss_kib $pids)
+  slab1=$(slab_kib)
   local held_now
   held_now=$(sum_counts "$counts")
   local ok=0
   for b in "${bench_pids[@]}"; do wait "$b" || ok=1; done
   stop_server
-  local per_conn
+  local per_conn kernel
   per_conn=$(( held_now > 0 ? (rss1 - rss0) * 1024 / held_now : 0 ))
-  echo "   held $held_now at once (per process: $counts); group RSS $((rss0 / 1024)) -> $((rss1 / 1024)) MiB, $per_conn bytes per connection; benches $([ $ok = 0 ] && echo ok || echo 'FAILED')"
-  summary+=("held P=$p: $held_now connections ($counts), $per_conn B/conn, group RSS $((rss1 / 1024)) MiB")
+  kernel=$(( held_now > 0 ? (slab1 - slab0) * 1024 / held_now : 0 ))
+  echo "   held $held_now at once (per process: $counts); group RSS $((rss0 / 1024)) -> $((rss1 / 1024)) MiB, $per_conn bytes per connection; kernel slab +$(( (slab1 - slab0) / 1024 )) MiB, $kernel bytes per connection (both ends); benches $([ $ok = 0 ] && echo ok || echo 'FAILED')"
+  summary+=("held P=$p: $held_now connections ($counts), $per_conn B/conn in the group's RSS, $kernel B/conn kernel slab (both ends), group RSS $((rss1 / 1024)) MiB")
 }
 
 rates() {
