@@ -62,6 +62,8 @@ usage: gearsock [serve] [flags]
   --echo                     echo mode: send every text and binary message back as it came; no
                              job protocol, no gearmand (cannot be combined with --gearmand); the
                              output limits grow to hold at least one echoed message
+  --sched-batch              run the loop under SCHED_BATCH: its wake-ups do not preempt a
+                             gearmand on the same CPU, so it reads replies in batches (Linux)
   -h, --help                 this text
   -V, --version              the version
 ";
@@ -197,6 +199,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("reconnect-max-ms") => c.reconnect_max = millis(parser)?,
             Long("log-level") => c.log_level = value(parser)?,
             Long("echo") => c.echo = true,
+            Long("sched-batch") => c.sched_batch = true,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
@@ -464,6 +467,11 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.gearmand, vec!["127.0.0.1:4730"]);
         assert_eq!(c.poll_interval, Duration::from_millis(100));
+        assert!(!c.sched_batch, "the default scheduling policy unless asked");
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--sched-batch"])) else {
+            panic!("not serve")
+        };
+        assert!(c.sched_batch);
     }
 
     #[test]
