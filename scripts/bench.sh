@@ -9,13 +9,17 @@
 # (jobs), a minimal WebSocket upgrade acceptor in a child of the bench process (connect).
 #
 # usage: scripts/bench.sh [-h] [SCENARIO|GROUP ...]        (default: all)
-#   scenarios: roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-1x1 connect-10000 connect-19000
+#   scenarios: roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-50x16 jobs-1x1 connect-10000
+#              connect-19000
 #   groups:    roundtrip jobs connect all
 # environment (defaults in brackets):
 #   DURATION [10]  measured seconds of the timed scenarios   WARMUP [2]  their warm-up seconds
 #   HOLD [1]       connect: seconds the idle connections are held
 #   CONNECT_SMALL [10000], CONNECT_LARGE [19000], MAX_CONNECTIONS [19500]  connect scenarios
-#   SERVER_CPU [0], BENCH_CPU [1]  taskset CPUs; GEARMAND_CPU [unset: not pinned]
+#   SERVER_CPU [0], BENCH_CPU [1]  taskset CPUs
+#   GEARMAND_CPU [SERVER_CPU]  gearmand's CPU, the same in the bridge and the direct run; set it
+#                  empty to leave gearmand to the scheduler
+#   JOBS_SERVE_FLAGS [--sched-batch]  extra `serve` flags for the jobs scenarios
 #   GEARMAND_THREADS [auto]  auto: measure the default (4) and --threads=1 with the direct
 #                  Gearman client for PROBE_DURATION [2] s each and keep the faster; or a number
 #   SCENARIOS      the scenarios, when no arguments are given
@@ -32,12 +36,17 @@ CONNECT_LARGE="${CONNECT_LARGE:-19000}"
 MAX_CONNECTIONS="${MAX_CONNECTIONS:-19500}"
 SERVER_CPU="${SERVER_CPU:-0}"
 BENCH_CPU="${BENCH_CPU:-1}"
-GEARMAND_CPU="${GEARMAND_CPU:-}"
+# gearmand shares the server's CPU (see BENCHMARKS.md, "The job path at full speed"): in the
+# direct run it has that CPU to itself, in the bridge run the server (under --sched-batch) yields
+# to it. Left to the scheduler, it shared a CPU with the server or the workers and waited behind
+# them for 44 % of the bridge run while the other CPU idled.
+GEARMAND_CPU="${GEARMAND_CPU-$SERVER_CPU}"
+JOBS_SERVE_FLAGS="${JOBS_SERVE_FLAGS---sched-batch}"
 GEARMAND_THREADS="${GEARMAND_THREADS:-auto}"
 PROBE_DURATION="${PROBE_DURATION:-2}"
 OUT="${OUT:-BENCHMARKS.md}"
 OUT_DIR=target/bench
-ALL=(roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-1x1 connect-10000 connect-19000)
+ALL=(roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-50x16 jobs-1x1 connect-10000 connect-19000)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
@@ -65,6 +74,8 @@ for s in "${scenarios[@]}"; do [[ $s == jobs-* ]] && wants_jobs=1; done
 for v in DURATION WARMUP HOLD PROBE_DURATION; do
   [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v must be a number of seconds, not '${!v}'"
 done
+[[ -z $GEARMAND_CPU || $GEARMAND_CPU =~ ^[0-9]+$ ]] || die "GEARMAND_CPU must be a CPU number or empty"
+read -r -a jobs_flags <<<"$JOBS_SERVE_FLAGS"
 for v in CONNECT_SMALL CONNECT_LARGE MAX_CONNECTIONS SERVER_CPU BENCH_CPU; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, not '${!v}'"
 done
@@ -81,6 +92,7 @@ fi
 for tool in python3 taskset timeout; do command -v "$tool" >/dev/null || die "$tool is needed"; done
 cpus=$(nproc --all)
 [ "$SERVER_CPU" -lt "$cpus" ] && [ "$BENCH_CPU" -lt "$cpus" ] || die "CPUs $SERVER_CPU and $BENCH_CPU: this machine has $cpus"
+[ -z "$GEARMAND_CPU" ] || [ "$GEARMAND_CPU" -lt "$cpus" ] || die "GEARMAND_CPU $GEARMAND_CPU: this machine has $cpus"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "== building gearsock"
@@ -224,7 +236,7 @@ if [ "$GEARMAND_THREADS" = auto ]; then
     for t in default 1; do
       echo "== gearmand probe: --threads=$t ($PROBE_DURATION s of jobs 50x4, direct client)"
       start_gearmand "$t"
-      start_server "probe-gearmand-$t"
+      start_server "probe-gearmand-$t" "${jobs_flags[@]}"
       run_bench "probe-gearmand-$t" "$(limit_for "$PROBE_DURATION" 0.5)" jobs --url "ws://$ws" \
         --function echo --payload-bytes 16 --connections 50 --in-flight 4 \
         --duration-s "$PROBE_DURATION" --warmup-s 0.5 --spawn-workers 2 \
@@ -255,13 +267,13 @@ for s in "${scenarios[@]}"; do
       start_server "$s"
       run_bench "$s" "$timed_limit" roundtrip --url "ws://$ws" --connections 1000 --in-flight 1 \
         --duration-s "$DURATION" --warmup-s "$WARMUP" --baseline --pid "$server_pid" ;;
-    jobs-50x4)
-      start_server "$s"
+    jobs-50x4|jobs-50x16)
+      start_server "$s" "${jobs_flags[@]}"
       run_bench "$s" "$timed_limit" jobs --url "ws://$ws" --function echo --payload-bytes 16 \
-        --connections 50 --in-flight 4 --duration-s "$DURATION" --warmup-s "$WARMUP" \
+        --connections 50 --in-flight "${s#jobs-50x}" --duration-s "$DURATION" --warmup-s "$WARMUP" \
         --spawn-workers 2 --gearmand "$gm" --baseline --pid "$server_pid" --gearmand-pid "$gearmand_pid" ;;
     jobs-1x1)
-      start_server "$s"
+      start_server "$s" "${jobs_flags[@]}"
       run_bench "$s" "$timed_limit" jobs --url "ws://$ws" --function echo --payload-bytes 16 \
         --connections 1 --in-flight 1 --duration-s "$DURATION" --warmup-s "$WARMUP" \
         --spawn-workers 2 --gearmand "$gm" --baseline --pid "$server_pid" --gearmand-pid "$gearmand_pid" ;;
@@ -285,6 +297,7 @@ echo "== writing $OUT"
 export STARTED_AT="$started_at" SCENARIO_LIST="${scenarios[*]}" GEARMAND_CHOICE="$gearmand_choice"
 export GEARMAND_SETTING="$GEARMAND_THREADS" GEARMAND_ARGS="${gearmand_args[*]}" OUT_DIR OUT
 export DURATION WARMUP HOLD SERVER_CPU BENCH_CPU GEARMAND_CPU PROBE_DURATION MAX_CONNECTIONS
+export JOBS_SERVE_FLAGS
 python3 - <<'PY'
 import json, os, re, subprocess
 from pathlib import Path
@@ -434,7 +447,7 @@ md = []
 md.append("# Benchmarks\n")
 md.append(f"Generated by `scripts/bench.sh` on {env['STARTED_AT']}, commit {commit()}. "
           f"The raw JSON of every run is kept in `{out_dir}/`.\n")
-if set(scenarios) != {"roundtrip-100x16", "roundtrip-1000x1", "jobs-50x4", "jobs-1x1",
+if set(scenarios) != {"roundtrip-100x16", "roundtrip-1000x1", "jobs-50x4", "jobs-50x16", "jobs-1x1",
                       "connect-10000", "connect-19000"}:
     md.append(f"This run covered only: {', '.join(f'`{s}`' for s in scenarios)}.\n")
 
@@ -453,8 +466,10 @@ md.append("")
 md.append("## Setup\n")
 gm_cpu = env.get("GEARMAND_CPU") or ""
 choice = env["GEARMAND_CHOICE"]
-md.append(f"- `gearsock serve` runs alone on CPU {env['SERVER_CPU']} (`taskset -c {env['SERVER_CPU']}`), "
-          f"a fresh server for every scenario, `--log-level warn`.")
+jobs_flags = env.get("JOBS_SERVE_FLAGS", "").strip()
+md.append(f"- `gearsock serve` runs on CPU {env['SERVER_CPU']} (`taskset -c {env['SERVER_CPU']}`), "
+          f"a fresh server for every scenario, `--log-level warn`"
+          + (f"; in the jobs scenarios also `{jobs_flags}`." if jobs_flags else "."))
 md.append(f"- `gearsock bench` runs on CPU {env['BENCH_CPU']} (`taskset -c {env['BENCH_CPU']}`), with one "
           f"client event loop; the jobs scenarios' demo workers (`--spawn-workers 2`) are threads of the "
           f"bench process, so they share that CPU.")
@@ -472,7 +487,8 @@ md.append(f"- The connect baseline is a minimal WebSocket upgrade acceptor in a 
           f"so its handshakes/s are what this machine and the bench allow; the server's RSS is not read "
           f"for it.")
 md.append(f"- gearmand: `{env['GEARMAND_ARGS']}`, "
-          + (f"pinned to CPU {gm_cpu}." if gm_cpu else "not pinned (the scheduler places it on either CPU)."))
+          + (f"pinned to CPU {gm_cpu} (`taskset -c {gm_cpu}`) for the whole run, in the bridge and the "
+             f"direct runs alike." if gm_cpu else "not pinned (the scheduler places it on either CPU)."))
 md.append(f"- Timed scenarios: {env['WARMUP']} s warm-up, then {env['DURATION']} s measured; connect scenarios "
           f"hold their idle connections {env['HOLD']} s.")
 md.append("")
@@ -536,6 +552,11 @@ targets.append(["jobs 50 × 4: bridge jobs/s vs direct Gearman client", "≥ 90%
                 f"{v * 100:.1f}% ({n(get('jobs-50x4', 'bridge', 'jobs_per_s'))} vs "
                 f"{n(get('jobs-50x4', 'baseline', 'jobs_per_s'))} jobs/s)" if v is not None else "–",
                 verdict(v, v is not None and v >= 0.9, clean("jobs-50x4"))])
+v = get("jobs-50x16", "ratio")
+targets.append(["jobs 50 × 16: bridge jobs/s vs direct Gearman client", "≥ 90%",
+                f"{v * 100:.1f}% ({n(get('jobs-50x16', 'bridge', 'jobs_per_s'))} vs "
+                f"{n(get('jobs-50x16', 'baseline', 'jobs_per_s'))} jobs/s)" if v is not None else "–",
+                verdict(v, v is not None and v >= 0.9, clean("jobs-50x16"))])
 v = get("jobs-1x1", "added_p50_us")
 targets.append(["jobs 1 × 1: latency the bridge adds at p50", "< 200 µs",
                 f"{us(v)} µs (p50 {us(get('jobs-1x1', 'bridge', 'latency_us', 'p50'))} vs "
@@ -551,6 +572,7 @@ titles = {
     "roundtrip-100x16": "roundtrip: 100 connections × 16 in flight",
     "roundtrip-1000x1": "roundtrip: 1,000 connections × 1 in flight",
     "jobs-50x4": "jobs: 50 connections × 4 in flight (echo, 16 bytes)",
+    "jobs-50x16": "jobs: 50 connections × 16 in flight (echo, 16 bytes)",
     "jobs-1x1": "jobs: 1 connection × 1 in flight (the latency the bridge adds)",
     "connect-10000": "connect: {n} connections, 100 handshakes in flight",
     "connect-19000": "connect: {n} connections, 100 handshakes in flight, 4 source addresses",

@@ -66,6 +66,8 @@ usage: gearsock [serve] [flags]
                              uniques start with it and it takes reports for them forwarded by
                              others as function gearsock.report.ID
   --processes N              event-loop processes sharing the port with SO_REUSEPORT (1)
+  --sched-batch              run the loop under SCHED_BATCH: its wake-ups do not preempt a
+                             gearmand on the same CPU, so it reads replies in batches (Linux)
   -h, --help                 this text
   -V, --version              the version
 ";
@@ -207,6 +209,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             // Internal, not in --help: what the supervisor of a group passes to each child.
             Long("group-slot") => group_slot = Some(value(parser)?),
             Long("group-board") => group_board = Some(value(parser)?),
+            Long("sched-batch") => c.sched_batch = true,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
@@ -479,6 +482,11 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.gearmand, vec!["127.0.0.1:4730"]);
         assert_eq!(c.poll_interval, Duration::from_millis(100));
+        assert!(!c.sched_batch, "the default scheduling policy unless asked");
+        let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--sched-batch"])) else {
+            panic!("not serve")
+        };
+        assert!(c.sched_batch);
     }
 
     #[test]

@@ -109,6 +109,11 @@ pub struct Config {
     /// Set in a process the group's supervisor started (the internal flags `--group-slot` and
     /// `--group-board`): its seat in the group. Default unset.
     pub group_child: Option<GroupChild>,
+    /// Run the event loop under `SCHED_BATCH` (`--sched-batch`): its wake-ups do not preempt
+    /// the task on its CPU, so a gearmand on the same core is not cut off after every packet it
+    /// writes and the loop takes larger batches. Default off: on a busy CPU a wake-up may wait
+    /// up to a scheduler slice.
+    pub sched_batch: bool,
 }
 
 /// A child's seat in a group of `--processes`: which slot it serves in, and the descriptor of
@@ -165,6 +170,7 @@ impl Default for Config {
             instance_id: None,
             processes: 1,
             group_child: None,
+            sched_batch: false,
         }
     }
 }

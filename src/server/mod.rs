@@ -286,6 +286,12 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         self.log_startup();
+        // This thread only: the logger and resolver threads keep the default policy.
+        if self.cfg.sched_batch
+            && let Err(e) = crate::os::batch_scheduling()
+        {
+            warn!("--sched-batch: the loop stays under the default policy ({e})");
+        }
         while !self.stop {
             // Work left over from the last pass (a read budget spent, effects made after the
             // last apply) means: do not sleep.
