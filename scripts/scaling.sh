@@ -14,6 +14,7 @@
 # usage: scripts/scaling.sh [held|rates|jobs|all]          (default all; about 6 minutes)
 # environment: PROCESS_COUNTS ["1 2 4"]  PER_PROCESS [19000] connections per server process
 #   HOLD [40] s the held connections stay open  DURATION [5] s per timed run  SKIP_BUILD=1
+#   JOBS_SERVE_FLAGS [--sched-batch] extra `serve` flags for the jobs runs
 # Raw JSON and logs go to target/scaling/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ PROCESS_COUNTS="${PROCESS_COUNTS:-1 2 4}"
 PER_PROCESS="${PER_PROCESS:-19000}"
 HOLD="${HOLD:-40}"
 DURATION="${DURATION:-5}"
+JOBS_SERVE_FLAGS="${JOBS_SERVE_FLAGS---sched-batch}"
 OUT_DIR=target/scaling
 SERVER_CPU="" BENCH_CPU=""  # a group needs both cores; nothing is pinned
 case "$WHAT" in held|rates|jobs|all) ;; *) echo "unknown part '$WHAT' (held, rates, jobs, all)" >&2; exit 2 ;; esac
@@ -145,8 +147,9 @@ rates() {
 
 jobs() {
   local p=$1 bridge direct
-  start_server --processes "$p"
-  echo "== jobs: $p instance(s) on one gearmand"
+  # shellcheck disable=SC2086
+  start_server --processes "$p" $JOBS_SERVE_FLAGS
+  echo "== jobs: $p instance(s) on one gearmand (serve flags: ${JOBS_SERVE_FLAGS:-none})"
   "$bin" bench jobs --url "ws://$ws" --function echo --payload-bytes 16 --connections 50 --in-flight 4 \
     --duration-s "$DURATION" --warmup-s 1 --spawn-workers 2 --gearmand "127.0.0.1:$gearmand_port" \
     --baseline --json >"$OUT_DIR/jobs-$p.json" 2>"$OUT_DIR/jobs-$p.err" || true
