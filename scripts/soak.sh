@@ -15,6 +15,9 @@
 #
 #   scripts/soak.sh          # 10 minutes
 #   scripts/soak.sh 120      # 2 minutes
+#   SERVE_FLAGS='--processes 2' scripts/soak.sh 120   # through a group: the workers' reports
+#       then often land in the process that does not hold the ping and are forwarded (the RSS
+#       and descriptors sampled are the supervisor's; the reconcile is what counts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +41,8 @@ GPORT=$(free_port)
 /usr/sbin/gearmand --listen=127.0.0.1 --port="$GPORT" --log-file=stderr --threads=1 >"$OUT/gearmand.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 500); do (exec 3<>"/dev/tcp/127.0.0.1/$GPORT") 2>/dev/null && break; sleep 0.02; done
-"$GEARSOCK" serve --listen 127.0.0.1:0 --gearmand "127.0.0.1:$GPORT" --poll-interval-ms 50 \
+# shellcheck disable=SC2086
+"$GEARSOCK" serve --listen 127.0.0.1:0 --gearmand "127.0.0.1:$GPORT" --poll-interval-ms 50 ${SERVE_FLAGS:-} \
   >"$OUT/serve.out" 2>"$OUT/serve.log" &
 SPID=$!
 pids+=("$SPID")
@@ -57,6 +61,9 @@ timeout $((SECONDS_TOTAL + 120)) "$GEARSOCK" bench mixed --url "ws://$ADDR" --co
   --in-flight "$IN_FLIGHT" --duration-s "$SECONDS_TOTAL" --interval-s "$INTERVAL" --pid "$SPID" \
   --spawn-workers 1 --gearmand "127.0.0.1:$GPORT" --json >"$OUT/bench.json" 2> >(tee "$OUT/bench.log" >&2) \
   || bench_rc=$?
+# The server's own figures at the end of the load (of the whole group with --processes).
+python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+  "http://$ADDR/metrics" >"$OUT/metrics.txt" 2>/dev/null || true
 kill -TERM "$SPID"
 serve_rc=""
 for _ in $(seq 1000); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.01; done
