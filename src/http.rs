@@ -32,6 +32,8 @@ pub struct LinkView {
 /// What the pages report on, gathered by the shell when a page that needs it is asked for.
 #[derive(Debug)]
 pub struct Snapshot<'a> {
+    /// This instance's id (`--instance-id`, or drawn at startup).
+    pub instance: &'a str,
     /// Each gearmand.
     pub links: Vec<LinkView>,
     /// Live values.
@@ -143,6 +145,7 @@ fn healthz(echo: bool, s: &Snapshot) -> Response {
     } else {
         json!({
             "status": if links_ok(echo, &s.links) { "ok" } else { "unavailable" },
+            "instance": s.instance,
             "gearmand": links_json(&s.links),
             "connections": s.gauges.connections,
             "jobs_in_flight": s.gauges.jobs_in_flight,
@@ -178,7 +181,7 @@ mod tests {
             .iter()
             .map(|&state| LinkView { addr: "127.0.0.1:4730".into(), state, connects: 1, retiring: 0 })
             .collect();
-        Snapshot { links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
+        Snapshot { instance: "t1", links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
     }
 
     #[test]

@@ -150,6 +150,10 @@ fn every_ping_hears_its_value_whichever_process_the_workers_report_lands_in() {
     });
     let upgrades = per_process(&s, "gearsock_handshakes_total");
     assert!(upgrades.values().all(|&n| n > 0.0), "the clients landed in one process: {upgrades:?}");
+    // Each process is an instance of its own, named after its slot.
+    let h = health(&s);
+    let ids: Vec<&str> = (0..2).filter_map(|i| h["processes"][i]["instance"].as_str()).collect();
+    assert!(ids.len() == 2 && ids[0].ends_with("-0") && ids[1].ends_with("-1"), "{h}");
     for ws in &mut pingers {
         send(ws, r#"{"type":"ping"}"#);
     }

@@ -22,6 +22,11 @@ fn two_instances(g: &Gearmand) -> (Server, Server) {
     let beta = Server::start(&g.addr(), &["--poll-interval-ms", "20", "--instance-id", "beta"]);
     alpha.wait_healthy();
     beta.wait_healthy();
+    for (server, id) in [(&alpha, "alpha"), (&beta, "beta")] {
+        let health: serde_json::Value =
+            serde_json::from_str(&server.http("GET", "/healthz").1).expect("JSON");
+        assert_eq!(health["instance"], id, "{health}");
+    }
     (alpha, beta)
 }
 

@@ -25,6 +25,8 @@ use crate::metrics::{Gauges, Metrics};
 pub struct Report {
     /// The publishing process (a slot whose pid is not the supervisor's is stale).
     pub pid: u32,
+    /// Its instance id (`ID-slot`).
+    pub instance: String,
     /// Its counters.
     pub metrics: Metrics,
     /// Its live values (their `links` are rebuilt from `links`).
@@ -36,8 +38,8 @@ pub struct Report {
 impl Report {
     /// The report of a process with this snapshot.
     pub fn new(pid: u32, snapshot: Snapshot) -> Report {
-        let Snapshot { links, gauges, metrics } = snapshot;
-        Report { pid, metrics: metrics.clone(), gauges, links }
+        let Snapshot { instance, links, gauges, metrics } = snapshot;
+        Report { pid, instance: instance.to_string(), metrics: metrics.clone(), gauges, links }
     }
 
     /// The bytes that go on the board.
@@ -214,6 +216,7 @@ pub fn healthz(echo: bool, group: &Group) -> Value {
                 mine = &r.links;
             }
             entry["status"] = json!(if ok { "ok" } else { "unavailable" });
+            entry["instance"] = json!(r.instance);
             entry["connections"] = json!(r.gauges.connections);
             entry["jobs_in_flight"] = json!(r.gauges.jobs_in_flight);
             entry["jobs_queued"] = json!(r.gauges.jobs_queued);
@@ -254,7 +257,7 @@ mod tests {
         metrics.observe(LoopEvent::Accepted);
         let links = vec![LinkView { addr: "127.0.0.1:4730".into(), state, connects: 1, retiring: 0 }];
         let gauges = Gauges { connections, jobs_in_flight: 2, ..Gauges::default() };
-        let r = Report { pid, metrics, gauges, links };
+        let r = Report { pid, instance: format!("t-{pid}"), metrics, gauges, links };
         let mut bytes = Vec::new();
         r.encode(&mut bytes);
         Report::decode(&bytes).expect("decodes")

@@ -834,6 +834,7 @@ impl Server {
     fn snapshot(&self, now: Instant) -> Snapshot<'_> {
         let links = self.link_views(now);
         Snapshot {
+            instance: self.app.instance_id(),
             gauges: Gauges {
                 connections: self.conns.len(),
                 jobs_in_flight: self.app.jobs_in_flight(),
