@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use gearsock::app::{App, AppConfig, AppTimer, ConnId, Effect, PING_ACK};
-use gearsock::metrics::Message;
 use gearsock::gearman::{JobEvent, JobMode, PacketType};
+use gearsock::metrics::Message;
 use gearsock::random::Entropy;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;

@@ -5,7 +5,9 @@
 //! bytes), then the wire bytes. Reads are pushed into an `InBuf` sized as the shells size it
 //! (limit + header) and never past its room, as `server::io::fill` reads.
 //!
-//! The client session starts with replies owed: OPTION_REQ, two foreground submits, one
+//! The client session is also a report desk, as every server link is (`serve_reports`), so
+//! NO_JOB, NOOP and JOB_ASSIGN_UNIQ are answers it may get. It starts with replies owed:
+//! OPTION_REQ, the desk's GRAB_JOB_UNIQ, two foreground submits, one
 //! background submit, a GET_STATUS and a probe; whenever fewer than two replies are owed after a
 //! read it asks for more, so the fuzzer can keep answering. A protocol error drops the
 //! connection the way the shell does (`take_all_tags`, fresh buffer, `start`) and the rest of
@@ -15,7 +17,8 @@
 //! session that waits on a full buffer stalls its link); no event carries more than the limit;
 //! every tag follows created → work* → one terminal event and then nothing; every status
 //! question gets at most one answer; `in_flight()` equals the tags still owed something, and
-//! `take_all_tags` returns exactly those. The worker only ever writes whole, valid requests.
+//! `take_all_tags` returns exactly those. The desk's replies and the worker's writes are only
+//! ever whole, valid requests of the kinds a worker sends.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -75,6 +78,7 @@ impl ClientRun {
         self.input = InBuf::new(self.max_job + HEADER_BYTES);
         self.out.clear();
         self.session.start(&mut self.out);
+        self.session.serve_reports(b"gearsock.report.fz", &mut self.out);
         self.submit(JobMode::Foreground, b"");
         self.submit(JobMode::Foreground, b"u");
         self.submit(JobMode::Background, b"");
@@ -142,7 +146,10 @@ impl ClientRun {
                 assert!(matches!(self.state(tag), TagState::Pending(_)), "ERROR for a created tag");
                 (tag, None)
             }
-            JobEvent::Forwarded { .. } => panic!("a desk job, but this session serves no desk"),
+            JobEvent::Forwarded { unique, value } => {
+                assert!(unique.len() <= max && value.len() <= max);
+                return;
+            }
             JobEvent::StatusRes { ask, handle, .. } => {
                 assert!(handle.len() <= max);
                 assert!(self.asks.remove(&ask), "second answer to status question {ask}");
@@ -201,6 +208,9 @@ fn run_client(wire: &[u8], max_job: usize, read_size: usize) {
         run.input.extend(&rest[..n]);
         rest = &rest[n..];
         let result = run.session.handle_input(&mut run.input);
+        let mut replies = Vec::new();
+        run.session.take_replies(&mut replies);
+        check_requests(&replies);
         while let Some(event) = run.session.poll_event() {
             run.on_event(event);
         }
@@ -256,7 +266,8 @@ fn run_worker(wire: &[u8], max_job: usize, read_size: usize) {
     }
 }
 
-/// What a worker writes must be whole request packets of the kinds it sends.
+/// What a worker (or a client session's desk) writes must be whole request packets of the kinds
+/// a worker sends.
 fn check_requests(out: &[u8]) {
     let mut rest = out;
     while !rest.is_empty() {
@@ -264,7 +275,11 @@ fn check_requests(out: &[u8]) {
         assert!(
             matches!(
                 packet.kind,
-                PacketType::CanDo | PacketType::GrabJobUniq | PacketType::PreSleep | PacketType::WorkComplete
+                PacketType::CanDo
+                    | PacketType::GrabJobUniq
+                    | PacketType::PreSleep
+                    | PacketType::WorkComplete
+                    | PacketType::WorkFail
             ),
             "{:?}",
             packet.kind
