@@ -566,20 +566,7 @@ impl App {
 
     fn on_worker_complete(&mut self, id: ConnId, msg: Incoming, now: Instant) {
         let r = msg.reference.as_ref();
-        let trusted = self.client(id).is_some_and(|c| c.trusted);
-        let allowed = match &self.cfg.worker_token {
-            Some(token) => msg.token.as_deref().is_some_and(|t| same_secret(t.as_bytes(), token.as_bytes())),
-            None => trusted,
-        };
-        if !allowed {
-            let why = match self.cfg.worker_token {
-                Some(_) => "worker.complete needs the server's --worker-token as \"token\"",
-                None => {
-                    "worker.complete is taken only from this machine (loopback), without a foreign \
-                     Origin and not through a proxy; elsewhere start the server with --worker-token \
-                     and send it as \"token\""
-                }
-            };
+        if let Err(why) = self.may_report(id, msg.token.as_deref()) {
             return self.error(id, ErrorCode::Forbidden, why, r);
         }
         let value = match msg.value {
@@ -588,20 +575,7 @@ impl App {
             None => return self.error(id, ErrorCode::BadRequest, "worker.complete needs \"value\"", r),
         };
         if let Some(unique) = msg.unique {
-            // The unique names one gearmand job exactly (or the submissions of one client that
-            // coalesced into it): no other job can take the value.
-            let takers = self.by_unique.get(unique.as_bytes()).cloned().unwrap_or_default();
-            if !takers.is_empty() {
-                self.send(id, "got it!".to_string());
-                return self.deliver_value(&takers, &value);
-            }
-            return match self.owner_elsewhere(&unique) {
-                Some(owner) => self.forward_report(id, owner, &unique, &value, r),
-                None => {
-                    let text = "no unfinished background job has that unique";
-                    self.error(id, ErrorCode::UnknownJob, text, r)
-                }
-            };
+            return self.report_by_unique(id, &unique, &value, r);
         }
         let handle = match msg.id {
             Some(Value::String(s)) => s,
@@ -626,6 +600,38 @@ impl App {
                 let text = "several gearmand servers gave out this handle; report with \"unique\" \
                             to name the job";
                 self.error(id, ErrorCode::AmbiguousJob, text, r);
+            }
+        }
+    }
+
+    /// Whether client `id` may report values: with `--worker-token`, exactly when it sent the
+    /// token; without, when it is a trusted peer. The error text says how to be allowed.
+    fn may_report(&mut self, id: ConnId, token: Option<&str>) -> Result<(), &'static str> {
+        let trusted = self.client(id).is_some_and(|c| c.trusted);
+        match &self.cfg.worker_token {
+            Some(expected) if token.is_some_and(|t| same_secret(t.as_bytes(), expected.as_bytes())) => Ok(()),
+            Some(_) => Err("worker.complete needs the server's --worker-token as \"token\""),
+            None if trusted => Ok(()),
+            None => Err("worker.complete is taken only from this machine (loopback), without a foreign \
+                         Origin and not through a proxy; elsewhere start the server with --worker-token \
+                         and send it as \"token\""),
+        }
+    }
+
+    /// A report that names its job by unique: the unique names one gearmand job exactly (or
+    /// the submissions of one client that coalesced into it), so no other job can take the
+    /// value. A job of another instance gets it through that instance's desk.
+    fn report_by_unique(&mut self, id: ConnId, unique: &str, value: &str, r: Option<&Value>) {
+        let takers = self.by_unique.get(unique.as_bytes()).cloned().unwrap_or_default();
+        if !takers.is_empty() {
+            self.send(id, "got it!".to_string());
+            return self.deliver_value(&takers, value);
+        }
+        match self.owner_elsewhere(unique) {
+            Some(owner) => self.forward_report(id, owner, unique, value, r),
+            None => {
+                let text = "no unfinished background job has that unique";
+                self.error(id, ErrorCode::UnknownJob, text, r)
             }
         }
     }

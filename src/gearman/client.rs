@@ -261,6 +261,16 @@ enum Desk {
     Sleeping,
 }
 
+/// What gearmand says to the desk.
+enum DeskPacket {
+    /// NO_JOB: nothing to grab; the desk sleeps.
+    NoJob,
+    /// NOOP: wake up, a job may be waiting.
+    Noop,
+    /// JOB_ASSIGN_UNIQ: a forwarded report.
+    Assigned { handle: Vec<u8>, unique: Vec<u8>, value: Vec<u8> },
+}
+
 /// The client side of one gearmand connection. See the module docs.
 #[derive(Debug)]
 pub struct ClientSession {
@@ -478,26 +488,11 @@ impl ClientSession {
                 let (handle, data) = (next(), next());
                 self.on_work(&handle, true, |tag| JobEvent::Exception { tag, data });
             }
-            PacketType::NoJob => {
-                self.desk_answer(PacketType::NoJob)?;
-                encode_request(&mut self.replies, PacketType::PreSleep, &[]);
-                self.desk = Desk::Sleeping;
-            }
-            PacketType::Noop => {
-                // gearmand may wake a worker that is not asleep; only a sleeping desk grabs.
-                if self.desk == Desk::Sleeping {
-                    encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
-                    self.desk = Desk::Grabbing;
-                }
-            }
+            PacketType::NoJob => self.on_desk_packet(DeskPacket::NoJob)?,
+            PacketType::Noop => self.on_desk_packet(DeskPacket::Noop)?,
             PacketType::JobAssignUniq => {
-                self.desk_answer(PacketType::JobAssignUniq)?;
                 let (handle, _function, unique, value) = (next(), next(), next(), next());
-                // Delivery happens in this process and cannot be retried elsewhere, so the job
-                // is done as soon as it is read.
-                encode_request(&mut self.replies, PacketType::WorkComplete, &[&handle, b""]);
-                encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
-                self.events.push_back(JobEvent::Forwarded { unique, value });
+                self.on_desk_packet(DeskPacket::Assigned { handle, unique, value })?;
             }
             kind => return Err(ProtocolError::Unexpected { kind, expected: "a client reply" }),
         }
@@ -564,6 +559,33 @@ impl ClientSession {
             }
             None => trace!("gearman skipping oversized {kind} for a detached submission"),
         }
+    }
+
+    /// A packet of the desk's grab cycle.
+    fn on_desk_packet(&mut self, packet: DeskPacket) -> Result<(), ProtocolError> {
+        match packet {
+            DeskPacket::NoJob => {
+                self.desk_answer(PacketType::NoJob)?;
+                encode_request(&mut self.replies, PacketType::PreSleep, &[]);
+                self.desk = Desk::Sleeping;
+            }
+            DeskPacket::Noop => {
+                // gearmand may wake a worker that is not asleep; only a sleeping desk grabs.
+                if self.desk == Desk::Sleeping {
+                    encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
+                    self.desk = Desk::Grabbing;
+                }
+            }
+            DeskPacket::Assigned { handle, unique, value } => {
+                self.desk_answer(PacketType::JobAssignUniq)?;
+                // Delivery happens in this process and cannot be retried elsewhere, so the job
+                // is done as soon as it is read.
+                encode_request(&mut self.replies, PacketType::WorkComplete, &[&handle, b""]);
+                encode_request(&mut self.replies, PacketType::GrabJobUniq, &[]);
+                self.events.push_back(JobEvent::Forwarded { unique, value });
+            }
+        }
+        Ok(())
     }
 
     /// NO_JOB and JOB_ASSIGN_UNIQ answer the desk's GRAB_JOB_UNIQ, and nothing else.
