@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use serde_json::json;
 
@@ -86,4 +88,28 @@ fn a_report_for_an_unknown_job_of_this_instance_is_refused_not_forwarded() {
     send(&mut ws, r#"{"type":"worker.complete","unique":"alpha.nosuchjob","value":"x"}"#);
     assert_eq!(recv_json(&mut ws)["code"], "unknown_job");
     assert_eq!(alpha.metric(SENT), 0.0);
+}
+
+#[test]
+fn routing_comes_back_with_a_restarted_gearmand() {
+    let mut g = Gearmand::start();
+    let (alpha, beta) = two_instances(&g);
+    // gearmand dies with every desk registration; on reconnect each link registers again.
+    g.kill();
+    let g = Gearmand::start_on(g.port);
+    for server in [&alpha, &beta] {
+        wait_for("the link to reconnect", Duration::from_secs(10), || {
+            server.metric("gearsock_gearmand_connects_total") == 2.0
+        });
+        server.wait_healthy();
+    }
+    let mut w = ping_worker(&g, &beta);
+    let mut ws = connect(&alpha.url());
+    send(&mut ws, r#"{"type":"ping"}"#);
+    assert_eq!(recv(&mut ws), "before the 'received' message");
+    assert!(recv(&mut ws).starts_with("job: H:"));
+    assert_eq!(recv(&mut ws), "value: done");
+    assert!(w.line().starts_with("received: "));
+    assert_eq!(beta.metric(SENT), 1.0);
+    assert_eq!(alpha.metric(DELIVERED), 1.0);
 }
