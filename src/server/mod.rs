@@ -156,6 +156,9 @@ const WHEEL_SLOTS: usize = 4096;
 /// Characters of an instance id drawn at startup (31 bits: distinct among any fleet of
 /// gearsock instances one gearmand serves).
 const INSTANCE_ID_CHARS: usize = 6;
+/// Connections accepted in one pass at most: a burst of thousands is spread over passes, so
+/// the clients already open are read and answered between its parts.
+const ACCEPT_BUDGET: usize = 64;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Bytes read from one gearmand link per pass, so a burst leaves (as client frames, written
 /// each pass) while it arrives, instead of piling up in one pass's output.
@@ -297,6 +300,7 @@ impl Server {
             // last apply) means: do not sleep.
             let leftover = !self.ready.is_empty()
                 || !self.dirty.is_empty()
+                || self.accept_ready && !self.accept_paused
                 || self.app.has_effects()
                 || self.links_ready();
             let timeout = if leftover {
@@ -313,7 +317,7 @@ impl Server {
             if self.signalled && !self.shutting_down {
                 self.begin_shutdown(now); // close frames now; the loop ends when all are gone
             }
-            self.accept_clients(now); // until WouldBlock (or out of descriptors)
+            self.accept_clients(now); // until WouldBlock, the pass's budget, or out of descriptors
             self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
             self.drive_clients(now); // client bytes -> Ws -> App
             self.fire_timers(now); // wheel.expire(now) -> App / connections / links
@@ -367,8 +371,14 @@ impl Server {
         if !self.accept_ready || self.accept_paused {
             return;
         }
-        loop {
-            let Some(listener) = &self.listener else { return };
+        // Edge-triggered: the listener is not reported again until a new connection arrives,
+        // so a budget spent with some still queued leaves `accept_ready` set, and the next
+        // `wait` does not sleep.
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(listener) = &self.listener else {
+                self.accept_ready = false;
+                return;
+            };
             let (mut sock, peer) = match accept(listener) {
                 Accept::Got(pair) => pair,
                 Accept::Drained => {
