@@ -654,8 +654,7 @@ impl App {
         };
         let function = format!("{DESK_PREFIX}{owner}").into_bytes();
         let (unique, payload) = (unique.as_bytes().to_vec(), value.as_bytes().to_vec());
-        self.links[link].out_bytes +=
-            packet::HEADER_BYTES + function.len() + unique.len() + payload.len() + 2;
+        self.count_submit(link, &[&function, &unique, &payload]);
         self.metrics.reports_forwarded += 1;
         self.effects.push(Effect::Submit {
             link,
@@ -988,15 +987,20 @@ impl App {
         let mode = if job.kind == Kind::Stream { JobMode::Foreground } else { JobMode::Background };
         let unique = job.unique.to_vec();
         let Submission { function, payload, priority } = *sub;
+        self.links[link].holding += 1;
+        self.count_submit(link, &[&function, &unique, &payload]);
+        self.effects.push(Effect::Submit { link, tag, function, unique, payload, mode, priority });
+    }
+
+    /// Adds what a SUBMIT_JOB* with these fields will add to the link's output, so a burst
+    /// within one pass cannot route more than the high water mark to a link before the shell
+    /// reports its figure.
+    fn count_submit(&mut self, link: usize, fields: &[&[u8]; 3]) {
         let l = &mut self.links[link];
-        l.holding += 1;
-        // What the packet will add to the link's output, so a burst within one pass cannot
-        // route more than the high water mark to a link before the shell reports its figure.
-        l.out_bytes += packet::HEADER_BYTES + function.len() + unique.len() + payload.len() + 2;
+        l.out_bytes += packet::HEADER_BYTES + fields.iter().map(|f| f.len()).sum::<usize>() + 2;
         if l.out_bytes > self.cfg.link_out_high_bytes {
             l.stalled = true;
         }
-        self.effects.push(Effect::Submit { link, tag, function, unique, payload, mode, priority });
     }
 
     /// Asks gearmand for a job's status on the connection that holds it.
