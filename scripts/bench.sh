@@ -112,14 +112,8 @@ started_at=$(date -u +"%Y-%m-%d %H:%M:%S UTC")
 gearmand_pid="" server_pid="" bench_pid="" ws=""
 gearmand_port="" gearmand_args=()
 
-stop_pid() {  # PID: TERM, up to 5 s, then KILL
-  local pid=$1
-  [ -n "$pid" ] || return 0
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 cleanup() {
   stop_pid "$bench_pid"; stop_pid "$server_pid"; stop_pid "$gearmand_pid"
   bench_pid="" server_pid="" gearmand_pid=""
@@ -128,9 +122,6 @@ trap cleanup EXIT
 trap 'echo "bench.sh: interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 pin() {  # CPU: the taskset prefix, or nothing for an empty CPU
   [ -z "$1" ] || printf '%s\n' taskset -c "$1"
 }
@@ -143,13 +134,7 @@ start_gearmand() {  # THREADS: "default" or a number
   local prefix; mapfile -t prefix < <(pin "$GEARMAND_CPU")
   "${prefix[@]}" "${gearmand_args[@]}" >"$OUT_DIR/gearmand.log" 2>&1 </dev/null &
   gearmand_pid=$!
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$gearmand_port") 2>/dev/null && return 0
-    kill -0 "$gearmand_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$OUT_DIR/gearmand.log" >&2
-  die "gearmand did not come up on 127.0.0.1:$gearmand_port"
+  wait_for_port "$gearmand_port" "$gearmand_pid" "$OUT_DIR/gearmand.log"
 }
 
 server_cmd=()
@@ -161,13 +146,7 @@ start_server() {  # TAG [serve flags...]: a fresh server; sets ws and server_pid
   local out="$OUT_DIR/server-$tag.out"
   "${server_cmd[@]}" >"$out" 2>"$OUT_DIR/server-$tag.err" </dev/null &
   server_pid=$!  # taskset execs the server: same pid
-  ws=""
-  for _ in $(seq 100); do
-    ws=$(sed -n 's#^listening on ws://##p' "$out" | head -n 1)
-    [ -n "$ws" ] && return 0
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
+  ws=$(wait_for_line "$out" "$server_pid") && return 0
   cat "$OUT_DIR/server-$tag.err" >&2
   die "the server did not report 'listening on ws://...'"
 }

@@ -66,9 +66,6 @@ print(" ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: int(
 PY
 }
 
-# Stops the server (every process of a group) and keeps gearmand for the next run.
-stop_server() { stop_pid "$server_pid"; server_pid=""; }
-
 # Connections the bench holds: the sum of the counts, less the /metrics request's own.
 # The kernel's slab memory (KiB): socket structures of both ends of every loopback connection.
 slab_kib() { awk '/^Slab:/ {print $2}' /proc/meminfo; }

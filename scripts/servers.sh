@@ -1,10 +1,11 @@
-# Sourced by scripts/churn.sh and scripts/flood.sh (not run on its own): installs gearmand
+# Sourced by scripts/churn.sh, scripts/flood.sh and scripts/scaling.sh (not run on its own): installs gearmand
 # when it is missing, builds gearsock, starts a private gearmand and a `gearsock serve` on free
 # loopback ports, and stops them on exit. Expects `set -euo pipefail` and the repository root
 # as the working directory; OUT_DIR must be set (logs go there).
 #
 #   start_gearmand             sets gearmand_pid, gearmand_port
 #   start_server [flags...]    sets server_pid, ws (HOST:PORT); pinned to SERVER_CPU if set
+#   stop_server                stops it (every process of a group), keeps gearmand
 #   machine_line               nproc, kernel, rustc, load average: one line for the report
 #   run_bench JSON             runs "${bench[@]}" (pinned to BENCH_CPU if set) within TIMEOUT
 #                              seconds into JSON, sets rc, then stops the servers
@@ -14,18 +15,11 @@ bin="${CARGO_TARGET_DIR:-target}/release/gearsock"
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 
-stop_pid() {  # PID: TERM, up to 5 s, then KILL
-  local pid=$1
-  [ -n "$pid" ] || return 0
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-stop_servers() {
-  stop_pid "$server_pid"; stop_pid "$gearmand_pid"
-  server_pid="" gearmand_pid=""
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+stop_server() { stop_pid "$server_pid"; server_pid=""; }
+stop_servers() { stop_server; stop_pid "$gearmand_pid"; gearmand_pid=""; }
 trap stop_servers EXIT
 trap 'echo "interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
@@ -46,22 +40,12 @@ mkdir -p "$OUT_DIR"
 # The server holds a descriptor per connection, the bench children theirs: the hard limit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 start_gearmand() {
   gearmand_port=$(free_port)
   /usr/sbin/gearmand --listen=127.0.0.1 --port="$gearmand_port" --log-file=stderr --threads=1 \
     >"$OUT_DIR/gearmand.log" 2>&1 </dev/null &
   gearmand_pid=$!
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$gearmand_port") 2>/dev/null && return 0
-    kill -0 "$gearmand_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$OUT_DIR/gearmand.log" >&2
-  die "gearmand did not come up on 127.0.0.1:$gearmand_port"
+  wait_for_port "$gearmand_port" "$gearmand_pid" "$OUT_DIR/gearmand.log"
 }
 
 start_server() {  # [serve flags...]
@@ -71,25 +55,20 @@ start_server() {  # [serve flags...]
     --log-level warn "$@")
   "${server_cmd[@]}" >"$OUT_DIR/server.out" 2>"$OUT_DIR/server.err" </dev/null &
   server_pid=$!  # taskset execs the server: same pid
-  for _ in $(seq 100); do
-    ws=$(sed -n 's#^listening on ws://##p' "$OUT_DIR/server.out" | head -n 1)
-    if [ -n "$ws" ]; then
-      # Until the gearmand link is up the server is still settling (descriptors, buffers).
-      for _ in $(seq 100); do
-        python3 - "$ws" <<'PY' && return 0
+  if ws=$(wait_for_line "$OUT_DIR/server.out" "$server_pid"); then
+    # Until the gearmand link is up the server is still settling (descriptors, buffers).
+    for _ in $(seq 100); do
+      python3 - "$ws" <<'PY' && return 0
 import sys, urllib.request
 try:
     urllib.request.urlopen(f"http://{sys.argv[1]}/healthz", timeout=2)
 except Exception:
     sys.exit(1)
 PY
-        sleep 0.1
-      done
-      die "the server's gearmand link did not come up"
-    fi
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
+      sleep 0.1
+    done
+    die "the server's gearmand link did not come up"
+  fi
   cat "$OUT_DIR/server.err" >&2
   die "the server did not report 'listening on ws://...'"
 }
