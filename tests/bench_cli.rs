@@ -6,24 +6,14 @@ mod common;
 
 use std::process::Command;
 
-use common::{BIN, Gearmand, Server, free_port};
+use common::{BIN, Gearmand, Server, bench_json, free_port};
 use serde_json::Value;
 
 /// Runs `gearsock bench FLAGS... EXTRA... --json` (`flags` split on whitespace); returns the
 /// exit status and the JSON it printed.
 fn bench(flags: &str, extra: &[&str]) -> (i32, Value) {
-    let out = Command::new(BIN)
-        .arg("bench")
-        .args(flags.split_whitespace())
-        .args(extra)
-        .arg("--json")
-        .output()
-        .expect("run gearsock bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
-    });
-    (out.status.code().unwrap_or(-1), value)
+    let args: Vec<&str> = flags.split_whitespace().chain(extra.iter().copied()).collect();
+    bench_json(&args)
 }
 
 fn num(v: &Value) -> f64 {

@@ -316,17 +316,10 @@ fn shutdown_closes_echo_clients_with_1001() {
 /// Runs `gearsock bench roundtrip FLAGS... --json` briefly against `url`; returns the exit
 /// status and the JSON it printed.
 fn bench(url: &str, flags: &[&str]) -> (i32, Value) {
-    let out = Command::new(BIN)
-        .args(["bench", "roundtrip", "--url", url, "--connections", "4", "--in-flight", "4"])
-        .args(["--duration-s", "0.5", "--warmup-s", "0.1", "--json"])
-        .args(flags)
-        .output()
-        .expect("run gearsock bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
-    });
-    (out.status.code().unwrap_or(-1), value)
+    let mut args = vec!["roundtrip", "--url", url, "--connections", "4", "--in-flight", "4"];
+    args.extend(["--duration-s", "0.5", "--warmup-s", "0.1"]);
+    args.extend_from_slice(flags);
+    bench_json(&args)
 }
 
 #[test]

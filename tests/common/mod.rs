@@ -310,6 +310,16 @@ pub fn recv(ws: &mut Ws) -> String {
     }
 }
 
+/// Runs `gearsock bench ARGS... --json`; returns the exit status and the JSON it printed.
+pub fn bench_json(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(BIN).arg("bench").args(args).arg("--json").output().expect("run gearsock bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.code().unwrap_or(-1), value)
+}
+
 /// The next text frame parsed as JSON.
 pub fn recv_json(ws: &mut Ws) -> serde_json::Value {
     let text = recv(ws);
