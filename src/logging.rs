@@ -1,22 +1,26 @@
 //! The process's log, and the tally that turns per-connection events into summaries.
 //!
-//! `init` installs a `log::Log` that never blocks its caller: a line is formatted on the calling
-//! thread and handed to a bounded queue; a writer thread owns stderr. When stderr is slow (a
-//! full pipe, a paused terminal) the queue fills and further lines are counted and dropped,
-//! never waited for; the writer says how many were lost once it catches up. So the event loop
-//! pays for a `format!` and a channel send per line, whatever happens to stderr.
+//! `init` installs a `log::Log` that never blocks its caller. The caller's record becomes an
+//! owned line (level, target, text) handed to a bounded queue with a non-blocking send; a
+//! writer thread owns a `simple_logger::SimpleLogger` and passes it each line as a
+//! `log::Record` rebuilt from those parts, so simple_logger formats, filters and writes to
+//! stderr, off the loop thread. When stderr is slow (a full pipe, a paused terminal) the queue
+//! fills and further lines are counted and dropped, never waited for; the writer says how many
+//! were lost once it catches up. So the event loop pays for a `format!` and a channel send per
+//! line, whatever happens to stderr. Lines are stamped by simple_logger when written, which is
+//! within a millisecond of the event unless stderr stalls (and then lines are dropped anyway).
 //!
 //! `Tally` is sans-IO: the server notes each per-connection event (a client that left without
 //! a close frame, a bad frame, a refusal), logs it at `debug`, and prints the counts as one
 //! line per kind at most once per `SUMMARY_PERIOD`.
 
-use std::io::Write;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use simple_logger::SimpleLogger;
 
 /// Lines the queue holds before it starts dropping (a few hundred KiB at most).
 const QUEUE_LINES: usize = 4096;
@@ -24,8 +28,15 @@ const QUEUE_LINES: usize = 4096;
 /// How often per-connection events are summarised.
 pub const SUMMARY_PERIOD: Duration = Duration::from_secs(10);
 
+/// One record, owned, so that it can cross to the writer thread.
+struct Line {
+    level: Level,
+    target: String,
+    text: String,
+}
+
 enum Msg {
-    Line(String),
+    Line(Line),
     /// Everything queued before this has been written: tell the sender.
     Flush(mpsc::Sender<()>),
 }
@@ -33,7 +44,7 @@ enum Msg {
 struct Sink {
     level: LevelFilter,
     queue: SyncSender<Msg>,
-    /// Written after the level: `p1 ` in the second process of a group, `group ` in its
+    /// Written before the message: `p1 ` in the second process of a group, `group ` in its
     /// supervisor, empty when the process serves alone.
     prefix: String,
 }
@@ -56,7 +67,7 @@ pub fn init_as(level: LevelFilter, who: &str) {
     let writer_prefix = prefix.clone();
     let spawned = std::thread::Builder::new()
         .name("gearsock-log".into())
-        .spawn(move || write_lines(rx, &writer_prefix));
+        .spawn(move || write_lines(rx, writer(level), &writer_prefix));
     if spawned.is_err() {
         return; // no thread, no log: the server still runs
     }
@@ -65,6 +76,14 @@ pub fn init_as(level: LevelFilter, who: &str) {
         log::set_max_level(level);
         let _ = QUEUE.set(tx);
     }
+}
+
+/// The writer's formatter. Features (Cargo.toml): `timestamps` in UTC with milliseconds, since
+/// a server's log is read beside other machines' and gearmand's; `stderr`, since stdout carries
+/// the `listening on` line that scripts read; no `colors`, since the log mostly goes to
+/// journald, files and pipes, where escape codes are noise.
+fn writer(level: LevelFilter) -> SimpleLogger {
+    SimpleLogger::new().with_level(level).with_utc_timestamps()
 }
 
 /// Waits (up to `limit`) until every line logged so far is written: called before exit.
@@ -76,26 +95,25 @@ pub fn flush(limit: Duration) {
     }
 }
 
-fn write_lines(rx: Receiver<Msg>, prefix: &str) {
-    let mut stderr = std::io::stderr();
+fn write_lines(rx: Receiver<Msg>, logger: SimpleLogger, prefix: &str) {
     for msg in rx {
         match msg {
-            Msg::Line(line) => {
-                let _ = stderr.write_all(line.as_bytes());
-            }
+            Msg::Line(line) => write_line(&logger, line.level, &line.target, format_args!("{}", line.text)),
             Msg::Flush(done) => {
                 let _ = done.send(());
             }
         }
         let lost = DROPPED.swap(0, Ordering::Relaxed);
         if lost > 0 {
-            let note = format!(
-                "{} WARN  {prefix}{lost} log lines dropped: stderr was not keeping up\n",
-                timestamp()
-            );
-            let _ = stderr.write_all(note.as_bytes());
+            let note = format_args!("{prefix}{lost} log lines dropped: stderr was not keeping up");
+            write_line(&logger, Level::Warn, module_path!(), note);
         }
     }
+}
+
+/// Hands one line to simple_logger as the `Record` it was.
+fn write_line(logger: &SimpleLogger, level: Level, target: &str, text: std::fmt::Arguments) {
+    logger.log(&Record::builder().level(level).target(target).args(text).build());
 }
 
 impl Log for Sink {
@@ -107,7 +125,11 @@ impl Log for Sink {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = format!("{} {:<5} {}{}\n", timestamp(), record.level(), self.prefix, record.args());
+        let line = Line {
+            level: record.level(),
+            target: record.target().to_string(),
+            text: format!("{}{}", self.prefix, record.args()),
+        };
         match self.queue.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -117,32 +139,6 @@ impl Log for Sink {
     }
 
     fn flush(&self) {}
-}
-
-/// Now as RFC 3339 UTC with milliseconds (`2026-11-30T12:46:32.123Z`).
-fn timestamp() -> String {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    format_utc(since.as_secs(), since.subsec_millis())
-}
-
-fn format_utc(secs: u64, millis: u32) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// A per-connection event worth a count, not a line each.
@@ -247,13 +243,6 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        assert_eq!(format_utc(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_utc(951_782_400, 5), "2000-02-29T00:00:00.005Z");
-        assert_eq!(format_utc(1_796_042_792, 123), "2026-11-30T12:46:32.123Z");
-    }
 
     #[test]
     fn a_thousand_events_make_one_line_and_the_tally_starts_again() {

@@ -160,3 +160,27 @@ fn the_startup_line_says_what_is_in_force() {
     wait_for("the shutdown lines", Duration::from_secs(5), || log.count("stopped") == 1);
     assert_eq!(log.count("signal"), 1, "{:?}", log.lines());
 }
+
+/// simple_logger writes each line (behind the queue): a UTC timestamp with milliseconds, the
+/// level, the module that logged it, then the message.
+#[test]
+fn log_lines_carry_a_utc_time_the_level_and_the_module() {
+    let (mut s, log) = Server::start_logged("127.0.0.1:1", &[], &[]);
+    wait_for("the startup line", Duration::from_secs(5), || log.count("gearsock ") >= 1);
+    let line = log.lines().into_iter().find(|l| l.contains(" on ws://")).expect("startup line");
+    let (stamp, rest) = line.split_once(' ').expect("a timestamp, then the rest");
+    let b = stamp.as_bytes();
+    assert_eq!(b.len(), "2026-12-07T16:45:06.540Z".len(), "{line}");
+    let shape = b.iter().enumerate().all(|(i, &c)| match i {
+        4 | 7 => c == b'-',
+        10 => c == b'T',
+        13 | 16 => c == b':',
+        19 => c == b'.',
+        23 => c == b'Z',
+        _ => c.is_ascii_digit(),
+    });
+    assert!(shape, "RFC 3339 UTC with milliseconds: {line}");
+    assert!(rest.starts_with("INFO  [gearsock::server] gearsock "), "{line}");
+    s.proc.signal("TERM");
+    assert_eq!(s.proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
