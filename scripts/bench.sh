@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end benchmark suite: writes BENCHMARKS.md at the repository root.
+# The end-to-end benchmark suite: writes docs/BENCHMARKS.md.
 #
 # Installs gearmand from Debian's packages when it is missing, builds gearsock, starts a private
 # gearmand and a fresh `gearsock serve` (pinned to SERVER_CPU) for every scenario, runs
@@ -23,7 +23,7 @@
 #   GEARMAND_THREADS [auto]  auto: measure the default (4) and --threads=1 with the direct
 #                  Gearman client for PROBE_DURATION [2] s each and keep the faster; or a number
 #   SCENARIOS      the scenarios, when no arguments are given
-#   OUT [BENCHMARKS.md]  the report;  SKIP_BUILD=1  use target/release/gearsock as it is
+#   OUT [docs/BENCHMARKS.md]  the report;  SKIP_BUILD=1  use target/release/gearsock as it is
 # A quick try: DURATION=1 WARMUP=0.5 scripts/bench.sh roundtrip
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ CONNECT_LARGE="${CONNECT_LARGE:-19000}"
 MAX_CONNECTIONS="${MAX_CONNECTIONS:-19500}"
 SERVER_CPU="${SERVER_CPU:-0}"
 BENCH_CPU="${BENCH_CPU:-1}"
-# gearmand shares the server's CPU (see BENCHMARKS.md, "The job path at full speed"): in the
+# gearmand shares the server's CPU (see docs/BENCHMARKS.md, "The job path at full speed"): in the
 # direct run it has that CPU to itself, in the bridge run the server (under --sched-batch) yields
 # to it. Left to the scheduler, it shared a CPU with the server or the workers and waited behind
 # them for 44 % of the bridge run while the other CPU idled.
@@ -44,7 +44,7 @@ GEARMAND_CPU="${GEARMAND_CPU-$SERVER_CPU}"
 JOBS_SERVE_FLAGS="${JOBS_SERVE_FLAGS---sched-batch}"
 GEARMAND_THREADS="${GEARMAND_THREADS:-auto}"
 PROBE_DURATION="${PROBE_DURATION:-2}"
-OUT="${OUT:-BENCHMARKS.md}"
+OUT="${OUT:-docs/BENCHMARKS.md}"
 OUT_DIR=target/bench
 ALL=(roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-50x16 jobs-1x1 connect-10000 connect-19000)
 
@@ -652,7 +652,7 @@ for s in scenarios:
 # ---- reproduce
 md.append("## Reproduce\n")
 md.append("The whole suite (about two minutes at the default durations; gearmand is installed if missing):\n")
-md.append("```sh\nscripts/bench.sh                                  # everything, writes BENCHMARKS.md\n"
+md.append("```sh\nscripts/bench.sh                                  # everything, writes docs/BENCHMARKS.md\n"
           "DURATION=2 WARMUP=1 scripts/bench.sh roundtrip    # a quick subset\n```\n")
 md.append("Or by hand: a private gearmand, then for each scenario a fresh server on CPU "
           f"{env['SERVER_CPU']} and the bench on CPU {env['BENCH_CPU']}. These are the commands this run "
@@ -674,10 +674,10 @@ md.append("```\n")
 
 # ---- profile
 md.append("## Profile\n")
-if Path("PROFILE.md").exists():
+if Path("docs/PROFILE.md").exists():
     md.append("The profile notes are kept in [PROFILE.md](PROFILE.md).")
 else:
-    md.append("The profile notes are kept in PROFILE.md; none had been written when this report was generated.")
+    md.append("The profile notes are kept in docs/PROFILE.md; none had been written when this report was generated.")
 md.append("")
 
 Path(env["OUT"]).write_text("\n".join(md))

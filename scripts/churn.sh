@@ -70,7 +70,7 @@ if not g["ok"] and first.get("heap_bytes") and first["heap_bytes"] == end["heap_
     print(f"  note: glibc's [heap] kept its size ({kib(end['heap_bytes'])}) from {first['cycles']:,} cycles "
           f"to the end; its resident part grew {kib(end['heap_resident_bytes'] - first['heap_resident_bytes'])} "
           f"and anonymous RSS {kib(end['rss_anon_bytes'] - first['rss_anon_bytes'])}: pages of a heap the "
-          f"allocator already had, touched for the first time (RELIABILITY.md)")
+          f"allocator already had, touched for the first time (docs/RELIABILITY.md)")
 print("verdict:", "PASS" if d["ok"] else "FAIL")
 sys.exit(0 if d["ok"] else 1)
 PY

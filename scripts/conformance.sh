@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RFC 6455 conformance: runs Autobahn|Testsuite's fuzzingclient (cases 1.* to 10.*) against
-# `gearsock serve --echo` and writes CONFORMANCE.md at the repository root.
+# `gearsock serve --echo` and writes docs/CONFORMANCE.md.
 #
 # Builds the release binary, sets up the Autobahn Python 3 venv once (reused while it exists),
 # starts the echo server on a free loopback port with the limits the suite needs, runs the cases
@@ -13,7 +13,7 @@
 #   AUTOBAHN_VENV [$CARGO_TARGET_DIR/autobahn-venv, else target/autobahn-venv]  the venv cache
 #   AUTOBAHN_OUT [next to the venv: autobahn-reports]  reports (index.json, HTML, wstest.log)
 #   AUTOBAHN_TIMEOUT [1800]  whole-run limit in seconds (run.sh)
-#   OUT [CONFORMANCE.md]  the report;  SKIP_BUILD=1  use the release binary as it is
+#   OUT [docs/CONFORMANCE.md]  the report;  SKIP_BUILD=1  use the release binary as it is
 # Exit status: run.sh's (0 pass, 1 a case FAILED, 3 no usable result, 4 UNCLEAN closes only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ TARGET="$(cd "$TARGET" && pwd)"
 VENV="${AUTOBAHN_VENV:-$TARGET/autobahn-venv}"
 export AUTOBAHN_OUT="${AUTOBAHN_OUT:-$TARGET/autobahn-reports}"
 export AUTOBAHN_AGENT=gearsock
-OUT="${OUT:-CONFORMANCE.md}"
+OUT="${OUT:-docs/CONFORMANCE.md}"
 BIN="$TARGET/release/gearsock"
 # The suite's largest messages are 16 MiB (9.1.6, 9.2.6), some in a single frame.
 MAX_BYTES=$((16 * 1024 * 1024))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scale-out figures for SCALING.md: what 1, 2 and 4 `gearsock serve` processes hold and do on
+# Scale-out figures for docs/SCALING.md: what 1, 2 and 4 `gearsock serve` processes hold and do on
 # this machine.
 #
 #   held   for each process count P: P x PER_PROCESS idle connections at once, opened by
