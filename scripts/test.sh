@@ -18,4 +18,5 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+cargo check --no-default-features --all-targets   # the server builds without the load generator
 cargo test --release --all-targets

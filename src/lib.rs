@@ -13,6 +13,7 @@
 //! and tested without a network. `worker` and `submit` are small blocking programs (the
 //! article's worker and client); `bench` is the load generator.
 pub mod app;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod buf;
 pub mod cli;

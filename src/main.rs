@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             gearsock::worker::run_worker(&opts).map(|()| 0)
         }
         Command::Submit(opts) => gearsock::submit::run_submit(&opts),
+        #[cfg(feature = "bench")]
         Command::Bench(opts) => gearsock::bench::run_bench(&opts),
     };
     // The log is written by its own thread: let it finish before the process ends.

@@ -315,6 +315,7 @@ fn shutdown_closes_echo_clients_with_1001() {
 
 /// Runs `gearsock bench roundtrip FLAGS... --json` briefly against `url`; returns the exit
 /// status and the JSON it printed.
+#[cfg(feature = "bench")]
 fn bench(url: &str, flags: &[&str]) -> (i32, Value) {
     let mut args = vec!["roundtrip", "--url", url, "--connections", "4", "--in-flight", "4"];
     args.extend(["--duration-s", "0.5", "--warmup-s", "0.1"]);
@@ -323,6 +324,7 @@ fn bench(url: &str, flags: &[&str]) -> (i32, Value) {
 }
 
 #[test]
+#[cfg(feature = "bench")]
 fn bench_roundtrip_expects_each_message_back() {
     let s = Server::start_echo(&[]);
     let mut replies = 0.0;
