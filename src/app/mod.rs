@@ -640,7 +640,7 @@ impl App {
     /// if that can be an instance id.
     fn owner_elsewhere<'u>(&self, unique: &'u str) -> Option<&'u str> {
         let (owner, _) = unique.split_once(char::from(INSTANCE_END))?;
-        (owner != self.cfg.instance_id && crate::config::is_instance_id(owner)).then_some(owner)
+        (owner != self.cfg.instance_id && crate::random::is_instance_id(owner)).then_some(owner)
     }
 
     /// The job of this report lives on instance `owner`: leave it at that instance's desk as a
