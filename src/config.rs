@@ -1,10 +1,12 @@
 //! `Config`: every limit, timeout and address of `gearsock serve`, with its default and the reason
-//! it exists, checked once by `validate()` at startup and then passed by reference. A leaf: the
-//! command line that fills it is `cli`, and each core gets its own small settings struct built
-//! from it by the server.
+//! it exists, checked once by `validate()` at startup and then passed by reference. A leaf (it
+//! uses only `os`, and `random` for what an instance id may be): the command line that fills it
+//! is `cli`, and each core gets its own small settings struct built from it by the server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use crate::random::{MAX_INSTANCE_ID, is_instance_id};
 
 /// The server's configuration. Each field says its default and why it exists.
 #[derive(Clone, Debug)]
@@ -271,9 +273,6 @@ impl Config {
     }
 }
 
-/// Longest `--instance-id`: it starts every unique the instance makes, and gearmand keeps 63
-/// bytes of those.
-pub const MAX_INSTANCE_ID: usize = 16;
 /// Most `--processes`.
 pub const MAX_PROCESSES: usize = 64;
 
@@ -281,12 +280,6 @@ pub const MAX_PROCESSES: usize = 64;
 pub fn max_group_base(processes: usize) -> usize {
     let digits = processes.saturating_sub(1).max(1).ilog10() as usize + 1;
     MAX_INSTANCE_ID.saturating_sub(1 + digits)
-}
-
-/// Whether `id` can name an instance: what goes before the first `.` of its uniques.
-pub fn is_instance_id(id: &str) -> bool {
-    (1..=MAX_INSTANCE_ID).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Bytes one echoed message of `max_message_bytes` takes in a client's output: the payload

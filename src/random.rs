@@ -1,11 +1,24 @@
 //! `Entropy`: unguessable ids (job uniques, client namespaces) from the OS's random source;
 //! `XorShift64`: cheap variety where nothing has to be unguessable (back-off jitter, the load
-//! generator's keys and masks).
+//! generator's keys and masks); and what an instance id may be ([`is_instance_id`]).
 //!
 //! It owns no socket and no clock. Bytes come from `getrandom(2)` a page at a time, so a busy
 //! server pays one system call per few hundred jobs rather than one per job; the call never
 //! blocks once the kernel's pool is initialised (long before a server starts). Tests can use a
 //! deterministic source instead, so that sans-IO code that needs ids stays reproducible.
+
+/// Longest instance id (`--instance-id`, or drawn at startup): it starts every unique the
+/// instance makes, and gearmand keeps 63 bytes of those.
+pub const MAX_INSTANCE_ID: usize = 16;
+
+/// Whether `id` can name an instance: what goes before the first `.` of its uniques. It lives
+/// here, beside the ids the server draws, so that `config` (which checks `--instance-id`) and
+/// the App (which reads the owner out of a unique) share one rule without a core importing
+/// `config`.
+pub fn is_instance_id(id: &str) -> bool {
+    (1..=MAX_INSTANCE_ID).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
 
 /// Characters of an id: the URL-safe base64 alphabet (6 bits each, no NUL, no separators).
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -132,6 +145,16 @@ impl XorShift64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_ids_are_short_and_plain() {
+        for id in ["a1", "p-0", "A_z", &"x".repeat(MAX_INSTANCE_ID)] {
+            assert!(is_instance_id(id), "{id}");
+        }
+        for id in ["", "a.b", "a b", "é", &"x".repeat(MAX_INSTANCE_ID + 1)] {
+            assert!(!is_instance_id(id), "{id}");
+        }
+    }
 
     #[test]
     fn ids_use_the_alphabet_and_do_not_repeat() {

@@ -1,0 +1,232 @@
+//! Every text the App sends a client, as a typed [`Reply`], and the one place that turns a
+//! reply into wire text ([`Reply::text`]).
+//!
+//! A reply borrows what it says (a job's handle, its `ref`, the worker's bytes) and is written
+//! straight into its `String`, with no JSON tree in between. The wire text is fixed: object keys
+//! come in alphabetical order, as the first server's `serde_json::Value` (a `BTreeMap`) wrote
+//! them, and the article's four plain lines are word for word. Must not: decide what to say or
+//! to whom (the App does), or count anything.
+
+use std::borrow::Cow;
+
+use base64::Engine;
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
+
+use super::status::Status;
+use crate::metrics::ErrorCode;
+
+/// The article's first answer to `ping`, word for word.
+pub const PING_ACK: &str = "before the 'received' message";
+/// The article's answer to a report that was taken.
+const GOT_IT: &str = "got it!";
+
+/// One message to a client.
+#[derive(Debug)]
+pub(super) enum Reply<'a> {
+    /// [`PING_ACK`]: the ping was accepted, before anything is known about its job.
+    PingAck,
+    /// `got it!`: a worker's report was taken.
+    GotIt,
+    /// `job: <handle>`: gearmand no longer knows the ping's job.
+    PingJob(&'a [u8]),
+    /// `value: <value>`: the ping's last word, empty when no worker reported.
+    PingValue(Option<&'a str>),
+    /// `{"type":"error"}`: a message was refused, or a question cannot be answered.
+    Error { code: ErrorCode, message: &'a str, reference: Option<&'a Value> },
+    /// `{"type":"job.…"}`: news about a job. `handle` is null until gearmand named the job.
+    Job { handle: Option<&'a [u8]>, news: JobNews<'a>, reference: Option<&'a Value> },
+}
+
+/// What a `job.*` reply says.
+#[derive(Debug)]
+pub(super) enum JobNews<'a> {
+    /// `job.created`: gearmand named the job.
+    Created,
+    /// `job.status`.
+    Status(Status),
+    /// `job.data`: a stream job's WORK_DATA.
+    Data(&'a [u8]),
+    /// `job.warning`: a stream job's WORK_WARNING.
+    Warning(&'a [u8]),
+    /// `job.exception`: a stream job's WORK_EXCEPTION.
+    Exception(&'a [u8]),
+    /// `job.complete` of a stream job: the worker's result bytes.
+    Result(&'a [u8]),
+    /// `job.complete` of a background job: the reported value, null when none came.
+    Value(Option<&'a str>),
+    /// `job.failed`, and why.
+    Failed(&'a str),
+    /// `job.lost`: nobody will hear how the job ends, and why.
+    Lost(&'a str),
+}
+
+impl Reply<'_> {
+    /// The wire text.
+    pub(super) fn text(&self) -> String {
+        match self {
+            Reply::PingAck => PING_ACK.to_string(),
+            Reply::GotIt => GOT_IT.to_string(),
+            Reply::PingJob(handle) => format!("job: {}", String::from_utf8_lossy(handle)),
+            Reply::PingValue(value) => format!("value: {}", value.unwrap_or("")),
+            Reply::Error { .. } | Reply::Job { .. } => {
+                serde_json::to_string(&Json(self)).expect("string keys and plain values always serialize")
+            }
+        }
+    }
+}
+
+/// A JSON reply, keys in alphabetical order (see the module comment).
+struct Json<'r, 'a>(&'r Reply<'a>);
+
+impl Serialize for Json<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        match self.0 {
+            Reply::Error { code, message, reference } => {
+                map.serialize_entry("code", code.name())?;
+                map.serialize_entry("message", message)?;
+                put_ref(&mut map, *reference)?;
+                map.serialize_entry("type", "error")?;
+            }
+            Reply::Job { handle, news, reference } => {
+                let job = handle.map(String::from_utf8_lossy);
+                let kind = match news {
+                    JobNews::Created => {
+                        map.serialize_entry("job", &job)?;
+                        put_ref(&mut map, *reference)?;
+                        "job.created"
+                    }
+                    JobNews::Status(Status { known, running, numerator, denominator }) => {
+                        map.serialize_entry("denominator", denominator)?;
+                        map.serialize_entry("job", &job)?;
+                        map.serialize_entry("known", known)?;
+                        map.serialize_entry("numerator", numerator)?;
+                        put_ref(&mut map, *reference)?;
+                        map.serialize_entry("running", running)?;
+                        "job.status"
+                    }
+                    JobNews::Data(bytes) | JobNews::Warning(bytes) | JobNews::Exception(bytes) => {
+                        put_bytes(&mut map, ["data", "data_b64"], bytes)?;
+                        map.serialize_entry("job", &job)?;
+                        put_ref(&mut map, *reference)?;
+                        match news {
+                            JobNews::Data(_) => "job.data",
+                            JobNews::Warning(_) => "job.warning",
+                            _ => "job.exception",
+                        }
+                    }
+                    JobNews::Result(bytes) => {
+                        map.serialize_entry("job", &job)?;
+                        put_ref(&mut map, *reference)?;
+                        put_bytes(&mut map, ["result", "result_b64"], bytes)?;
+                        "job.complete"
+                    }
+                    JobNews::Value(value) => {
+                        map.serialize_entry("job", &job)?;
+                        put_ref(&mut map, *reference)?;
+                        map.serialize_entry("result", value)?;
+                        "job.complete"
+                    }
+                    JobNews::Failed(reason) | JobNews::Lost(reason) => {
+                        map.serialize_entry("job", &job)?;
+                        map.serialize_entry("reason", reason)?;
+                        put_ref(&mut map, *reference)?;
+                        if matches!(news, JobNews::Failed(_)) { "job.failed" } else { "job.lost" }
+                    }
+                };
+                map.serialize_entry("type", kind)?;
+            }
+            Reply::PingAck | Reply::GotIt | Reply::PingJob(_) | Reply::PingValue(_) => {
+                unreachable!("plain lines are written by Reply::text")
+            }
+        }
+        map.end()
+    }
+}
+
+/// A message's `ref`, when it had one, echoed as it came.
+fn put_ref<M: SerializeMap>(map: &mut M, reference: Option<&Value>) -> Result<(), M::Error> {
+    match reference {
+        Some(r) => map.serialize_entry("ref", r),
+        None => Ok(()),
+    }
+}
+
+/// Bytes as a JSON field: `names[0]` when UTF-8, `names[1]` (base64) otherwise.
+fn put_bytes<M: SerializeMap>(map: &mut M, names: [&'static str; 2], bytes: &[u8]) -> Result<(), M::Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => map.serialize_entry(names[0], text),
+        Err(_) => {
+            let b64: Cow<str> = base64::engine::general_purpose::STANDARD.encode(bytes).into();
+            map.serialize_entry(names[1], &b64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job<'a>(news: JobNews<'a>, reference: Option<&'a Value>) -> String {
+        Reply::Job { handle: Some(b"H:vm:1"), news, reference }.text()
+    }
+
+    /// The wire text of every reply, byte for byte, as the first server wrote it.
+    #[test]
+    fn every_reply_keeps_its_wire_text() {
+        let r = json!({"z": 1, "a": [1, "x"]});
+        let status = Status { known: true, running: false, numerator: 1, denominator: 3 };
+        let cases = [
+            (Reply::PingAck.text(), "before the 'received' message"),
+            (Reply::GotIt.text(), "got it!"),
+            (Reply::PingJob(b"H:vm:1").text(), "job: H:vm:1"),
+            (Reply::PingValue(None).text(), "value: "),
+            (Reply::PingValue(Some("done")).text(), "value: done"),
+            (
+                Reply::Error { code: ErrorCode::BadRequest, message: "say \"x\"", reference: None }.text(),
+                r#"{"code":"bad_request","message":"say \"x\"","type":"error"}"#,
+            ),
+            (
+                Reply::Error { code: ErrorCode::Unavailable, message: "m", reference: Some(&r) }.text(),
+                r#"{"code":"unavailable","message":"m","ref":{"a":[1,"x"],"z":1},"type":"error"}"#,
+            ),
+            (
+                Reply::Job { handle: None, news: JobNews::Failed("no"), reference: None }.text(),
+                r#"{"job":null,"reason":"no","type":"job.failed"}"#,
+            ),
+            (
+                job(JobNews::Created, Some(&json!("r1"))),
+                r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#,
+            ),
+            (
+                job(JobNews::Status(status), Some(&json!(7))),
+                r#"{"denominator":3,"job":"H:vm:1","known":true,"numerator":1,"ref":7,"running":false,"type":"job.status"}"#,
+            ),
+            (job(JobNews::Data(b"\xff\0"), None), r#"{"data_b64":"/wA=","job":"H:vm:1","type":"job.data"}"#),
+            (job(JobNews::Warning(b"w\n"), None), r#"{"data":"w\n","job":"H:vm:1","type":"job.warning"}"#),
+            (
+                job(JobNews::Exception("é".as_bytes()), None),
+                r#"{"data":"é","job":"H:vm:1","type":"job.exception"}"#,
+            ),
+            (
+                job(JobNews::Result(b"cba"), Some(&json!(1.5))),
+                r#"{"job":"H:vm:1","ref":1.5,"result":"cba","type":"job.complete"}"#,
+            ),
+            (
+                job(JobNews::Result(b"\xff"), None),
+                r#"{"job":"H:vm:1","result_b64":"/w==","type":"job.complete"}"#,
+            ),
+            (job(JobNews::Value(None), None), r#"{"job":"H:vm:1","result":null,"type":"job.complete"}"#),
+            (job(JobNews::Value(Some("v")), None), r#"{"job":"H:vm:1","result":"v","type":"job.complete"}"#),
+            (
+                job(JobNews::Lost("gone"), Some(&json!("bg"))),
+                r#"{"job":"H:vm:1","reason":"gone","ref":"bg","type":"job.lost"}"#,
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Client messages: one text frame parsed into a validated [`Request`], or the [`Refusal`]
+//! that says precisely what is wrong with it.
+//!
+//! Every field of the wire message is optional here, so a missing one gets its own error
+//! rather than serde's. Must not: look at the App's state (the one limit it needs, the longest
+//! unique a client may send, is given), or reply (the App sends the refusal, with the
+//! message's `ref`).
+
+use std::borrow::Cow;
+
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::jobs::{Kind, Submission};
+use crate::gearman::client::Priority;
+use crate::metrics::{ErrorCode, Message};
+
+/// libgearman's limit on function names.
+const MAX_FUNCTION_BYTES: usize = 512;
+
+/// A client message; every field optional so that a missing one gets a precise error.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    id: Option<Value>,
+    value: Option<Value>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
+    function: Option<String>,
+    payload: Option<String>,
+    payload_b64: Option<String>,
+    #[serde(borrow)]
+    mode: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    priority: Option<Cow<'a, str>>,
+    unique: Option<String>,
+    #[serde(rename = "ref")]
+    reference: Option<Value>,
+    job: Option<String>,
+}
+
+/// A message, parsed as far as it goes.
+pub(super) struct Parsed<'a> {
+    /// What to count it as.
+    pub message: Message,
+    /// Its `ref`, echoed in every reply about it.
+    pub reference: Option<Value>,
+    pub request: Result<Request<'a>, Refusal>,
+}
+
+/// What a client asked for.
+pub(super) enum Request<'a> {
+    /// The article's `ping`.
+    Ping,
+    /// A job to run.
+    Submit { kind: Kind, submission: Submission, unique: Option<String> },
+    /// The status of a job of this connection, by handle.
+    Status { handle: String },
+    /// A worker's `worker.complete`. Whether the reporter may report is decided before what it
+    /// reported is looked at, so the report stays unchecked until then.
+    Report { token: Option<Cow<'a, str>>, report: Result<Report, Refusal> },
+}
+
+/// A value a worker reports, and the job it names.
+pub(super) struct Report {
+    pub value: String,
+    pub job: JobName,
+}
+
+/// How a report names its job.
+pub(super) enum JobName {
+    /// The unique gearmand gave the worker (GRAB_JOB_UNIQ): one gearmand job exactly.
+    Unique(String),
+    /// A job handle, which several gearmands may have given out.
+    Handle(String),
+}
+
+/// Why a message is refused: the error code, and the text that tells the client what to fix.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    pub code: ErrorCode,
+    pub text: Cow<'static, str>,
+}
+
+fn bad_request(text: impl Into<Cow<'static, str>>) -> Refusal {
+    Refusal { code: ErrorCode::BadRequest, text: text.into() }
+}
+
+/// Parses one text message. `max_unique_bytes` is the longest unique a client may send.
+pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
+    let msg: Incoming = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            let refusal = match e.classify() {
+                serde_json::error::Category::Data => bad_request(format!("message has the wrong shape: {e}")),
+                _ => Refusal {
+                    code: ErrorCode::BadJson,
+                    text: format!("message is not valid JSON: {e}").into(),
+                },
+            };
+            return Parsed { message: Message::Invalid, reference: None, request: Err(refusal) };
+        }
+    };
+    let kind = msg.kind.as_deref().unwrap_or("");
+    let message = Message::from_type(kind);
+    let request = match kind {
+        "worker.complete" => {
+            Ok(Request::Report { token: msg.token, report: report(msg.value, msg.unique, msg.id) })
+        }
+        "ping" => Ok(Request::Ping),
+        "submit" => submit(
+            msg.function,
+            msg.payload,
+            msg.payload_b64,
+            msg.mode.as_deref(),
+            msg.priority.as_deref(),
+            msg.unique,
+            max_unique_bytes,
+        ),
+        "status" => match msg.job {
+            Some(handle) => Ok(Request::Status { handle }),
+            None => Err(bad_request("status needs \"job\" (a handle this connection got)")),
+        },
+        "" if msg.kind.is_none() => Err(bad_request("missing \"type\"")),
+        other => {
+            let text = format!("unknown type {other:?}; known: ping, worker.complete, submit, status");
+            Err(Refusal { code: ErrorCode::UnknownType, text: text.into() })
+        }
+    };
+    Parsed { message, reference: msg.reference, request }
+}
+
+/// A `worker.complete`: the value (any JSON; a string is taken as it is), and the job named by
+/// unique or, failing that, by handle.
+fn report(value: Option<Value>, unique: Option<String>, id: Option<Value>) -> Result<Report, Refusal> {
+    let value = match value {
+        Some(Value::String(s)) => s,
+        Some(other) => other.to_string(),
+        None => return Err(bad_request("worker.complete needs \"value\"")),
+    };
+    if let Some(unique) = unique {
+        return Ok(Report { value, job: JobName::Unique(unique) });
+    }
+    let handle = match id {
+        Some(Value::String(s)) => s,
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            return Err(bad_request(
+                "worker.complete needs \"unique\" (from GRAB_JOB_UNIQ) or \"id\" (a job handle)",
+            ));
+        }
+    };
+    Ok(Report { value, job: JobName::Handle(handle) })
+}
+
+/// A `submit`, checked field by field in the order the errors have always come.
+fn submit<'a>(
+    function: Option<String>,
+    payload: Option<String>,
+    payload_b64: Option<String>,
+    mode: Option<&str>,
+    priority: Option<&str>,
+    unique: Option<String>,
+    max_unique_bytes: usize,
+) -> Result<Request<'a>, Refusal> {
+    let Some(function) = function.filter(|f| !f.is_empty()) else {
+        return Err(bad_request("submit needs \"function\""));
+    };
+    if function.len() > MAX_FUNCTION_BYTES || function.contains('\0') {
+        return Err(bad_request("function names are at most 512 bytes, without NUL"));
+    }
+    let payload = match (payload, payload_b64) {
+        (Some(p), None) => p.into_bytes(),
+        (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(bad_request(format!("payload_b64 is not base64: {e}"))),
+        },
+        (None, None) => Vec::new(),
+        (Some(_), Some(_)) => return Err(bad_request("send \"payload\" or \"payload_b64\", not both")),
+    };
+    let kind = match mode {
+        None | Some("stream") => Kind::Stream,
+        Some("background") => Kind::Background,
+        Some(other) => {
+            return Err(bad_request(format!("mode must be \"stream\" or \"background\", not {other:?}")));
+        }
+    };
+    let priority = match priority {
+        None | Some("normal") => Priority::Normal,
+        Some("low") => Priority::Low,
+        Some("high") => Priority::High,
+        Some(other) => {
+            let text = format!("priority must be \"low\", \"normal\" or \"high\", not {other:?}");
+            return Err(bad_request(text));
+        }
+    };
+    let unique = unique.filter(|u| !u.is_empty());
+    if let Some(u) = &unique
+        && (u.len() > max_unique_bytes || u.contains('\0'))
+    {
+        return Err(bad_request(format!("unique ids are at most {max_unique_bytes} bytes, without NUL")));
+    }
+    let submission = Submission { function: function.into_bytes(), payload, priority };
+    Ok(Request::Submit { kind, submission, unique })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::*;
+
+    #[test]
+    fn untrusted_peers_and_bad_messages_get_errors() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        app.handle_client_text(B, r#"{"type":"worker.complete","id":1,"value":"x"}"#, t0);
+        app.handle_client_text(A, "{nope", t0);
+        app.handle_client_text(A, r#"{"type":"dance"}"#, t0);
+        app.handle_client_text(A, r#"{"id":1}"#, t0);
+        app.handle_client_text(A, r#"{"type":"worker.complete","value":"x"}"#, t0);
+        app.handle_client_text(A, r#"{"type":"submit","ref":7}"#, t0);
+        app.handle_client_text(A, "[1,2]", t0);
+        let e = effects(&mut app);
+        let codes: Vec<String> = sent(&e)
+            .iter()
+            .map(|(_, t)| serde_json::from_str::<Value>(t).unwrap()["code"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "forbidden",
+                "bad_json",
+                "unknown_type",
+                "bad_request",
+                "bad_request",
+                "bad_request",
+                "bad_request"
+            ]
+        );
+        assert!(sent(&e)[5].1.contains("\"ref\":7"));
+    }
+}
