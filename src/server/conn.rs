@@ -1,5 +1,6 @@
 //! `Conn`: what the shell keeps for one client: the socket, its readiness, the one timer entry,
-//! and the sans-IO [`Connection`] that decides everything else.
+//! and the sans-IO [`Connection`] that decides everything else. It only holds them: `clients`
+//! acts on them, and nothing here does I/O or decides.
 
 use std::net::SocketAddr;
 
@@ -42,9 +43,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A freshly accepted connection (it may arrive with its request already queued).
-    pub fn new(sock: TcpStream, generation: u32, peer: SocketAddr, conn: Connection) -> Self {
-        let io = Readiness { can_read: true, ..Readiness::default() };
+    /// A freshly accepted connection, registered as `io` says.
+    pub fn new(sock: TcpStream, generation: u32, peer: SocketAddr, conn: Connection, io: Readiness) -> Self {
         Conn { sock, generation, peer, conn, io, timer: None, listed: Listed::default() }
     }
 
