@@ -13,7 +13,7 @@ use std::time::Instant;
 use log::{debug, warn};
 use mio::net::TcpStream;
 
-use super::conn::Conn;
+use super::conn::{Armed, Conn};
 use super::io::{Io, Readiness, discard, fill, write_some};
 use super::{Server, TimerEvent, list};
 use crate::app::{ConnId, is_trusted_peer};
@@ -35,7 +35,7 @@ impl Server {
         }
         let mut c = Conn::new(sock, self.next_gen, peer, Connection::new(now, &self.limits), io);
         if let Some(at) = c.conn.next_deadline(&self.limits) {
-            c.timer = Some(self.wheel.insert(at, TimerEvent::Conn(c.id(key))));
+            c.timer = Some(Armed { key: self.wheel.insert(at, TimerEvent::Conn(c.id(key))), at });
         }
         c.listed.ready = true;
         entry.insert(c);
@@ -153,23 +153,22 @@ impl Server {
         self.rearm(key, now);
     }
 
-    /// Sets the client's one timer for its next deadline. A deadline that moved later keeps
-    /// the timer it has: it fires early, finds nothing due, and is set again (cheaper than
-    /// moving it on every message).
+    /// Keeps the client's one timer in step with its next deadline, after every input. Only
+    /// a deadline earlier than the armed one moves the timer; a later one (traffic pushing the
+    /// idle deadline on, which is most inputs) keeps it: it fires early, finds nothing due, and
+    /// is set again. `next_deadline` is a match on the phase: no allocation, no wheel lookup.
     fn rearm(&mut self, key: usize, now: Instant) {
         let c = &mut self.conns[key];
-        if !c.conn.take_earlier() && c.timer.is_some() {
-            return; // the deadline can only have moved later: the timer fires early, and is set again
-        }
         let want = c.conn.next_deadline(&self.limits);
-        let armed = c.timer.and_then(|t| self.wheel.deadline(t));
-        match (armed, want) {
-            (Some(at), Some(want)) if at <= want => {}
-            (_, want) => {
-                if let Some(t) = c.timer.take() {
-                    self.wheel.cancel(t);
+        match (c.timer, want) {
+            (Some(armed), Some(want)) if armed.at <= want => {}
+            (None, None) => {}
+            (armed, want) => {
+                if let Some(armed) = armed {
+                    self.wheel.cancel(armed.key);
                 }
-                c.timer = want.map(|at| self.wheel.insert(at.max(now), TimerEvent::Conn(c.id(key))));
+                c.timer = want
+                    .map(|at| Armed { key: self.wheel.insert(at.max(now), TimerEvent::Conn(c.id(key))), at });
             }
         }
     }

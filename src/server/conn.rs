@@ -3,6 +3,7 @@
 //! acts on them, and nothing here does I/O or decides.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -22,6 +23,15 @@ pub struct Listed {
     pub backlog: bool,
 }
 
+/// A client's armed timer, and the deadline it was armed for (a later deadline keeps it).
+#[derive(Clone, Copy, Debug)]
+pub struct Armed {
+    /// The wheel's entry.
+    pub key: TimerKey,
+    /// The deadline the connection asked for.
+    pub at: Instant,
+}
+
 /// One client connection, as the loop holds it.
 #[derive(Debug)]
 pub struct Conn {
@@ -37,7 +47,7 @@ pub struct Conn {
     pub io: Readiness,
     /// The one timer entry. It may fire early (the deadline moved later): the connection then
     /// does nothing and the timer is set again.
-    pub timer: Option<TimerKey>,
+    pub timer: Option<Armed>,
     /// Lists it is on this pass.
     pub listed: Listed,
 }

@@ -459,8 +459,8 @@ impl Server {
             let mut c = self.conns.remove(key);
             // The socket is dropped right after: closing it leaves epoll anyway.
             let _ = self.poll.registry().deregister(&mut c.sock);
-            if let Some(t) = c.timer {
-                self.wheel.cancel(t);
+            if let Some(armed) = c.timer {
+                self.wheel.cancel(armed.key);
             }
             self.app.metrics.observe(LoopEvent::Closed);
         }
