@@ -167,8 +167,6 @@ pub struct Connection {
     never_opened: bool,
     /// The peer sent FIN: once our output is out, there is nothing to wait for.
     peer_eof: bool,
-    /// The next deadline moved earlier since the shell last asked (see `take_earlier`).
-    earlier: bool,
 }
 
 impl Connection {
@@ -181,7 +179,6 @@ impl Connection {
             told: false,
             never_opened: true,
             peer_eof: false,
-            earlier: false,
         }
     }
 
@@ -258,7 +255,6 @@ impl Connection {
                 WsEvent::Opened(upgrade) => {
                     self.never_opened = false;
                     self.phase = Phase::Open { last_seen: now, pinged: false, over_soft_since: None };
-                    self.earlier = true; // the idle deadline may come before the handshake's
                     ConnEvent::Opened(upgrade)
                 }
                 WsEvent::Http { method, path } => ConnEvent::Http { method, path },
@@ -404,7 +400,6 @@ impl Connection {
                 // Allowed for a while: a reader catching up with a burst.
                 if over_soft_since.is_none() {
                     *over_soft_since = Some(now);
-                    self.earlier = true;
                 }
             } else {
                 *over_soft_since = None;
@@ -430,13 +425,6 @@ impl Connection {
     /// The socket should be watched for writability (a write left bytes behind).
     pub fn wants_write(&self) -> bool {
         !matches!(self.phase, Phase::Closed) && self.ws.output_len() > 0
-    }
-
-    /// True once after the next deadline may have moved earlier (the upgrade, an end began, a
-    /// soft-limit spell started). Traffic only ever moves it later, so a shell whose timer is set for the old
-    /// deadline needs to move it only when this says so.
-    pub fn take_earlier(&mut self) -> bool {
-        std::mem::take(&mut self.earlier)
     }
 
     /// A `Closed` event waits to be handed out (after a drop or a socket error outside
@@ -468,7 +456,6 @@ impl Connection {
             return;
         }
         self.reason = Some(reason);
-        self.earlier = true;
         self.phase = if self.peer_eof && self.ws.output_len() == 0 {
             Phase::Closed // the peer is gone and we owe it nothing
         } else {
@@ -705,15 +692,20 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     }
 
     #[test]
-    fn the_shell_is_told_only_when_the_deadline_may_come_sooner() {
-        let t0 = Instant::now();
+    fn the_next_deadline_moves_later_with_traffic_and_earlier_only_with_the_phase() {
+        let (t0, l) = (Instant::now(), limits());
         let mut c = open(t0);
-        assert!(c.take_earlier(), "the idle deadline may come before the handshake's");
-        feed(&mut c, &frame(1, b"x"), false, t0 + Duration::from_secs(1));
-        events(&mut c, t0);
-        assert!(!c.take_earlier(), "traffic only moves it later");
-        c.close(1001, "bye", CloseReason::Shutdown, t0);
-        assert!(c.take_earlier(), "the close timeout may come sooner");
-        assert!(!c.take_earlier(), "told once");
+        assert_eq!(c.next_deadline(&l), Some(t0 + l.idle_timeout), "the upgrade: the idle deadline");
+        let t1 = t0 + Duration::from_secs(1);
+        feed(&mut c, &frame(1, b"x"), false, t1);
+        events(&mut c, t1);
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.idle_timeout), "traffic only moves it later");
+        assert!(c.send_text("y".repeat(l.out_soft_bytes + 1)));
+        c.handle_written(0, &l, t1);
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.out_soft_time), "a soft-limit spell may come sooner");
+        c.close(1001, "bye", CloseReason::Shutdown, t1);
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.close_timeout), "the close timeout may come sooner");
+        c.handle_timeout(&l, t1 + l.close_timeout);
+        assert_eq!(c.next_deadline(&l), None, "closed: nothing is due");
     }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{Gauges, LinkStatus, Metrics};
 
 /// The demo page, built into the binary.
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -13,16 +13,13 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 const ECHO_PAGE: &str =
     "gearsock echo server: every WebSocket text or binary message is sent back as it came\n";
 
-/// The states a gearmand link can be shown in.
-pub const LINK_STATES: [&str; 5] = ["connected", "stalled", "connecting", "resolving", "disconnected"];
-
 /// One gearmand as the pages show it (and as a process of a group publishes it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LinkView {
     /// `HOST:PORT` as configured.
     pub addr: String,
-    /// `connected`, `stalled`, `connecting`, `resolving` or `disconnected`.
-    pub state: &'static str,
+    /// How it is shown (`connected`, `stalled`, `connecting`, `resolving`, `disconnected`).
+    pub state: LinkStatus,
     /// Connections made so far.
     pub connects: u64,
     /// Connections retiring (finishing their jobs before they close).
@@ -128,7 +125,7 @@ pub fn health_page(body: &Value) -> Response {
 /// Whether a process with these gearmand links can run jobs: some gearmand is connected and
 /// not stalled (always, in echo mode: nothing to depend on).
 pub fn links_ok(echo: bool, links: &[LinkView]) -> bool {
-    echo || links.iter().any(|l| l.state == "connected")
+    echo || links.iter().any(|l| l.state == LinkStatus::Connected)
 }
 
 /// The `gearmand` list of `/healthz`.
@@ -155,8 +152,8 @@ fn healthz(echo: bool, s: &Snapshot) -> Response {
     health_page(&body)
 }
 
-/// A link read back from a group member's figures; its state as the `&'static str` the pages
-/// use (`disconnected` for a name this build does not know).
+/// A link read back from a group member's figures (`disconnected` for a state name this build
+/// does not know).
 impl<'de> Deserialize<'de> for LinkView {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -167,7 +164,7 @@ impl<'de> Deserialize<'de> for LinkView {
             retiring: usize,
         }
         let w = Wire::deserialize(d)?;
-        let state = LINK_STATES.iter().copied().find(|s| *s == w.state).unwrap_or("disconnected");
+        let state = LinkStatus::from_name(&w.state).unwrap_or(LinkStatus::Disconnected);
         Ok(LinkView { addr: w.addr, state, connects: w.connects, retiring: w.retiring })
     }
 }
@@ -179,7 +176,12 @@ mod tests {
     fn snapshot<'a>(metrics: &'a Metrics, states: &[&'static str]) -> Snapshot<'a> {
         let links = states
             .iter()
-            .map(|&state| LinkView { addr: "127.0.0.1:4730".into(), state, connects: 1, retiring: 0 })
+            .map(|&state| LinkView {
+                addr: "127.0.0.1:4730".into(),
+                state: LinkStatus::from_name(state).expect("a link state"),
+                connects: 1,
+                retiring: 0,
+            })
             .collect();
         Snapshot { instance: "t1", links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
     }

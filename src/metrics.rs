@@ -47,6 +47,36 @@ labels! {
     }
 }
 
+labels! {
+    /// How a gearmand is shown on `/healthz` and in `gearsock_gearmand_up{state=…}`: the
+    /// server decides with the variant; only these pages turn it into text.
+    LinkStatus {
+        /// Up and answering.
+        Connected = "connected",
+        /// Up, but not taking bytes or owing replies for a while.
+        Stalled = "stalled",
+        /// A connect or its greeting is in progress.
+        Connecting = "connecting",
+        /// The host name is being looked up.
+        Resolving = "resolving",
+        /// Not connected.
+        Disconnected = "disconnected",
+    }
+}
+
+impl LinkStatus {
+    /// The status a page's `name` stands for (a group member's figures read back).
+    pub fn from_name(name: &str) -> Option<LinkStatus> {
+        LinkStatus::ALL.iter().copied().find(|s| s.name() == name)
+    }
+}
+
+impl Serialize for LinkStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 impl Message {
     /// The kind a `type` field names; anything else is `Invalid`.
     pub fn from_type(name: &str) -> Message {
@@ -216,10 +246,9 @@ pub struct Gauges {
     pub stored_bytes: usize,
     /// Bytes queued for all clients.
     pub client_output_bytes: usize,
-    /// gearmand links by state name (`connected`, `stalled`, `connecting`, `resolving`,
-    /// `disconnected`).
+    /// gearmand links and how each is shown.
     #[serde(skip)]
-    pub links: Vec<(String, &'static str)>,
+    pub links: Vec<(String, LinkStatus)>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -336,9 +365,9 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_echoed_bytes_total {}", self.echoed_bytes);
         family(&mut o, "gearmand_up", "gauge", "1 when the gearmand link is connected, by server and state.");
         for (addr, state) in &g.links {
-            for s in ["connected", "stalled", "connecting", "resolving", "disconnected"] {
+            for &s in LinkStatus::ALL {
                 let v = u8::from(*state == s);
-                let _ = writeln!(o, "gearsock_gearmand_up{{server=\"{addr}\",state=\"{s}\"}} {v}");
+                let _ = writeln!(o, "gearsock_gearmand_up{{server=\"{addr}\",state=\"{}\"}} {v}", s.name());
             }
         }
         family(&mut o, "gearmand_connects_total", "counter", "gearmand connections established.");
@@ -392,8 +421,10 @@ mod tests {
     fn every_family_has_help_and_type() {
         let mut m = Metrics::default();
         m.messages_in[0] = 3;
-        let text =
-            m.render(&Gauges { links: vec![("127.0.0.1:4730".into(), "connected")], ..Default::default() });
+        let text = m.render(&Gauges {
+            links: vec![("127.0.0.1:4730".into(), LinkStatus::Connected)],
+            ..Default::default()
+        });
         assert!(text.contains("gearsock_messages_in_total{type=\"ping\"} 3"));
         assert!(text.contains("gearsock_gearmand_up{server=\"127.0.0.1:4730\",state=\"connected\"} 1"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {

@@ -249,12 +249,13 @@ pub fn healthz(echo: bool, group: &Group) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{LoopEvent, Message};
+    use crate::metrics::{LinkStatus, LoopEvent, Message};
 
     fn report(pid: u32, connections: usize, state: &'static str) -> Report {
         let mut metrics = Metrics::default();
         metrics.count_message(Message::Ping);
         metrics.observe(LoopEvent::Accepted);
+        let state = LinkStatus::from_name(state).expect("a link state");
         let links = vec![LinkView { addr: "127.0.0.1:4730".into(), state, connects: 1, retiring: 0 }];
         let gauges = Gauges { connections, jobs_in_flight: 2, ..Gauges::default() };
         let r = Report { pid, instance: format!("t-{pid}"), metrics, gauges, links };
@@ -277,8 +278,8 @@ mod tests {
         let r = report(7, 3, "stalled");
         assert_eq!((r.pid, r.gauges.connections, r.gauges.jobs_in_flight), (7, 3, 2));
         assert_eq!(r.metrics.messages(Message::Ping), 1);
-        assert_eq!(r.links[0].state, "stalled");
-        assert_eq!(r.gauges.links, vec![("127.0.0.1:4730".to_string(), "stalled")]);
+        assert_eq!(r.links[0].state, LinkStatus::Stalled);
+        assert_eq!(r.gauges.links, vec![("127.0.0.1:4730".to_string(), LinkStatus::Stalled)]);
         assert!(Report::decode(b"{\"pid\":1,\"metr").is_none(), "a torn copy is no report");
     }
 

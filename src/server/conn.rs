@@ -1,7 +1,9 @@
 //! `Conn`: what the shell keeps for one client: the socket, its readiness, the one timer entry,
-//! and the sans-IO [`Connection`] that decides everything else.
+//! and the sans-IO [`Connection`] that decides everything else. It only holds them: `clients`
+//! acts on them, and nothing here does I/O or decides.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -21,6 +23,15 @@ pub struct Listed {
     pub backlog: bool,
 }
 
+/// A client's armed timer, and the deadline it was armed for (a later deadline keeps it).
+#[derive(Clone, Copy, Debug)]
+pub struct Armed {
+    /// The wheel's entry.
+    pub key: TimerKey,
+    /// The deadline the connection asked for.
+    pub at: Instant,
+}
+
 /// One client connection, as the loop holds it.
 #[derive(Debug)]
 pub struct Conn {
@@ -36,15 +47,14 @@ pub struct Conn {
     pub io: Readiness,
     /// The one timer entry. It may fire early (the deadline moved later): the connection then
     /// does nothing and the timer is set again.
-    pub timer: Option<TimerKey>,
+    pub timer: Option<Armed>,
     /// Lists it is on this pass.
     pub listed: Listed,
 }
 
 impl Conn {
-    /// A freshly accepted connection (it may arrive with its request already queued).
-    pub fn new(sock: TcpStream, generation: u32, peer: SocketAddr, conn: Connection) -> Self {
-        let io = Readiness { can_read: true, ..Readiness::default() };
+    /// A freshly accepted connection, registered as `io` says.
+    pub fn new(sock: TcpStream, generation: u32, peer: SocketAddr, conn: Connection, io: Readiness) -> Self {
         Conn { sock, generation, peer, conn, io, timer: None, listed: Listed::default() }
     }
 

@@ -1,26 +1,29 @@
 //! `GearmanLink`: one connection to a gearmand in the loop: a mio socket, the sans-IO
-//! `ClientSession`, its buffers, the connect/back-off state, and the health check that finds a
-//! gearmand that stopped answering.
+//! `ClientSession`, its buffers, the connect/back-off state, the health check that finds a
+//! gearmand that stopped answering, and why it went down ([`LinkDown`]).
 //!
 //! Each gearmand gets `SLOTS_PER_SERVER` links. One is `Active` (it takes new work and
 //! reconnects when lost); a connection retired for holding too many abandoned jobs stays open
 //! as `Retiring` in another slot until its live jobs end; the rest are `Spare`.
+//!
+//! Every transition of a link is a method here; its fields are private. It must not talk to
+//! clients or the App, nor decide roles or retries: that is `links`, which owns all the links.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use mio::{Registry, Token};
 
-use super::io::Readiness;
+use super::io::{Io, Readiness, connect_failure, connect_outcome, fill, flush};
+use super::link_down::{LinkDown, Op, Outage, OutageNote, Stage};
 use crate::buf::InBuf;
-use crate::gearman::client::ClientSession;
+use crate::gearman::client::{ClientSession, JobEvent};
 use crate::gearman::packet::HEADER_BYTES;
+use crate::metrics::LinkStatus;
 
 /// Links per gearmand: the active one plus room for retiring ones.
 pub const SLOTS_PER_SERVER: usize = 4;
-
-/// While a gearmand stays unreachable, the operator is reminded this often.
-pub const REMINDER_PERIOD: Duration = Duration::from_secs(60);
 
 /// Where a link is.
 ///
@@ -35,7 +38,7 @@ pub const REMINDER_PERIOD: Duration = Duration::from_secs(60);
 /// A link counts as up only once gearmand has answered on it (`Greeting` sends OPTION_REQ):
 /// a listening socket whose process is stopped accepts TCP connections but answers nothing.
 #[derive(Debug)]
-pub enum LinkState {
+enum LinkState {
     /// Not connected.
     Down,
     /// The resolver thread is looking up the host name.
@@ -60,74 +63,61 @@ pub enum Role {
 }
 
 /// What the health check concluded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Health {
     /// Nothing to do.
     Fine,
     /// Silent for a while with nothing owed: send a probe (ECHO_REQ).
     Probe,
     /// Declared dead, with the reason.
-    Dead(&'static str),
+    Dead(LinkDown),
 }
 
-/// What the operator should hear about a failed attempt to reach a gearmand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutageNote {
-    /// The first failure of an outage: say it is unreachable, and why.
-    First,
-    /// The reason changed (refused, then timed out): say the new one.
-    Changed,
-    /// Still unreachable after `REMINDER_PERIOD`: remind, with the count of attempts.
-    Reminder,
-    /// Nothing new.
-    Quiet,
-}
-
-/// A gearmand that cannot be reached: since when, how often tried, and why.
-#[derive(Clone, Debug)]
-pub struct Outage {
-    /// When it was lost or first failed.
-    pub since: Instant,
-    /// Failed attempts so far.
-    pub attempts: u32,
-    /// The last failure's reason.
-    pub reason: String,
-    reminded: Instant,
+/// What one read of a link gave (job events wait in [`GearmanLink::poll_event`]).
+#[derive(Debug)]
+pub struct Read {
+    /// gearmand answered for the first time on this connection: it is up now, after the
+    /// outage this ends (if any).
+    pub greeted: Option<Option<Outage>>,
+    /// The session queued bytes of its own (the report desk's replies).
+    pub queued: bool,
+    /// The connection ended.
+    pub down: Option<LinkDown>,
 }
 
 /// One gearmand connection.
 #[derive(Debug)]
 pub struct GearmanLink {
     /// `HOST:PORT` as given on the command line.
-    pub addr: String,
+    addr: String,
     /// The address when `addr` is numeric (no lookup needed).
-    pub numeric: Option<SocketAddr>,
+    numeric: Option<SocketAddr>,
     /// A lookup was sent to the resolver and has not been answered yet.
-    pub lookup_pending: bool,
+    lookup_pending: bool,
     /// Set while the gearmand cannot be reached (operator logs).
-    pub outage: Option<Outage>,
+    outage: Option<Outage>,
     /// Index of the gearmand (`--gearmand` order).
-    pub server: usize,
+    server: usize,
     /// What this slot is for.
-    pub role: Role,
+    role: Role,
     /// Connection state.
-    pub state: LinkState,
+    state: LinkState,
     /// The protocol session (replaced on every reconnect).
-    pub session: ClientSession,
+    session: ClientSession,
     /// Bytes from gearmand not yet decoded.
-    pub input: InBuf,
+    input: InBuf,
     /// Bytes for gearmand not yet written.
-    pub output: Vec<u8>,
+    output: Vec<u8>,
     /// Readiness and registered interest (the same model as a client's).
-    pub io: Readiness,
+    io: Readiness,
     /// Failed attempts since the last success (drives the back-off).
-    pub failures: u32,
+    failures: u32,
     /// Successful connections so far.
-    pub connects: u64,
+    connects: u64,
     /// When the current state began (connect timeout) ...
-    pub since: Instant,
+    since: Instant,
     /// ... and when gearmand last sent us a byte (silence timeout).
-    pub last_heard: Instant,
+    last_heard: Instant,
     max_job_bytes: usize,
 }
 
@@ -154,13 +144,48 @@ impl GearmanLink {
         }
     }
 
-    /// The state's name, for `/healthz` and `/metrics`.
-    pub fn state_name(&self) -> &'static str {
+    /// `HOST:PORT` as configured.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The address, when `addr` is numeric (no lookup needed).
+    pub fn numeric(&self) -> Option<SocketAddr> {
+        self.numeric
+    }
+
+    /// Index of its gearmand.
+    pub fn server(&self) -> usize {
+        self.server
+    }
+
+    /// What this slot is for.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Failed attempts since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Successful connections so far.
+    pub fn connects(&self) -> u64 {
+        self.connects
+    }
+
+    /// The outage going on, if any.
+    pub fn outage(&self) -> Option<&Outage> {
+        self.outage.as_ref()
+    }
+
+    /// How `/healthz` and `/metrics` show the state (the caller knows about `Stalled`).
+    pub fn status(&self) -> LinkStatus {
         match self.state {
-            LinkState::Down => "disconnected",
-            LinkState::Resolving => "resolving",
-            LinkState::Connecting(_) | LinkState::Greeting(_) => "connecting",
-            LinkState::Up(_) => "connected",
+            LinkState::Down => LinkStatus::Disconnected,
+            LinkState::Resolving => LinkStatus::Resolving,
+            LinkState::Connecting(_) | LinkState::Greeting(_) => LinkStatus::Connecting,
+            LinkState::Up(_) => LinkStatus::Connected,
         }
     }
 
@@ -169,46 +194,91 @@ impl GearmanLink {
         matches!(self.state, LinkState::Up(_))
     }
 
-    /// The socket, if any.
-    pub fn sock(&mut self) -> Option<&mut TcpStream> {
-        match &mut self.state {
-            LinkState::Down | LinkState::Resolving => None,
-            LinkState::Connecting(s) | LinkState::Greeting(s) | LinkState::Up(s) => Some(s),
-        }
+    /// Down, with no connection in any stage.
+    pub fn is_down(&self) -> bool {
+        matches!(self.state, LinkState::Down)
     }
 
-    /// The host name is being looked up (by the resolver thread).
-    pub fn resolving(&mut self, now: Instant) {
+    /// A down spare becomes its gearmand's active link (fresh back-off).
+    pub fn activate(&mut self) {
+        self.role = Role::Active;
+        self.failures = 0;
+    }
+
+    /// It takes no new work; it closes once its live jobs are done.
+    pub fn retire(&mut self) {
+        self.role = Role::Retiring;
+    }
+
+    /// Notes one epoll event; true when it says the socket is writable (a connect finished, or
+    /// blocked output may go on).
+    pub fn note(&mut self, event: &mio::event::Event) -> bool {
+        self.io.note(event).1
+    }
+
+    /// It stopped reading at its budget with bytes still waiting (the next wait must not sleep).
+    pub fn has_unread(&self) -> bool {
+        self.io.can_read() && matches!(self.state, LinkState::Greeting(_) | LinkState::Up(_))
+    }
+
+    /// The host name is being looked up (by the resolver thread). True when a lookup should
+    /// be sent: one that outlived the timeout is still on its way, and is waited for.
+    pub fn resolving(&mut self, now: Instant) -> bool {
         self.state = LinkState::Resolving;
         self.since = now;
+        !std::mem::replace(&mut self.lookup_pending, true)
     }
 
-    /// Starts a nonblocking connect to `addr` (never blocks: no name lookup here).
-    pub fn start_connect(&mut self, addr: SocketAddr, now: Instant) -> std::io::Result<&mut TcpStream> {
+    /// The resolver answered; true when this link still waits for that answer.
+    pub fn looked_up(&mut self) -> bool {
+        self.lookup_pending = false;
+        self.role == Role::Active && matches!(self.state, LinkState::Resolving)
+    }
+
+    /// Starts a nonblocking connect to `addr` (never blocks: no name lookup here), registered
+    /// for WRITABLE: the connect's completion is a writable edge.
+    pub fn start_connect(
+        &mut self,
+        addr: SocketAddr,
+        now: Instant,
+        reg: &Registry,
+        token: Token,
+    ) -> Result<(), LinkDown> {
         self.reset_buffers();
         self.since = now;
-        self.state = LinkState::Connecting(TcpStream::connect(addr)?);
-        match &mut self.state {
-            LinkState::Connecting(s) => Ok(s),
-            _ => unreachable!("set just above"),
-        }
+        let mut sock = TcpStream::connect(addr).map_err(connect_failure)?;
+        self.io.register(reg, &mut sock, token, true).map_err(connect_failure)?;
+        self.state = LinkState::Connecting(sock);
+        Ok(())
     }
 
-    /// The TCP connect finished: greet gearmand (OPTION_REQ), open the report desk for `desk`
-    /// (see `ClientSession::serve_reports`) and wait for the answer.
-    pub fn connected(&mut self, now: Instant, desk: &[u8]) {
+    /// After an event on a connecting link: once the TCP connect finished, greet gearmand
+    /// (OPTION_REQ), open the report desk for `desk` (see `ClientSession::serve_reports`) and
+    /// wait for the answer. True when it did (bytes were queued).
+    pub fn finish_connect(&mut self, now: Instant, desk: &[u8]) -> Result<bool, LinkDown> {
+        let event_seen = self.io.can_read() || !self.io.write_blocked();
+        let LinkState::Connecting(sock) = &self.state else { return Ok(false) };
+        if !event_seen || !connect_outcome(sock)? {
+            return Ok(false);
+        }
+        self.connected(now, desk);
+        Ok(true)
+    }
+
+    /// The TCP connect finished (see `finish_connect`).
+    fn connected(&mut self, now: Instant, desk: &[u8]) {
         let LinkState::Connecting(sock) = std::mem::replace(&mut self.state, LinkState::Down) else { return };
-        let _ = sock.set_nodelay(true);
+        let _ = sock.set_nodelay(true); // latency only; the link works without it
         self.state = LinkState::Greeting(sock);
         self.since = now;
         self.last_heard = now;
-        self.io.can_read = true;
+        self.io.connected();
         self.session.start(&mut self.output);
         self.session.serve_reports(desk, &mut self.output);
     }
 
     /// gearmand answered: the link is up.
-    pub fn greeted(&mut self, now: Instant) {
+    fn greeted(&mut self, now: Instant) {
         let LinkState::Greeting(sock) = std::mem::replace(&mut self.state, LinkState::Down) else { return };
         self.state = LinkState::Up(sock);
         self.since = now;
@@ -216,8 +286,101 @@ impl GearmanLink {
         self.connects += 1;
     }
 
+    /// Reads what gearmand sent (up to `budget`) into the session. Edge-triggered: a read that
+    /// stops at the budget keeps the edge (`has_unread`), since no new one will come for bytes
+    /// already waiting.
+    pub fn read(&mut self, now: Instant, scratch: &mut [u8], budget: usize) -> Read {
+        let mut read = Read { greeted: None, queued: false, down: None };
+        let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut self.state else { return read };
+        if !self.io.can_read() {
+            return read;
+        }
+        let outcome = fill(sock, &mut self.input, scratch, budget, self.io.short_read_drains());
+        if matches!(outcome, Ok((_, n)) if n > 0) {
+            self.last_heard = now;
+        }
+        let decoded = self.session.handle_input(&mut self.input);
+        // The report desk answers gearmand on its own (PRE_SLEEP, GRAB, WORK_COMPLETE); those
+        // bytes are written with the link's other output in this pass's flush.
+        let queued = self.output.len();
+        self.session.take_replies(&mut self.output);
+        read.queued = self.output.len() > queued;
+        if matches!(self.state, LinkState::Greeting(_)) && self.session.has_answered() {
+            self.greeted(now);
+            read.greeted = Some(self.outage.take());
+        }
+        read.down = match (outcome, decoded) {
+            (_, Err(e)) => Some(LinkDown::Protocol(e)),
+            (Err(e), _) => Some(LinkDown::Io(Op::Read, e)),
+            (Ok((Io::Eof, _)), _) => Some(LinkDown::ClosedByPeer),
+            (Ok((io, _)), _) => {
+                self.io.read(io); // Paused: budget spent or input full, the next pass reads on
+                None
+            }
+        };
+        read
+    }
+
+    /// The next job event of what was read.
+    pub fn poll_event(&mut self) -> Option<JobEvent> {
+        self.session.poll_event()
+    }
+
+    /// Hands the session and the output buffer to `write` when the link is up; false when it
+    /// is not (nothing is written to a link that may not take jobs).
+    pub fn write(&mut self, write: impl FnOnce(&mut ClientSession, &mut Vec<u8>)) -> bool {
+        if !self.is_up() {
+            return false;
+        }
+        write(&mut self.session, &mut self.output);
+        true
+    }
+
+    /// Queues a probe (ECHO_REQ) for a quiet link.
+    pub fn probe(&mut self) {
+        self.session.probe(&mut self.output);
+    }
+
+    /// Writes what the socket takes; past the connect, WRITABLE is in the interest exactly
+    /// while bytes are left. Returns the bytes left when the link is up (the App's figure).
+    pub fn flush(&mut self, reg: &Registry, token: Token) -> Result<Option<usize>, LinkDown> {
+        let (LinkState::Greeting(sock) | LinkState::Up(sock)) = &mut self.state else { return Ok(None) };
+        if !self.output.is_empty() && !self.io.write_blocked() {
+            // A partial write keeps the tail; WouldBlock waits for the writable edge.
+            let io = flush(sock, &mut self.output).map_err(|e| LinkDown::Io(Op::Write, e))?;
+            self.io.wrote(io);
+        }
+        let wants_write = !self.output.is_empty();
+        self.io.sync_interest(reg, sock, token, wants_write).map_err(|e| LinkDown::Io(Op::Interest, e))?;
+        Ok(self.is_up().then_some(self.output.len()))
+    }
+
+    /// Ends the connection, if any: deregistered and dropped, with a fresh session and buffers.
+    /// True when it was up.
+    pub fn disconnect(&mut self, reg: &Registry) -> bool {
+        let was_up = self.is_up();
+        if let LinkState::Connecting(sock) | LinkState::Greeting(sock) | LinkState::Up(sock) = &mut self.state
+        {
+            // The socket is dropped right after: closing it leaves epoll anyway.
+            let _ = reg.deregister(sock);
+        }
+        self.state = LinkState::Down;
+        self.reset_buffers();
+        was_up
+    }
+
+    /// A down link whose slot is free again.
+    pub fn release(&mut self) {
+        self.role = Role::Spare;
+    }
+
+    /// A failed attempt or a loss: the back-off grows.
+    pub fn count_failure(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+    }
+
     /// Fresh session and buffers for a new connection (the old one's bytes mean nothing now).
-    pub fn reset_buffers(&mut self) {
+    fn reset_buffers(&mut self) {
         self.session = ClientSession::new(self.max_job_bytes);
         self.input = InBuf::new(self.max_job_bytes + HEADER_BYTES);
         self.output = Vec::new();
@@ -230,20 +393,19 @@ impl GearmanLink {
     /// even when no job is waiting on it.
     pub fn check_health(&self, now: Instant, timeout: Duration) -> Health {
         let elapsed = |t: Instant| now.saturating_duration_since(t);
+        let late = |stage| Health::Dead(LinkDown::TimedOut(stage));
         match self.state {
             LinkState::Down => Health::Fine,
-            LinkState::Resolving if elapsed(self.since) >= timeout => Health::Dead("name lookup timed out"),
+            LinkState::Resolving if elapsed(self.since) >= timeout => late(Stage::Lookup),
             LinkState::Resolving => Health::Fine,
-            LinkState::Connecting(_) if elapsed(self.since) >= timeout => Health::Dead("connect timed out"),
-            LinkState::Greeting(_) if elapsed(self.since) >= timeout => {
-                Health::Dead("connected, but gearmand did not answer in time")
-            }
+            LinkState::Connecting(_) if elapsed(self.since) >= timeout => late(Stage::Connect),
+            LinkState::Greeting(_) if elapsed(self.since) >= timeout => late(Stage::Greeting),
             LinkState::Connecting(_) | LinkState::Greeting(_) => Health::Fine,
             LinkState::Up(_) => {
                 let silent = elapsed(self.last_heard);
                 if self.session.awaiting_replies() > 0 {
                     if silent >= timeout {
-                        return Health::Dead("gearmand owes replies and has said nothing in time");
+                        return Health::Dead(LinkDown::Silent);
                     }
                     Health::Fine
                 } else if silent >= timeout / 2 {
@@ -264,29 +426,22 @@ impl GearmanLink {
     }
 
     /// An attempt to reach gearmand failed (it was not up): counts it, and says whether the
-    /// operator should hear about it. One line per outage, one per change of reason, and a
-    /// reminder every `REMINDER_PERIOD`, however fast the attempts come.
-    pub fn attempt_failed(&mut self, now: Instant, why: &str) -> OutageNote {
-        let Some(outage) = &mut self.outage else {
-            self.outage = Some(Outage { since: now, attempts: 1, reason: why.to_string(), reminded: now });
-            return OutageNote::First;
-        };
-        outage.attempts = outage.attempts.saturating_add(1);
-        if outage.reason != why {
-            outage.reason = why.to_string();
-            outage.reminded = now;
-            OutageNote::Changed
-        } else if now.saturating_duration_since(outage.reminded) >= REMINDER_PERIOD {
-            outage.reminded = now;
-            OutageNote::Reminder
-        } else {
-            OutageNote::Quiet
+    /// operator should hear about it. One line per outage, one per change of reason (by kind:
+    /// see [`LinkDown::same_kind`]), and a reminder every `REMINDER_PERIOD`, however fast the
+    /// attempts come.
+    pub fn attempt_failed(&mut self, now: Instant, why: &LinkDown) -> OutageNote {
+        match &mut self.outage {
+            Some(outage) => outage.attempt_failed(now, why),
+            None => {
+                self.outage = Some(Outage::new(now, 1, why));
+                OutageNote::First
+            }
         }
     }
 
     /// The connection was lost: an outage begins (the loss itself is logged by the caller).
-    pub fn lost(&mut self, now: Instant, why: &str) {
-        self.outage = Some(Outage { since: now, attempts: 0, reason: why.to_string(), reminded: now });
+    pub fn lost(&mut self, now: Instant, why: &LinkDown) {
+        self.outage = Some(Outage::new(now, 0, why));
     }
 
     /// gearmand answered again: the outage (if any) is over.
@@ -307,6 +462,7 @@ impl GearmanLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::link_down::REMINDER_PERIOD;
 
     fn link(now: Instant) -> GearmanLink {
         GearmanLink::new("127.0.0.1:1".into(), 0, Role::Active, 1024, now)
@@ -376,7 +532,7 @@ mod tests {
     fn an_outage_is_told_once_then_on_change_then_once_a_minute() {
         let t0 = Instant::now();
         let mut l = link(t0);
-        let refused = "connection refused";
+        let refused = &LinkDown::Refused;
         assert_eq!(l.attempt_failed(t0, refused), OutageNote::First);
         for n in 1..100 {
             let at = t0 + Duration::from_millis(500 * n);
@@ -384,11 +540,14 @@ mod tests {
         }
         assert_eq!(l.attempt_failed(t0 + REMINDER_PERIOD, refused), OutageNote::Reminder);
         assert_eq!(l.attempt_failed(t0 + REMINDER_PERIOD, refused), OutageNote::Quiet);
-        assert_eq!(l.attempt_failed(t0 + REMINDER_PERIOD, "connect timed out"), OutageNote::Changed);
+        assert_eq!(
+            l.attempt_failed(t0 + REMINDER_PERIOD, &LinkDown::TimedOut(Stage::Connect)),
+            OutageNote::Changed
+        );
         let outage = l.back().expect("an outage was going on");
         assert_eq!((outage.attempts, outage.since), (103, t0));
         assert!(l.back().is_none(), "back once");
-        l.lost(t0, "gearmand closed the connection");
+        l.lost(t0, &LinkDown::ClosedByPeer);
         assert_eq!(
             l.attempt_failed(t0, refused),
             OutageNote::Changed,
@@ -403,9 +562,9 @@ mod tests {
         let mut l = GearmanLink::new("gearmand.internal:4730".into(), 0, Role::Active, 1024, t0);
         assert_eq!(l.numeric, None);
         l.resolving(t0);
-        assert_eq!(l.state_name(), "resolving");
+        assert_eq!(l.status(), LinkStatus::Resolving);
         let timeout = Duration::from_secs(5);
         assert_eq!(l.check_health(t0 + Duration::from_millis(4999), timeout), Health::Fine);
-        assert_eq!(l.check_health(t0 + timeout, timeout), Health::Dead("name lookup timed out"));
+        assert_eq!(l.check_health(t0 + timeout, timeout), Health::Dead(LinkDown::TimedOut(Stage::Lookup)));
     }
 }

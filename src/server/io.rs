@@ -1,15 +1,57 @@
-//! `fill()` and `flush()`, `accept`, `wait` and the end of a nonblocking connect: the only
-//! code of the server that looks at `io::ErrorKind`. Every socket read and write of the server
-//! goes through here and comes back as an [`Io`] (or [`Accept`]) or an error.
+//! Every socket call of the server: `fill()`, `discard()`, `write_some()`/`flush()`, `accept`,
+//! `wait`, the end of a nonblocking connect, and the registered interest ([`Readiness`]).
+//!
+//! It owns the meaning of `io::ErrorKind`: no other file under `server/` reads one. A call
+//! comes back as an [`Io`] (or [`Accept`]), or as a [`Fault`] that ends the connection, whose
+//! kind the caller may compare and whose words go to the log. It must not decide what a failure
+//! means for a client or a link: that is the caller's.
 
+use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use mio::event::Source;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Poll};
+use mio::{Events, Interest, Poll, Registry, Token};
 
+use super::link_down::{LinkDown, Op, Stage};
 use crate::buf::InBuf;
+
+/// A socket error that ends a connection or link: its kind decides, its words (the OS's, as
+/// `io::Error` shows them) are for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    kind: ErrorKind,
+    errno: Option<i32>,
+}
+
+impl Fault {
+    /// What kind of error it was (for `CloseReason::Io`).
+    pub fn kind(self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The same kind of error, whatever its words.
+    pub fn same_kind(self, other: Fault) -> bool {
+        self.kind == other.kind
+    }
+}
+
+impl From<io::Error> for Fault {
+    fn from(e: io::Error) -> Self {
+        Fault { kind: e.kind(), errno: e.raw_os_error() }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.errno {
+            Some(n) => io::Error::from_raw_os_error(n).fmt(f),
+            None => io::Error::from(self.kind).fmt(f),
+        }
+    }
+}
 
 /// How a read or write loop stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +79,7 @@ pub fn fill(
     scratch: &mut [u8],
     budget: usize,
     short_read_drains: bool,
-) -> io::Result<(Io, usize)> {
+) -> Result<(Io, usize), Fault> {
     let mut total = 0;
     loop {
         let room = input.room().min(budget - total).min(scratch.len());
@@ -55,14 +97,14 @@ pub fn fill(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, total)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Reads and drops what a closing peer still sends, at most `scratch.len()` times 16 bytes per
 /// call (a pass's budget), until WouldBlock or EOF.
-pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> io::Result<(Io, usize)> {
+pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> Result<(Io, usize), Fault> {
     let mut total = 0;
     for _ in 0..16 {
         match sock.read(scratch) {
@@ -70,7 +112,7 @@ pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> io::Result<(Io, usiz
             Ok(n) => total += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, total)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok((Io::Paused, total))
@@ -79,44 +121,66 @@ pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> io::Result<(Io, usiz
 /// Writes `out` until all of it is written or the socket would block, and says how many bytes
 /// went out; the caller drops them (`Ws::consume_output` tracks frame boundaries as it does).
 /// On an error the count is lost: the connection is beyond saving anyway.
-pub fn write_some(sock: &mut impl Write, out: &[u8]) -> io::Result<(Io, usize)> {
+pub fn write_some(sock: &mut impl Write, out: &[u8]) -> Result<(Io, usize), Fault> {
     let mut written = 0;
     while written < out.len() {
         match sock.write(&out[written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero).into()),
             Ok(n) => written += n, // partial writes are normal: the caller keeps the tail
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Io::Blocked, written)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok((Io::Paused, written))
 }
 
 /// Writes `out` until it is empty or the socket would block; keeps the unwritten tail.
-pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> io::Result<Io> {
+pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> Result<Io, Fault> {
     let (io, written) = write_some(sock, out)?;
     out.drain(..written);
     Ok(io)
 }
 
 /// What epoll told us about a socket, and what we asked it for: one model for clients and
-/// gearmand links. Edge-triggered: a readable
-/// edge stays true until a read hits WouldBlock (or the end); a write that hits WouldBlock
-/// waits for the next writable edge.
+/// gearmand links. Edge-triggered: a readable edge stays noted until a read hits WouldBlock (or
+/// the end); a write that hits WouldBlock waits for the next writable edge. The fields are
+/// private: an event sets a bit, only a call's [`Io`] clears it, and the interest is derived
+/// here, from what the owner wants, and nowhere else.
 #[derive(Debug, Default)]
 pub struct Readiness {
     /// A readable edge arrived and reading has not hit WouldBlock since.
-    pub can_read: bool,
+    can_read: bool,
     /// epoll reported the peer's FIN: read until end-of-file instead of stopping at a short read.
-    pub hup_seen: bool,
-    /// The last write hit WouldBlock.
-    pub write_blocked: bool,
+    hup_seen: bool,
+    /// The last write hit WouldBlock (or a connect is in progress).
+    write_blocked: bool,
     /// WRITABLE is in the registered interest (it is added only while output waits).
-    pub writable_registered: bool,
+    writable_registered: bool,
 }
 
 impl Readiness {
+    /// Registers `src`: READABLE, plus WRITABLE when `wants_write` (a connect in progress).
+    /// A freshly accepted or connected socket may already hold bytes: it counts as readable,
+    /// since the edge that announced them may have come before the registration.
+    pub fn register(
+        &mut self,
+        reg: &Registry,
+        src: &mut impl Source,
+        token: Token,
+        wants_write: bool,
+    ) -> io::Result<()> {
+        reg.register(src, token, interest(wants_write))?;
+        *self = Readiness { can_read: !wants_write, write_blocked: wants_write, ..Readiness::default() };
+        self.writable_registered = wants_write;
+        Ok(())
+    }
+
+    /// A connect finished: the socket is read at once (gearmand may have answered already).
+    pub fn connected(&mut self) {
+        self.can_read = true;
+    }
+
     /// Notes one epoll event; returns (readable news, writable news).
     pub fn note(&mut self, event: &mio::event::Event) -> (bool, bool) {
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
@@ -130,12 +194,56 @@ impl Readiness {
         }
         (readable, writable)
     }
+
+    /// A readable edge is still unused.
+    pub fn can_read(&self) -> bool {
+        self.can_read
+    }
+
+    /// Whether a read may stop at a short read (see [`fill`]): not once the FIN was signalled.
+    pub fn short_read_drains(&self) -> bool {
+        !self.hup_seen
+    }
+
+    /// A read stopped this way: `Blocked` and `Eof` use the edge up; `Paused` keeps it.
+    pub fn read(&mut self, io: Io) {
+        if io != Io::Paused {
+            self.can_read = false;
+        }
+    }
+
+    /// Writing now would only hit WouldBlock again.
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked
+    }
+
+    /// A write stopped this way: `Blocked` waits for the next writable edge.
+    pub fn wrote(&mut self, io: Io) {
+        self.write_blocked = io == Io::Blocked;
+    }
+
+    /// WRITABLE exactly while the owner has bytes waiting; no system call when nothing changed.
+    /// An error is returned, not dropped: a socket whose interest is wrong may never wake again,
+    /// so the caller ends that connection.
+    pub fn sync_interest(
+        &mut self,
+        reg: &Registry,
+        src: &mut impl Source,
+        token: Token,
+        wants_write: bool,
+    ) -> Result<(), Fault> {
+        if wants_write != self.writable_registered {
+            reg.reregister(src, token, interest(wants_write))?;
+            self.writable_registered = wants_write;
+        }
+        Ok(())
+    }
 }
 
 /// The interest to register: always READABLE, and WRITABLE while the socket's owner has bytes
 /// it could not write (or a connect to finish).
-pub fn interest(wants_write: bool) -> mio::Interest {
-    if wants_write { mio::Interest::READABLE | mio::Interest::WRITABLE } else { mio::Interest::READABLE }
+fn interest(wants_write: bool) -> Interest {
+    if wants_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
 }
 
 /// Waits for events (up to `timeout`); a signal's interruption just returns with none.
@@ -176,22 +284,20 @@ pub fn accept(listener: &TcpListener) -> Accept {
 /// Where a nonblocking connect stands once the socket reported writable (or an error):
 /// `take_error` says whether it failed, `peer_addr` whether it is really connected yet.
 /// Ok(true): connected; Ok(false): still in progress.
-pub fn connect_outcome(sock: &TcpStream) -> io::Result<bool> {
+pub fn connect_outcome(sock: &TcpStream) -> Result<bool, LinkDown> {
     match (sock.take_error(), sock.peer_addr()) {
         (Ok(None), Ok(_)) => Ok(true),
         (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => Ok(false),
-        (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => Err(e),
+        (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => Err(connect_failure(e)),
     }
 }
 
-/// A failed connect, in an operator's words.
-pub fn connect_error(e: &io::Error) -> String {
+/// Why a connect failed: refused and timed out are told apart (an operator acts on each).
+pub fn connect_failure(e: io::Error) -> LinkDown {
     match e.kind() {
-        ErrorKind::ConnectionRefused => {
-            "connection refused (is gearmand running and listening there?)".into()
-        }
-        ErrorKind::TimedOut => "connect timed out".into(),
-        _ => format!("connect failed: {e}"),
+        ErrorKind::ConnectionRefused => LinkDown::Refused,
+        ErrorKind::TimedOut => LinkDown::TimedOut(Stage::Connect),
+        _ => LinkDown::Io(Op::Connect, e.into()),
     }
 }
 
@@ -207,7 +313,7 @@ mod tests {
     impl Write for Trickle {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
             if self.got.len() >= self.cap {
-                return Err(io::ErrorKind::WouldBlock.into());
+                return Err(ErrorKind::WouldBlock.into());
             }
             let n = b.len().min(3).min(self.cap - self.got.len());
             self.got.extend_from_slice(&b[..n]);

@@ -38,7 +38,7 @@ impl Membership {
         let board = Board::open(child.board_fd)?;
         if child.slot >= board.slots() {
             let why = format!("slot {} on a board of {}", child.slot, board.slots());
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+            return Err(std::io::Error::other(why));
         }
         let pid = std::process::id();
         Ok(Membership { board, slot: child.slot, pid, out: Vec::new(), read: Vec::new(), warned: false })

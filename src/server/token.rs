@@ -1,7 +1,8 @@
 //! The loop's fixed tokens and the mapping between a client's `ConnId` and its `Token`.
 //!
 //! `LISTENER`, `SIGNALS` and `RESOLVER` come first, then one token per `--gearmand` link, then clients:
-//! a client's token is its slab key plus `first_client`.
+//! a client's token is its slab key plus `first_client`. Numbers only: it knows nothing of what
+//! a link or a client is.
 
 use mio::Token;
 
