@@ -129,7 +129,7 @@ pub struct GroupChild {
 }
 
 /// Descriptors kept back from `max_connections`: listener, poll, gearmand links, logs.
-pub const FD_RESERVE: usize = 64;
+pub(crate) const FD_RESERVE: usize = 64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -274,10 +274,10 @@ impl Config {
 }
 
 /// Most `--processes`.
-pub const MAX_PROCESSES: usize = 64;
+pub(crate) const MAX_PROCESSES: usize = 64;
 
 /// The longest `--instance-id` a group of `processes` can extend with `-{slot}` for each child.
-pub fn max_group_base(processes: usize) -> usize {
+pub(crate) fn max_group_base(processes: usize) -> usize {
     let digits = processes.saturating_sub(1).max(1).ilog10() as usize + 1;
     MAX_INSTANCE_ID.saturating_sub(1 + digits)
 }
@@ -289,6 +289,6 @@ fn echo_frame_bytes(max_message_bytes: usize) -> usize {
 }
 
 /// The soft limit on open files of this process (what `accept` runs into).
-pub fn open_file_limit() -> usize {
+pub(crate) fn open_file_limit() -> usize {
     crate::os::open_file_limits().0
 }

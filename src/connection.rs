@@ -37,7 +37,7 @@ use crate::ws::{Upgrade, Ws, WsEvent, WsLimits};
 
 /// The limits and timeouts of a connection's life; built by the caller from its configuration.
 #[derive(Clone, Debug)]
-pub struct ConnLimits {
+pub(crate) struct ConnLimits {
     /// The WebSocket's own limits.
     pub ws: WsLimits,
     /// Stop reading an open connection while its output is over this (echo mode: every
@@ -60,7 +60,7 @@ pub struct ConnLimits {
 /// Why a connection ended; logged at `debug`, and counted for the operator's summary unless it
 /// is an ordinary goodbye.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The peer closed (close frame, FIN after an HTTP answer).
     PeerClosed,
     /// The peer hung up without a close frame (FIN before a request or mid-session).
@@ -103,7 +103,7 @@ impl CloseReason {
 
 /// What a connection tells the application.
 #[derive(Debug, PartialEq)]
-pub enum ConnEvent {
+pub(crate) enum ConnEvent {
     /// The upgrade succeeded (the 101 answer is queued).
     Opened(Upgrade),
     /// A plain HTTP request: answer it with [`Connection::respond`].
@@ -119,7 +119,7 @@ pub enum ConnEvent {
 
 /// Where the shell puts what it reads.
 #[derive(Debug)]
-pub enum ReadInto<'a> {
+pub(crate) enum ReadInto<'a> {
     /// Append to this buffer, then call `handle_read`.
     Buffer(&'a mut InBuf),
     /// Read and drop (a closing connection still drains its socket), then `handle_read`.
@@ -131,7 +131,7 @@ pub enum ReadInto<'a> {
 
 /// What the shell must do after a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AfterWrite {
+pub(crate) enum AfterWrite {
     /// Nothing special.
     Continue,
     /// Everything is out and the connection is ending: shut the socket's write side.
@@ -156,7 +156,7 @@ enum Phase {
 
 /// One client connection.
 #[derive(Debug)]
-pub struct Connection {
+pub(crate) struct Connection {
     ws: Ws,
     phase: Phase,
     /// Set once, when the connection stops being usable.
@@ -444,6 +444,7 @@ impl Connection {
     }
 
     /// Why it ended, once it has.
+    #[cfg(test)]
     pub fn reason(&self) -> Option<&CloseReason> {
         self.reason.as_ref()
     }

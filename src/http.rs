@@ -15,7 +15,7 @@ const ECHO_PAGE: &str =
 
 /// One gearmand as the pages show it (and as a process of a group publishes it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct LinkView {
+pub(crate) struct LinkView {
     /// `HOST:PORT` as configured.
     pub addr: String,
     /// How it is shown (`connected`, `stalled`, `connecting`, `resolving`, `disconnected`).
@@ -28,7 +28,7 @@ pub struct LinkView {
 
 /// What the pages report on, gathered by the shell when a page that needs it is asked for.
 #[derive(Debug)]
-pub struct Snapshot<'a> {
+pub(crate) struct Snapshot<'a> {
     /// This instance's id (`--instance-id`, or drawn at startup).
     pub instance: &'a str,
     /// Each gearmand.
@@ -41,7 +41,7 @@ pub struct Snapshot<'a> {
 
 /// An answer.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Response {
+pub(crate) struct Response {
     /// Status code.
     pub status: u16,
     /// Its reason phrase.
@@ -62,7 +62,7 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 /// The pages of this port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Page {
+pub(crate) enum Page {
     /// `GET /`: the demo page (a short text in echo mode).
     Demo,
     /// `GET /healthz`.
@@ -73,7 +73,7 @@ pub enum Page {
 
 /// Which page `method` `path` asks for (query ignored), or the answer that says there is none
 /// (404, or 405 for another method on a known path).
-pub fn page(method: &str, path: &str) -> Result<Page, Response> {
+pub(crate) fn page(method: &str, path: &str) -> Result<Page, Response> {
     let page = match path.split('?').next().unwrap_or("") {
         "/" => Page::Demo,
         "/healthz" => Page::Health,
@@ -88,7 +88,12 @@ pub fn page(method: &str, path: &str) -> Result<Page, Response> {
 
 /// Answers `method` `path` (query ignored); `echo`: the server runs in echo mode. `snapshot`
 /// is called only for the pages that report state.
-pub fn route<'a>(method: &str, path: &str, echo: bool, snapshot: impl FnOnce() -> Snapshot<'a>) -> Response {
+pub(crate) fn route<'a>(
+    method: &str,
+    path: &str,
+    echo: bool,
+    snapshot: impl FnOnce() -> Snapshot<'a>,
+) -> Response {
     match page(method, path) {
         Err(refusal) => refusal,
         Ok(Page::Health) => healthz(echo, &snapshot()),
@@ -101,7 +106,7 @@ pub fn route<'a>(method: &str, path: &str, echo: bool, snapshot: impl FnOnce() -
 }
 
 /// `GET /`: the demo page speaks the job protocol, which echo mode does not.
-pub fn demo(echo: bool) -> Response {
+pub(crate) fn demo(echo: bool) -> Response {
     if echo {
         Response::new(200, "OK", TEXT, ECHO_PAGE)
     } else {
@@ -110,13 +115,13 @@ pub fn demo(echo: bool) -> Response {
 }
 
 /// `GET /metrics` with this Prometheus text.
-pub fn metrics_page(text: String) -> Response {
+pub(crate) fn metrics_page(text: String) -> Response {
     Response::new(200, "OK", "text/plain; version=0.0.4; charset=utf-8", text)
 }
 
 /// `GET /healthz` with this JSON: 200 when its `status` is `ok` (or `degraded`: a group still
 /// serving with a process down), 503 otherwise.
-pub fn health_page(body: &Value) -> Response {
+pub(crate) fn health_page(body: &Value) -> Response {
     let ok = matches!(body["status"].as_str(), Some("ok" | "degraded"));
     let (status, reason) = if ok { (200, "OK") } else { (503, "Service Unavailable") };
     Response::new(status, reason, "application/json", format!("{body}\n"))
@@ -124,12 +129,12 @@ pub fn health_page(body: &Value) -> Response {
 
 /// Whether a process with these gearmand links can run jobs: some gearmand is connected and
 /// not stalled (always, in echo mode: nothing to depend on).
-pub fn links_ok(echo: bool, links: &[LinkView]) -> bool {
+pub(crate) fn links_ok(echo: bool, links: &[LinkView]) -> bool {
     echo || links.iter().any(|l| l.state == LinkStatus::Connected)
 }
 
 /// The `gearmand` list of `/healthz`.
-pub fn links_json(links: &[LinkView]) -> Vec<Value> {
+pub(crate) fn links_json(links: &[LinkView]) -> Vec<Value> {
     let each = |l: &LinkView| json!({"server": l.addr, "state": l.state, "connects": l.connects, "retiring": l.retiring});
     links.iter().map(each).collect()
 }

@@ -12,19 +12,22 @@
 //! Only `server` touches sockets and the clock; `ws`, `gearman`, `app` and `wheel` are sans-IO
 //! and tested without a network. `worker` and `submit` are small blocking programs (the
 //! article's worker and client); `bench` is the load generator.
+// What the library exports is a choice: the modules below are public because `main.rs`, the
+// tests, the fuzz targets or the benches use them, and inside each only the items they use are
+// `pub` (the rest is `pub(crate)`). `connection`, `http` and `os` are the server's alone.
 pub mod app;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod buf;
 pub mod cli;
 pub mod config;
-pub mod connection;
+mod connection;
 pub mod gearman;
 pub mod group;
-pub mod http;
+mod http;
 pub mod logging;
 pub mod metrics;
-pub mod os;
+mod os;
 pub mod random;
 pub mod server;
 pub mod submit;

@@ -26,7 +26,7 @@ use simple_logger::SimpleLogger;
 const QUEUE_LINES: usize = 4096;
 
 /// How often per-connection events are summarised.
-pub const SUMMARY_PERIOD: Duration = Duration::from_secs(10);
+pub(crate) const SUMMARY_PERIOD: Duration = Duration::from_secs(10);
 
 /// One record, owned, so that it can cross to the writer thread.
 struct Line {
@@ -143,7 +143,7 @@ impl Log for Sink {
 
 /// A per-connection event worth a count, not a line each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// An open WebSocket ended without a close frame (FIN or reset): a closed tab, a killed
     /// script, a network that went away.
     LeftWithoutClose,
@@ -208,7 +208,7 @@ impl Event {
 
 /// Counts of per-connection events since the last summary.
 #[derive(Debug, Default)]
-pub struct Tally {
+pub(crate) struct Tally {
     counts: [u64; Event::ALL.len()],
 }
 

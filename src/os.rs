@@ -2,7 +2,7 @@
 
 /// The (soft, hard) limits on open files of this process, from /proc/self/limits ((1024, 1024)
 /// if it cannot be read; "unlimited" reads as 2^20).
-pub fn open_file_limits() -> (usize, usize) {
+pub(crate) fn open_file_limits() -> (usize, usize) {
     let limits = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("Max open files"))?;
         let mut words = line.split_whitespace().skip(3);
@@ -20,7 +20,7 @@ pub fn open_file_limits() -> (usize, usize) {
 /// is writing before the loop runs, so each pass takes a batch of replies instead of one. On an
 /// idle CPU it runs at once, as before; on a busy one it may wait up to a scheduler slice.
 #[cfg(target_os = "linux")]
-pub fn batch_scheduling() -> std::io::Result<()> {
+pub(crate) fn batch_scheduling() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; `param` is a live sched_param (priority 0, the only
     // one SCHED_BATCH takes). Unprivileged processes may always move to SCHED_BATCH.
@@ -33,7 +33,7 @@ pub fn batch_scheduling() -> std::io::Result<()> {
 
 /// `SCHED_BATCH` is Linux's: elsewhere `--sched-batch` is refused at startup.
 #[cfg(not(target_os = "linux"))]
-pub fn batch_scheduling() -> std::io::Result<()> {
+pub(crate) fn batch_scheduling() -> std::io::Result<()> {
     Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "SCHED_BATCH is Linux only"))
 }
 

@@ -9,13 +9,13 @@
 
 /// Longest instance id (`--instance-id`, or drawn at startup): it starts every unique the
 /// instance makes, and gearmand keeps 63 bytes of those.
-pub const MAX_INSTANCE_ID: usize = 16;
+pub(crate) const MAX_INSTANCE_ID: usize = 16;
 
 /// Whether `id` can name an instance: what goes before the first `.` of its uniques. It lives
 /// here, beside the ids the server draws, so that `config` (which checks `--instance-id`) and
 /// the App (which reads the owner out of a unique) share one rule without a core importing
 /// `config`.
-pub fn is_instance_id(id: &str) -> bool {
+pub(crate) fn is_instance_id(id: &str) -> bool {
     (1..=MAX_INSTANCE_ID).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
@@ -117,7 +117,7 @@ fn fill_from_os(buf: &mut [u8]) {
 /// Marsaglia's xorshift64: fast, no dependency, and predictable by anyone who sees a few
 /// outputs, so only for jitter and test traffic, never for ids.
 #[derive(Debug)]
-pub struct XorShift64(u64);
+pub(crate) struct XorShift64(u64);
 
 impl XorShift64 {
     /// Seeded from the clock, the pid, `salt` and std's per-process random hasher keys, so

@@ -25,7 +25,7 @@ use crate::random::XorShift64;
 
 /// Largest packet body a worker accepts from gearmand (a job's payload), unless changed with
 /// `Worker::set_max_body_bytes`. Larger packets drop the connection.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
 
 /// How long one TCP connect to gearmand may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +40,7 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// How a job function says it did not produce a result.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JobError {
+pub(crate) enum JobError {
     /// Sent as WORK_FAIL.
     Fail,
     /// Sent as WORK_EXCEPTION with this data (clients without the `exceptions` option see
@@ -63,7 +63,7 @@ impl Error for JobError {}
 type JobFn = Box<dyn FnMut(&mut Job<'_>) -> Result<Vec<u8>, JobError>>;
 
 /// One job being worked on, handed to the job function (PHP's `GearmanJob`).
-pub struct Job<'a> {
+pub(crate) struct Job<'a> {
     handle: String,
     function: String,
     assignment: Assignment,
@@ -78,11 +78,6 @@ impl Job<'_> {
         &self.handle
     }
 
-    /// The function name the client asked for.
-    pub fn function(&self) -> &str {
-        &self.function
-    }
-
     /// The client's payload.
     pub fn payload(&self) -> &[u8] {
         &self.assignment.payload
@@ -93,12 +88,6 @@ impl Job<'_> {
     /// value reaches exactly this job.
     pub fn unique(&self) -> &[u8] {
         &self.assignment.unique
-    }
-
-    /// True once a send failed: the connection to gearmand is gone and so is this job (gearmand
-    /// hands it to another worker). A job function may stop early.
-    pub fn is_lost(&self) -> bool {
-        self.lost
     }
 
     /// Sends WORK_DATA now (PHP's `sendData`).
@@ -115,13 +104,6 @@ impl Job<'_> {
         self.flush()
     }
 
-    /// Sends WORK_WARNING now (PHP's `sendWarning`).
-    pub fn send_warning(&mut self, data: &[u8]) -> io::Result<()> {
-        let Job { link, assignment, .. } = self;
-        link.session.work_warning(&assignment.handle, data, &mut link.out);
-        self.flush()
-    }
-
     fn flush(&mut self) -> io::Result<()> {
         if self.lost {
             self.link.out.clear();
@@ -135,17 +117,17 @@ impl Job<'_> {
 
 /// A blocking Gearman worker with one connection to one gearmand (PHP's `GearmanWorker`).
 ///
-/// ```no_run
-/// let mut worker = gearsock::worker::Worker::new("127.0.0.1:4730");
+/// ```ignore
+/// // crate-internal (the library exports only `run_worker` and `run_demo_worker`)
+/// let mut worker = Worker::new("127.0.0.1:4730");
 /// worker.add_function("reverse", |job| Ok(job.payload().iter().rev().copied().collect()));
 /// loop {
 ///     worker.work()?;
 /// }
 /// # Ok::<(), std::io::Error>(())
 /// ```
-pub struct Worker {
+pub(crate) struct Worker {
     addr: String,
-    client_id: Option<String>,
     functions: Vec<(String, JobFn)>,
     link: Option<Link>,
     backoff: Backoff,
@@ -163,7 +145,6 @@ impl Worker {
     pub fn new(addr: impl Into<String>) -> Self {
         Worker {
             addr: addr.into(),
-            client_id: None,
             functions: Vec::new(),
             link: None,
             backoff: Backoff::new(),
@@ -187,21 +168,10 @@ impl Worker {
         }
     }
 
-    /// Sets the id gearmand shows for this connection in `gearadmin --workers` (sent at the
-    /// next connect).
-    pub fn set_client_id(&mut self, id: impl Into<String>) {
-        self.client_id = Some(id.into());
-    }
-
     /// Makes `work` give up with `io::ErrorKind::TimedOut` when no job arrived in `timeout`
     /// (PHP's `setTimeout`). `None`, the default, waits forever.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout = timeout;
-    }
-
-    /// Sets the largest packet body accepted from gearmand (default `DEFAULT_MAX_BODY_BYTES`).
-    pub fn set_max_body_bytes(&mut self, max_body_bytes: usize) {
-        self.max_body_bytes = max_body_bytes;
     }
 
     /// Waits for one job, runs it and sends its result (PHP's `work`).
@@ -295,12 +265,9 @@ impl Worker {
             thread::sleep(due.saturating_duration_since(Instant::now()));
             self.next_attempt = None;
             match Link::connect(&self.addr, self.max_body_bytes) {
-                Ok(mut link) => {
+                Ok(link) => {
                     self.warned = false;
                     info!("worker connected to gearmand {}", self.addr);
-                    if let Some(id) = &self.client_id {
-                        link.session.set_client_id(id.as_bytes(), &mut link.out);
-                    }
                     return Ok(link);
                 }
                 Err(e) if !self.warned => {
@@ -441,7 +408,7 @@ impl Backoff {
 /// Registers the demo functions used by tests, benches and the docs:
 /// `echo` (returns the payload), `reverse` (the payload's bytes reversed), `fail` (WORK_FAIL) and
 /// `boom` (WORK_EXCEPTION `boom: something broke`).
-pub fn demo_functions(worker: &mut Worker) {
+pub(crate) fn demo_functions(worker: &mut Worker) {
     worker.add_function("echo", |job| Ok(job.payload().to_vec()));
     worker.add_function("reverse", |job| Ok(job.payload().iter().rev().copied().collect()));
     worker.add_function("fail", |_| Err(JobError::Fail));

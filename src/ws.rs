@@ -148,7 +148,7 @@ const SHED_FRAME_BYTES: usize = 4096;
 /// that had one it holds no byte of the next frame, and its state can be dropped and made
 /// afresh. Small frames are handed over together.
 #[derive(Debug)]
-pub struct MemStream {
+pub(crate) struct MemStream {
     input: InBuf,
     output: OutQueue,
     /// The peer sent FIN: once `input` is drained, reads return 0 (end of stream).
@@ -645,13 +645,13 @@ impl Default for Ws {
 }
 
 /// Writes a complete HTTP/1.1 response that closes the connection.
-pub fn write_http(out: &mut Vec<u8>, status: u16, reason: &str, content_type: &str, body: &[u8]) {
+pub(crate) fn write_http(out: &mut Vec<u8>, status: u16, reason: &str, content_type: &str, body: &[u8]) {
     write_http_with(out, status, reason, content_type, &[], body);
 }
 
 /// [`write_http`] with extra `(name, value)` headers, such as the `Sec-WebSocket-Version` a 426
 /// answer must carry.
-pub fn write_http_with(
+pub(crate) fn write_http_with(
     out: &mut Vec<u8>,
     status: u16,
     reason: &str,

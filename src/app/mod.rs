@@ -58,7 +58,7 @@ use stored::StoredValues;
 use uniques::Uniques;
 
 pub use reply::PING_ACK;
-pub use reports::{DESK_PREFIX, is_trusted_peer};
+pub(crate) use reports::{DESK_PREFIX, is_trusted_peer};
 
 /// A client connection: its slab key and the generation of that slot, so that a stale id (a
 /// timer or job of a connection that has gone) never reaches the slot's next occupant.

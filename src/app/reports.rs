@@ -19,7 +19,7 @@ use crate::gearman::client::{JobMode, JobTag, Priority};
 use crate::metrics::ErrorCode;
 
 /// The desk function of instance `<id>` is this followed by the id.
-pub const DESK_PREFIX: &str = "gearsock.report.";
+pub(crate) const DESK_PREFIX: &str = "gearsock.report.";
 /// The tag of a report forwarded to another instance: no job of ours answers to it.
 pub(super) const FORWARD_TAG: JobTag = JobTag(u64::MAX);
 
@@ -157,7 +157,7 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 /// IPv4-mapped on a dual-stack listener) whose upgrade had no foreign `Origin` and did not come
 /// through a proxy. Anything else, a page from another site in a local browser or every client
 /// behind a reverse proxy on this host, needs `--worker-token`.
-pub fn is_trusted_peer(peer: std::net::IpAddr, own_origin_or_none: bool, forwarded: bool) -> bool {
+pub(crate) fn is_trusted_peer(peer: std::net::IpAddr, own_origin_or_none: bool, forwarded: bool) -> bool {
     let loopback = match peer {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
         v4 => v4.is_loopback(),

@@ -124,7 +124,7 @@ commands:
 ";
 
 /// `--version`: the program and its version.
-pub const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"), "\n");
+pub(crate) const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"), "\n");
 
 /// Turns `std::env::args_os()` (without the program name) into a [`Command`].
 pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
@@ -151,7 +151,7 @@ pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
 }
 
 /// Parses the value of the current flag.
-pub fn value<T: std::str::FromStr>(parser: &mut lexopt::Parser) -> Result<T, String>
+pub(crate) fn value<T: std::str::FromStr>(parser: &mut lexopt::Parser) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {
@@ -271,7 +271,7 @@ fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
 }
 
 /// Parses `low`, `normal` or `high`.
-pub fn parse_priority(text: &str) -> Result<Priority, String> {
+pub(crate) fn parse_priority(text: &str) -> Result<Priority, String> {
     match text {
         "low" => Ok(Priority::Low),
         "normal" => Ok(Priority::Normal),

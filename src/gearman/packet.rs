@@ -315,7 +315,7 @@ pub fn encode(out: &mut Vec<u8>, magic: Magic, kind: PacketType, args: &[&[u8]])
 }
 
 /// `encode` with `\0REQ`: what clients and workers send.
-pub fn encode_request(out: &mut Vec<u8>, kind: PacketType, args: &[&[u8]]) {
+pub(crate) fn encode_request(out: &mut Vec<u8>, kind: PacketType, args: &[&[u8]]) {
     encode(out, Magic::Req, kind, args);
 }
 
@@ -325,7 +325,8 @@ pub fn encode_response(out: &mut Vec<u8>, kind: PacketType, args: &[&[u8]]) {
 }
 
 /// One whole response packet as its own bytes: what gearmand would send (fake peers, tests).
-pub fn response(kind: PacketType, args: &[&[u8]]) -> Vec<u8> {
+#[cfg(test)]
+pub(crate) fn response(kind: PacketType, args: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
     encode_response(&mut out, kind, args);
     out
@@ -333,7 +334,8 @@ pub fn response(kind: PacketType, args: &[&[u8]]) -> Vec<u8> {
 
 /// Appends a header with any type number and a raw body, unchecked: for fake peers in tests
 /// that must send what a well-behaved peer never would.
-pub fn encode_raw(out: &mut Vec<u8>, magic: Magic, kind: u32, body: &[u8]) {
+#[cfg(test)]
+pub(crate) fn encode_raw(out: &mut Vec<u8>, magic: Magic, kind: u32, body: &[u8]) {
     let size = u32::try_from(body.len()).expect("raw test body over 4 GiB");
     out.extend_from_slice(magic.bytes());
     out.extend_from_slice(&kind.to_be_bytes());
@@ -388,7 +390,7 @@ pub fn decode(buf: &[u8], expect: Magic, max_body: usize) -> Result<Option<(Pack
 }
 
 /// `decode` expecting `\0RES`: what clients and workers read.
-pub fn decode_response(buf: &[u8], max_body: usize) -> Result<Option<(Packet, usize)>, ProtocolError> {
+pub(crate) fn decode_response(buf: &[u8], max_body: usize) -> Result<Option<(Packet, usize)>, ProtocolError> {
     decode(buf, Magic::Res, max_body)
 }
 

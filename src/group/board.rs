@@ -42,7 +42,7 @@ const READ_TRIES: usize = 4;
 
 /// A mapped board.
 #[derive(Debug)]
-pub struct Board {
+pub(crate) struct Board {
     words: NonNull<AtomicU64>,
     len: usize,
     slots: usize,
@@ -53,7 +53,7 @@ pub struct Board {
 
 /// What the supervisor says about a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seat {
+pub(crate) struct Seat {
     /// The running child's pid; 0 while none runs.
     pub pid: u32,
     /// Children restarted in this slot.
@@ -62,7 +62,7 @@ pub struct Seat {
 
 /// The payload did not fit in a slot.
 #[derive(Debug, PartialEq, Eq)]
-pub struct TooLarge(pub usize);
+pub(crate) struct TooLarge(pub usize);
 
 impl Board {
     /// A new board of `slots` slots of `payload_bytes` each (rounded up to whole words), zeroed.

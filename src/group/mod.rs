@@ -18,6 +18,6 @@
 //! Nothing is shared on the hot path: a child's clients, jobs and gearmand links are its own.
 //! With one process (the default) none of this exists.
 
-pub mod board;
-pub mod page;
+pub(crate) mod board;
+pub(crate) mod page;
 pub mod supervisor;

@@ -22,7 +22,7 @@ use crate::metrics::{Gauges, Metrics};
 /// One process's figures, as it publishes them on the board (JSON: structured, and every
 /// field `Metrics` and `Gauges` gain travels without more code).
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The publishing process (a slot whose pid is not the supervisor's is stale).
     pub pid: u32,
     /// Its instance id (`ID-slot`).
@@ -59,7 +59,7 @@ impl Report {
 
 /// One slot of the group as the pages show it.
 #[derive(Debug)]
-pub struct Member {
+pub(crate) struct Member {
     /// Its slot (the `process` label).
     pub slot: usize,
     /// The pid the supervisor runs there (0: none).
@@ -83,7 +83,7 @@ impl Member {
 
 /// The group, from the answering process's point of view.
 #[derive(Debug)]
-pub struct Group {
+pub(crate) struct Group {
     /// The slot of the process that answers.
     pub me: usize,
     /// Every slot, in order.
@@ -91,7 +91,7 @@ pub struct Group {
 }
 
 /// `route` for a process of a group: `/metrics` and `/healthz` describe the whole group.
-pub fn route(method: &str, path: &str, echo: bool, group: impl FnOnce() -> Group) -> Response {
+pub(crate) fn route(method: &str, path: &str, echo: bool, group: impl FnOnce() -> Group) -> Response {
     match http::page(method, path) {
         Err(refusal) => refusal,
         Ok(Page::Demo) => http::demo(echo),
@@ -102,7 +102,7 @@ pub fn route(method: &str, path: &str, echo: bool, group: impl FnOnce() -> Group
 
 /// The group's Prometheus text: every family once, samples of each live process labelled
 /// with its slot, then the group's own families.
-pub fn metrics_text(group: &Group) -> String {
+pub(crate) fn metrics_text(group: &Group) -> String {
     let parts: Vec<(usize, String)> = group
         .members
         .iter()
@@ -134,7 +134,7 @@ pub fn metrics_text(group: &Group) -> String {
 /// Merges the Prometheus texts of several processes (`(slot, text)`, each from the same
 /// renderer): each family's comment lines once, at its first appearance, then its samples from
 /// every text in the order given, each with `process="<slot>"` as its first label.
-pub fn merge(parts: &[(usize, String)]) -> String {
+pub(crate) fn merge(parts: &[(usize, String)]) -> String {
     struct Family<'a> {
         comments: Vec<&'a str>,
         samples: Vec<(usize, &'a str)>,
@@ -200,7 +200,7 @@ fn labelled(sample: &str, slot: usize) -> String {
 /// The group's `/healthz`: `ok` when every process runs and can run jobs, `degraded` when some
 /// but not all can (still 200: the group serves), `unavailable` (503) when none can. Each
 /// process has its entry; the totals add them up; `gearmand` is the answering process's view.
-pub fn healthz(echo: bool, group: &Group) -> Value {
+pub(crate) fn healthz(echo: bool, group: &Group) -> Value {
     let mut entries = Vec::new();
     let (mut good, mut connections, mut in_flight, mut queued) = (0, 0, 0, 0);
     let mut mine: &[LinkView] = &[];

@@ -47,11 +47,11 @@ use crate::config::Config;
 use crate::random::Entropy;
 
 /// First restart delay.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Largest restart delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A child up this long before it died starts the back-off series again.
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How long the children have to say they listen, at startup.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The supervisor's pace: children's lines, exits and due restarts are looked at this often.
@@ -140,7 +140,7 @@ fn reserve(addr: SocketAddr) -> std::io::Result<(Socket, SocketAddr)> {
 
 /// The next restart delay, given the one due now and how long the child was up: `delay` is
 /// what to wait now, and is left doubled (at most `BACKOFF_MAX`) for the next death.
-pub fn next_delay(delay: &mut Duration, up_for: Duration) -> Duration {
+pub(crate) fn next_delay(delay: &mut Duration, up_for: Duration) -> Duration {
     if up_for >= STABLE_AFTER {
         *delay = BACKOFF_MIN;
     }
@@ -150,7 +150,7 @@ pub fn next_delay(delay: &mut Duration, up_for: Duration) -> Duration {
 }
 
 /// How a child ended, for the log.
-pub fn describe(status: ExitStatus) -> String {
+pub(crate) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
         (None, Some(sig)) => {
@@ -170,7 +170,7 @@ pub fn describe(status: ExitStatus) -> String {
 }
 
 /// The arguments of the child in `slot`: the supervisor's, then what makes it a member.
-pub fn child_args(
+pub(crate) fn child_args(
     args: &[OsString],
     addr: SocketAddr,
     base: &str,

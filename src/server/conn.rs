@@ -14,7 +14,7 @@ use crate::wheel::TimerKey;
 
 /// Which of the loop's per-pass lists a client is on (so it is listed once).
 #[derive(Debug, Default)]
-pub struct Listed {
+pub(crate) struct Listed {
     /// Unread input: `ready`.
     pub ready: bool,
     /// Output to write or an end to act on: `dirty`.
@@ -25,7 +25,7 @@ pub struct Listed {
 
 /// A client's armed timer, and the deadline it was armed for (a later deadline keeps it).
 #[derive(Clone, Copy, Debug)]
-pub struct Armed {
+pub(crate) struct Armed {
     /// The wheel's entry.
     pub key: TimerKey,
     /// The deadline the connection asked for.
@@ -34,7 +34,7 @@ pub struct Armed {
 
 /// One client connection, as the loop holds it.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// The socket, registered for READABLE (plus WRITABLE while a write is blocked).
     pub sock: TcpStream,
     /// Generation of this slab slot.

@@ -23,7 +23,7 @@ use crate::gearman::packet::HEADER_BYTES;
 use crate::metrics::LinkStatus;
 
 /// Links per gearmand: the active one plus room for retiring ones.
-pub const SLOTS_PER_SERVER: usize = 4;
+pub(crate) const SLOTS_PER_SERVER: usize = 4;
 
 /// Where a link is.
 ///
@@ -53,7 +53,7 @@ enum LinkState {
 
 /// What a link slot is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// The gearmand's connection for new work; reconnects when lost.
     Active,
     /// Retired: finishes its live jobs, then closes. Never reconnects.
@@ -64,7 +64,7 @@ pub enum Role {
 
 /// What the health check concluded.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Health {
+pub(crate) enum Health {
     /// Nothing to do.
     Fine,
     /// Silent for a while with nothing owed: send a probe (ECHO_REQ).
@@ -75,7 +75,7 @@ pub enum Health {
 
 /// What one read of a link gave (job events wait in [`GearmanLink::poll_event`]).
 #[derive(Debug)]
-pub struct Read {
+pub(crate) struct Read {
     /// gearmand answered for the first time on this connection: it is up now, after the
     /// outage this ends (if any).
     pub greeted: Option<Option<Outage>>,
@@ -87,7 +87,7 @@ pub struct Read {
 
 /// One gearmand connection.
 #[derive(Debug)]
-pub struct GearmanLink {
+pub(crate) struct GearmanLink {
     /// `HOST:PORT` as given on the command line.
     addr: String,
     /// The address when `addr` is numeric (no lookup needed).
@@ -445,6 +445,7 @@ impl GearmanLink {
     }
 
     /// gearmand answered again: the outage (if any) is over.
+    #[cfg(test)]
     pub fn back(&mut self) -> Option<Outage> {
         self.outage.take()
     }

@@ -21,7 +21,7 @@ use crate::buf::InBuf;
 /// A socket error that ends a connection or link: its kind decides, its words (the OS's, as
 /// `io::Error` shows them) are for the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fault {
+pub(crate) struct Fault {
     kind: ErrorKind,
     errno: Option<i32>,
 }
@@ -55,7 +55,7 @@ impl fmt::Display for Fault {
 
 /// How a read or write loop stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Io {
+pub(crate) enum Io {
     /// We stopped (buffer full, nothing left to write, budget spent): the socket may still be
     /// ready, and mio will not say so again, so the caller must come back by itself.
     Paused,
@@ -73,7 +73,7 @@ pub enum Io {
 /// (epoll(7) says as much). That saves the extra read that would only return WouldBlock: one
 /// syscall per batch on a busy connection. The caller passes false once the peer's FIN has been
 /// signalled (that edge is already consumed, so EOF must be read now).
-pub fn fill(
+pub(crate) fn fill(
     sock: &mut impl Read,
     input: &mut InBuf,
     scratch: &mut [u8],
@@ -104,7 +104,7 @@ pub fn fill(
 
 /// Reads and drops what a closing peer still sends, at most `scratch.len()` times 16 bytes per
 /// call (a pass's budget), until WouldBlock or EOF.
-pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> Result<(Io, usize), Fault> {
+pub(crate) fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> Result<(Io, usize), Fault> {
     let mut total = 0;
     for _ in 0..16 {
         match sock.read(scratch) {
@@ -121,7 +121,7 @@ pub fn discard(sock: &mut impl Read, scratch: &mut [u8]) -> Result<(Io, usize), 
 /// Writes `out` until all of it is written or the socket would block, and says how many bytes
 /// went out; the caller drops them (`Ws::consume_output` tracks frame boundaries as it does).
 /// On an error the count is lost: the connection is beyond saving anyway.
-pub fn write_some(sock: &mut impl Write, out: &[u8]) -> Result<(Io, usize), Fault> {
+pub(crate) fn write_some(sock: &mut impl Write, out: &[u8]) -> Result<(Io, usize), Fault> {
     let mut written = 0;
     while written < out.len() {
         match sock.write(&out[written..]) {
@@ -136,7 +136,7 @@ pub fn write_some(sock: &mut impl Write, out: &[u8]) -> Result<(Io, usize), Faul
 }
 
 /// Writes `out` until it is empty or the socket would block; keeps the unwritten tail.
-pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> Result<Io, Fault> {
+pub(crate) fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> Result<Io, Fault> {
     let (io, written) = write_some(sock, out)?;
     out.drain(..written);
     Ok(io)
@@ -148,7 +148,7 @@ pub fn flush(sock: &mut impl Write, out: &mut Vec<u8>) -> Result<Io, Fault> {
 /// private: an event sets a bit, only a call's [`Io`] clears it, and the interest is derived
 /// here, from what the owner wants, and nowhere else.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// A readable edge arrived and reading has not hit WouldBlock since.
     can_read: bool,
     /// epoll reported the peer's FIN: read until end-of-file instead of stopping at a short read.
@@ -247,7 +247,7 @@ fn interest(wants_write: bool) -> Interest {
 }
 
 /// Waits for events (up to `timeout`); a signal's interruption just returns with none.
-pub fn wait(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+pub(crate) fn wait(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
     match poll.poll(events, timeout) {
         Err(e) if e.kind() == ErrorKind::Interrupted => {
             events.clear();
@@ -259,7 +259,7 @@ pub fn wait(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> 
 
 /// What one `accept` gave.
 #[derive(Debug)]
-pub enum Accept {
+pub(crate) enum Accept {
     /// A new connection.
     Got((TcpStream, SocketAddr)),
     /// WouldBlock: the backlog is empty until the next readable event.
@@ -272,7 +272,7 @@ pub enum Accept {
 }
 
 /// Accepts one connection.
-pub fn accept(listener: &TcpListener) -> Accept {
+pub(crate) fn accept(listener: &TcpListener) -> Accept {
     match listener.accept() {
         Ok(pair) => Accept::Got(pair),
         Err(e) if e.kind() == ErrorKind::WouldBlock => Accept::Drained,
@@ -284,7 +284,7 @@ pub fn accept(listener: &TcpListener) -> Accept {
 /// Where a nonblocking connect stands once the socket reported writable (or an error):
 /// `take_error` says whether it failed, `peer_addr` whether it is really connected yet.
 /// Ok(true): connected; Ok(false): still in progress.
-pub fn connect_outcome(sock: &TcpStream) -> Result<bool, LinkDown> {
+pub(crate) fn connect_outcome(sock: &TcpStream) -> Result<bool, LinkDown> {
     match (sock.take_error(), sock.peer_addr()) {
         (Ok(None), Ok(_)) => Ok(true),
         (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => Ok(false),
@@ -293,7 +293,7 @@ pub fn connect_outcome(sock: &TcpStream) -> Result<bool, LinkDown> {
 }
 
 /// Why a connect failed: refused and timed out are told apart (an operator acts on each).
-pub fn connect_failure(e: io::Error) -> LinkDown {
+pub(crate) fn connect_failure(e: io::Error) -> LinkDown {
     match e.kind() {
         ErrorKind::ConnectionRefused => LinkDown::Refused,
         ErrorKind::TimedOut => LinkDown::TimedOut(Stage::Connect),

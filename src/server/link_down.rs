@@ -9,11 +9,11 @@ use super::io::Fault;
 use crate::gearman::packet::ProtocolError;
 
 /// While a gearmand stays unreachable, the operator is reminded this often.
-pub const REMINDER_PERIOD: Duration = Duration::from_secs(60);
+pub(crate) const REMINDER_PERIOD: Duration = Duration::from_secs(60);
 
 /// The step of reaching a gearmand that took too long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// The host name lookup.
     Lookup,
     /// The TCP connect.
@@ -24,7 +24,7 @@ pub enum Stage {
 
 /// The socket call that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// connect(2) or its completion.
     Connect,
     /// A read.
@@ -38,7 +38,7 @@ pub enum Op {
 /// Why a link went down or an attempt failed. Decisions compare kinds ([`LinkDown::same_kind`]);
 /// the text (`Display`) is only for log lines.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LinkDown {
+pub(crate) enum LinkDown {
     /// The connect was refused: nothing listens there.
     Refused,
     /// A step took longer than `--gearmand-timeout-ms` (or the kernel's connect timeout).
@@ -95,7 +95,7 @@ impl fmt::Display for LinkDown {
 
 /// What the operator should hear about a failed attempt to reach a gearmand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutageNote {
+pub(crate) enum OutageNote {
     /// The first failure of an outage: say it is unreachable, and why.
     First,
     /// The reason changed (refused, then timed out): say the new one.
@@ -108,7 +108,7 @@ pub enum OutageNote {
 
 /// A gearmand that cannot be reached: since when, how often tried, and why.
 #[derive(Clone, Debug)]
-pub struct Outage {
+pub(crate) struct Outage {
     /// When it was lost or first failed.
     pub since: Instant,
     /// Failed attempts so far.

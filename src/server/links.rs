@@ -30,7 +30,7 @@ const LINK_READ_BUDGET: usize = 256 * 1024;
 
 /// What the loop must hand on after a call to [`Links`], in the order it happened.
 #[derive(Debug)]
-pub enum LinkChange {
+pub(crate) enum LinkChange {
     /// gearmand answered on link `i`: it takes jobs (`App::handle_link_up`).
     Up(usize),
     /// An event of a job on link `i` (`App::handle_job_event`).
@@ -47,7 +47,7 @@ pub enum LinkChange {
 }
 
 /// Every gearmand link: `SLOTS_PER_SERVER` per gearmand (see `gearman_link`).
-pub struct Links {
+pub(crate) struct Links {
     links: Vec<GearmanLink>,
     /// The active slot of each gearmand.
     active: Vec<usize>,

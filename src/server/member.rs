@@ -17,11 +17,11 @@ use crate::group::page::{self, Group, Member, Report};
 use crate::http::Response;
 
 /// How often a member publishes its figures (the other processes' pages are at most this old).
-pub const PUBLISH_PERIOD: Duration = Duration::from_secs(1);
+pub(crate) const PUBLISH_PERIOD: Duration = Duration::from_secs(1);
 
 /// This process's seat in its group, and the board it shares.
 #[derive(Debug)]
-pub struct Membership {
+pub(crate) struct Membership {
     board: Board,
     slot: usize,
     pid: u32,

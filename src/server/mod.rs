@@ -12,16 +12,16 @@
 //! every socket call in `io`. It must not hold protocol state, nor read an `io::ErrorKind`.
 
 mod clients;
-pub mod conn;
-pub mod gearman_link;
-pub mod io;
-pub mod link_down;
+mod conn;
+mod gearman_link;
+mod io;
+mod link_down;
 mod links;
-pub mod member;
-pub mod resolver;
+mod member;
+mod resolver;
 pub mod settings;
 mod start;
-pub mod token;
+mod token;
 
 use std::fmt;
 use std::net::SocketAddr;

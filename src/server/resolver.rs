@@ -18,7 +18,7 @@ use mio::Waker;
 
 /// A lookup's result, for gearmand link `link`.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// The link that asked.
     pub link: usize,
     /// The addresses, in the resolver's order, or why there are none.
@@ -26,7 +26,7 @@ pub struct Answer {
 }
 
 /// The loop's end of the resolver thread.
-pub struct Resolver {
+pub(crate) struct Resolver {
     requests: Sender<(usize, String)>,
     answers: Receiver<Answer>,
 }

@@ -39,7 +39,7 @@ pub fn ws_limits(c: &Config) -> WsLimits {
 }
 
 /// A client connection's limits and timeouts.
-pub fn conn_limits(c: &Config) -> ConnLimits {
+pub(crate) fn conn_limits(c: &Config) -> ConnLimits {
     ConnLimits {
         ws: ws_limits(c),
         // Echo mode: every message adds output, so a client that sends ahead of its reading is

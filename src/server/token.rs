@@ -7,17 +7,17 @@
 use mio::Token;
 
 /// The WebSocket/HTTP listener.
-pub const LISTENER: Token = Token(0);
+pub(crate) const LISTENER: Token = Token(0);
 /// The signal pipe (SIGINT, SIGTERM).
-pub const SIGNALS: Token = Token(1);
+pub(crate) const SIGNALS: Token = Token(1);
 /// The resolver thread's waker (a host name was looked up).
-pub const RESOLVER: Token = Token(2);
+pub(crate) const RESOLVER: Token = Token(2);
 /// The first gearmand link.
 const FIRST_LINK: usize = 3;
 
 /// What a token names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tok {
+pub(crate) enum Tok {
     /// The listener.
     Listener,
     /// The signal pipe.
@@ -32,7 +32,7 @@ pub enum Tok {
 
 /// Token layout for a server with `links` gearmand links.
 #[derive(Clone, Copy, Debug)]
-pub struct Tokens {
+pub(crate) struct Tokens {
     links: usize,
 }
 
