@@ -215,7 +215,7 @@ impl Write for MemStream {
     }
 }
 
-/// What the upgrade request said that bears on whether to trust the client (DESIGN.md, "Who
+/// What the upgrade request said that bears on whether to trust the client (docs/PROTOCOL.md, "Who
 /// may report a result"). Header names are matched case-insensitively.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Upgrade {

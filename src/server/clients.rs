@@ -14,7 +14,7 @@ use log::{debug, warn};
 use mio::net::TcpStream;
 
 use super::conn::{Armed, Conn};
-use super::io::{Io, Readiness, discard, fill, write_some};
+use super::io::{Io, Readiness, discard, fill, shutdown_write, write_some};
 use super::{Server, TimerEvent, list};
 use crate::app::{ConnId, is_trusted_peer};
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, Connection, ReadInto};
@@ -185,7 +185,7 @@ impl Server {
             // All our bytes are out: shut our side and keep reading until the peer hangs up
             // (closing with unread input would reset the connection and could destroy our
             // last frame before the peer reads it).
-            let _ = c.sock.shutdown(std::net::Shutdown::Write);
+            shutdown_write(&c.sock);
         }
         if c.conn.output_len() > 0 {
             list(&mut self.backlog, &mut c.listed.backlog, key);

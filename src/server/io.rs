@@ -246,6 +246,13 @@ fn interest(wants_write: bool) -> Interest {
     if wants_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
 }
 
+/// Shuts our write side once every byte is out (the lingering close: the peer sees EOF after
+/// our last frame, and we read on until it hangs up). A failure needs no answer: the socket is
+/// dropped at reaping either way.
+pub(crate) fn shutdown_write(sock: &TcpStream) {
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
 /// Waits for events (up to `timeout`); a signal's interruption just returns with none.
 pub(crate) fn wait(poll: &mut Poll, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
     match poll.poll(events, timeout) {
