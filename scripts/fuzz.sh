@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 seconds="${1:-60}"
 rss_mb="${FUZZ_RSS_MB:-1024}"
-read -ra targets <<<"${FUZZ_TARGETS:-gearman_decode gearman_session http_head client_message ws_input}"
+read -ra targets <<<"${FUZZ_TARGETS:-gearman_decode gearman_session http_head client_message ws_input jwt_verify}"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "fuzz.sh: needs the nightly toolchain (rustup toolchain install nightly)" >&2

@@ -25,6 +25,7 @@ mod connection;
 pub mod gearman;
 pub mod group;
 mod http;
+pub mod jwt;
 pub mod logging;
 pub mod metrics;
 mod os;

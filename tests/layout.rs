@@ -55,7 +55,7 @@ fn offenders(needle: &str, allowed: &[&str]) -> Vec<String> {
 }
 
 /// The sans-IO cores: they decide, and are handed bytes, events and `now`.
-const CORES: &[&str] = &["app", "connection", "ws", "http", "gearman", "wheel", "metrics", "buf"];
+const CORES: &[&str] = &["app", "connection", "ws", "http", "gearman", "wheel", "metrics", "buf", "jwt"];
 
 #[test]
 fn only_server_io_interprets_an_io_error_in_the_loop() {
