@@ -10,6 +10,7 @@ need=()
 command -v gearman >/dev/null 2>&1 || need+=(gearman-tools)
 [ -x /usr/bin/chromium ] || need+=(chromium)        # tests/browser.rs drives it headless
 [ -x /usr/sbin/nginx ] || need+=(nginx-light)       # tests/deploy.rs proxies gearsock through it
+/usr/bin/python3 -c "import jwt" 2>/dev/null || need+=(python3-jwt)  # tests/tokens.rs: PyJWT interop
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update

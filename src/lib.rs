@@ -28,6 +28,7 @@ mod http;
 pub mod jwt;
 pub mod logging;
 pub mod metrics;
+pub mod mint;
 mod os;
 pub mod random;
 pub mod server;

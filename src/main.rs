@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             gearsock::worker::run_worker(&opts).map(|()| 0)
         }
         Command::Submit(opts) => gearsock::submit::run_submit(&opts),
+        Command::Token(opts) => gearsock::mint::run_token(&opts),
         #[cfg(feature = "bench")]
         Command::Bench(opts) => gearsock::bench::run_bench(&opts),
     };

@@ -14,6 +14,7 @@ use crate::worker::WorkerOptions;
 
 #[cfg(feature = "bench")]
 mod bench;
+mod token;
 
 /// What `gearsock` was asked to do.
 #[derive(Debug)]
@@ -24,6 +25,8 @@ pub enum Command {
     Worker(WorkerOptions),
     /// `gearsock submit FUNCTION [PAYLOAD]`: the article's gearman-client.
     Submit(SubmitOptions),
+    /// `gearsock token`: print a signed client token.
+    Token(crate::mint::TokenOptions),
     /// `gearsock bench MODE`: the load generator (a build with the `bench` feature).
     #[cfg(feature = "bench")]
     Bench(Box<BenchOptions>),
@@ -118,6 +121,7 @@ commands:
   serve     the WebSocket server (the default)
   worker    the article's ping worker
   submit    submit a job to gearmand directly (the article's client)
+  token     print a signed client token (development, tests, curl)
   bench     load generator: connect, roundtrip, jobs
 
 `gearsock COMMAND --help` lists each command's flags; `gearsock --version` the version.
@@ -130,7 +134,7 @@ pub(crate) const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"),
 pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (name, rest) = match first {
-        "serve" | "worker" | "submit" | "bench" => (first.to_string(), args[1..].to_vec()),
+        "serve" | "worker" | "submit" | "token" | "bench" => (first.to_string(), args[1..].to_vec()),
         "-h" | "--help" | "help" => return Ok(Command::Help(TOP_HELP.into())),
         "-V" | "--version" => return Ok(Command::Help(VERSION.into())),
         _ => ("serve".to_string(), args),
@@ -140,6 +144,7 @@ pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
         "serve" => parse_serve(&mut parser),
         "worker" => parse_worker(&mut parser),
         "submit" => parse_submit(&mut parser),
+        "token" => token::parse_token(&mut parser),
         #[cfg(feature = "bench")]
         _ => bench::parse_bench(&mut parser),
         #[cfg(not(feature = "bench"))]
