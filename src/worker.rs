@@ -11,11 +11,13 @@ use std::error::Error;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
@@ -467,7 +469,12 @@ impl Default for WorkerOptions {
 /// `gearsock worker`: the article's ping worker. Prints `waiting`, then per job
 /// `received: H:…`, `ping 1` … `ping N` (each also sent as WORK_DATA and WORK_STATUS n/N),
 /// reports `worker.complete` and prints `response: …`, completes the job with `done` and prints
-/// `waiting` again. Runs until killed; returns only on a setup error.
+/// `waiting` again.
+///
+/// SIGINT or SIGTERM stops it: it handles them itself (a background child of a shell script
+/// would otherwise ignore SIGINT), fails the job it is running (WORK_FAIL, so the client hears
+/// at once instead of after a timeout), prints `stopped` and returns within a few hundred ms. A
+/// second signal ends it at once.
 pub fn run_worker(opts: &WorkerOptions) -> Result<(), Box<dyn Error>> {
     if opts.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
@@ -475,12 +482,19 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<(), Box<dyn Error>> {
     if opts.function.is_empty() {
         return Err("--function must not be empty".into());
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // The second signal exits at once (the flag is already set), the first sets the flag.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
     let threads = (0..opts.concurrency)
         .map(|i| {
             let opts = opts.clone();
+            let stop = Arc::clone(&stop);
             thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || run_ping_worker(&opts).map_err(|e| e.to_string()))
+                .spawn(move || run_ping_worker(&opts, &stop).map_err(|e| e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     for thread in threads {
@@ -490,20 +504,32 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<(), Box<dyn Error>> {
             Err(_) => return Err("a worker thread panicked".into()),
         }
     }
+    say("stopped");
     Ok(())
 }
 
-/// One worker thread of `run_worker`.
-fn run_ping_worker(opts: &WorkerOptions) -> io::Result<()> {
+/// How often a waiting or pinging worker looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// One worker thread of `run_worker`, until `stop` is set.
+fn run_ping_worker(opts: &WorkerOptions, stop: &Arc<AtomicBool>) -> io::Result<()> {
     let mut worker = Worker::new(opts.gearmand.clone());
     let (count, interval) = (opts.count, Duration::from_millis(opts.interval_ms));
     let mut reporter = opts.report.clone().map(|url| Reporter::new(url, opts.worker_token.clone()));
-    worker.add_function(opts.function.clone(), move |job| ping_job(job, count, interval, reporter.as_mut()));
+    let flag = Arc::clone(stop);
+    worker.add_function(opts.function.clone(), move |job| {
+        ping_job(job, count, interval, reporter.as_mut(), &flag)
+    });
+    worker.set_timeout(Some(STOP_CHECK));
     say("waiting");
-    loop {
-        worker.work()?;
-        say("waiting");
+    while !stop.load(Ordering::Relaxed) {
+        match worker.work() {
+            Ok(()) => say("waiting"),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 /// The article's `ping` job function.
@@ -512,6 +538,7 @@ fn ping_job(
     count: u32,
     interval: Duration,
     reporter: Option<&mut Reporter>,
+    stop: &AtomicBool,
 ) -> Result<Vec<u8>, JobError> {
     say(&format!("received: {}", job.handle()));
     for x in 1..=count {
@@ -521,7 +548,10 @@ fn ping_job(
             // gearmand is gone and will give the job to another worker: stop here.
             return Err(JobError::Fail);
         }
-        thread::sleep(interval);
+        if !sleep_unless(interval, stop) {
+            say(&format!("stopping: job {} failed", job.handle()));
+            return Err(JobError::Fail);
+        }
     }
     if let Some(reporter) = reporter {
         match reporter.report(job.handle(), job.unique()) {
@@ -608,6 +638,21 @@ fn send_and_read_text(
 
 /// Prints one line to stdout and flushes it, so lines show up as they happen even through a
 /// pipe. Write errors (a closed pipe) are ignored rather than panicking as `println!` would.
+/// Sleeps `duration` in short steps; false as soon as `stop` is set.
+fn sleep_unless(duration: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + duration;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        thread::sleep(left.min(STOP_CHECK));
+    }
+}
+
 pub(crate) fn say(line: &str) {
     let mut stdout = io::stdout().lock();
     let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
