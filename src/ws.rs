@@ -20,6 +20,9 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
+use message::MessageTrack;
+
+mod message;
 
 /// Largest HTTP request head we read (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -170,52 +173,6 @@ impl MemStream {
             frame_left: 0,
             large_frame: false,
             message: MessageTrack::default(),
-        }
-    }
-}
-
-/// The message a client has begun and not finished, followed from the frame headers as they
-/// are handed to tungstenite: tungstenite keeps a fragmented message's frames inside its state
-/// and says nothing of them until the last one arrives, yet they are memory the client makes us
-/// hold, and time it may stretch. A message begins with the first byte of its first data frame
-/// and ends with the last byte of its FIN frame; control frames in between (pings, pongs) are
-/// no part of it.
-#[derive(Debug, Default)]
-struct MessageTrack {
-    /// Messages begun so far: the number of the one in progress, so the connection can tell a
-    /// new message from the one it is already timing.
-    started: u64,
-    /// A message has begun and its last byte has not been handed over yet.
-    open: bool,
-    /// Bytes of that message (frame headers included) handed to tungstenite, which holds them
-    /// until the message is whole.
-    bytes: usize,
-    /// The frame being handed over is a data or continuation frame (part of a message).
-    in_data_frame: bool,
-    /// ... and it is the message's last (FIN).
-    in_final_frame: bool,
-}
-
-impl MessageTrack {
-    /// A frame header starts with `first` (FIN bit, opcode): a data frame opens a message unless
-    /// one is open (a continuation, or the same header seen again once its cut end arrived).
-    fn frame_starts(&mut self, first: u8) {
-        self.in_data_frame = first & 0x0f < 8; // opcodes 8 to 15 are control frames
-        self.in_final_frame = first & 0x80 != 0;
-        if self.in_data_frame && !self.open {
-            self.open = true;
-            self.started += 1;
-        }
-    }
-
-    /// `n` bytes of the current frame were handed over; `frame_done`: its last one among them.
-    fn handed(&mut self, n: usize, frame_done: bool) {
-        if !self.in_data_frame {
-            return;
-        }
-        self.bytes = self.bytes.saturating_add(n);
-        if frame_done && self.in_final_frame {
-            (self.open, self.bytes, self.in_data_frame) = (false, 0, false);
         }
     }
 }
@@ -425,9 +382,8 @@ impl Ws {
         matches!(self.state, WsState::Handshaking { .. })
     }
 
-    /// The number of the message the client has begun and not finished (a fragmented message
-    /// whose last frame has not come, or a frame whose bytes are still arriving), `None` between
-    /// messages. A new number means a new message: the connection times each from its start.
+    /// The number of the message the client has begun and not finished (fragments, or a frame
+    /// still arriving), `None` between messages; the connection times each number from its start.
     pub fn open_message(&self) -> Option<u64> {
         match &self.state {
             WsState::Open(ws) => {
@@ -452,10 +408,9 @@ impl Ws {
         }
     }
 
-    /// Ends an open WebSocket on the server's side: queues a close frame with `code` and
-    /// `reason` behind what is queued, and drops the input and tungstenite's state at once
-    /// (an unfinished message it held included), since nothing more will be read. Before the
-    /// upgrade, or once over, it only stops reading.
+    /// Ends an open WebSocket on our side: a close frame with `code` and `reason` behind what is
+    /// queued, and the input and tungstenite's state (an unfinished message too) dropped at once,
+    /// since nothing more will be read. Before the upgrade, or once over, it only stops reading.
     pub fn fail(&mut self, code: u16, reason: &str) {
         self.close(code, reason);
         self.finish();
@@ -1090,37 +1045,24 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
 
     #[test]
     fn an_unfinished_message_is_seen_and_counted_and_pings_are_no_part_of_it() {
-        let l = limits();
-        let mut ws = open_ws();
-        assert_eq!((ws.open_message(), ws.held_input_bytes()), (None, 0));
-        let first = masked_frame(0x01, b"abc"); // text, no FIN
+        let (l, mut ws) = (limits(), open_ws());
+        let (first, middle, last) =
+            (masked_frame(0x01, b"abc"), masked_frame(0x00, b"def"), masked_frame(0x80, b"g"));
         assert!(feed(&mut ws, &first, &l).is_empty());
-        let Some(n) = ws.open_message() else { panic!("a message has begun") };
-        assert_eq!(ws.held_input_bytes(), first.len());
-        // A ping in between is answered, and neither ends the message nor counts towards it.
-        assert!(feed(&mut ws, &masked_frame(0x89, b"p"), &l).is_empty());
-        assert_eq!((ws.open_message(), ws.held_input_bytes()), (Some(n), first.len()));
-        let middle = masked_frame(0x00, b"def");
+        let n = ws.open_message().expect("a message has begun");
+        feed(&mut ws, &masked_frame(0x89, b"p"), &l); // answered, and no part of the message
         feed(&mut ws, &middle, &l);
-        assert_eq!((ws.open_message(), ws.held_input_bytes()), (Some(n), first.len() + middle.len()));
-        // A header cut short sits in the input, and counts too.
-        let last = masked_frame(0x80, b"g");
-        feed(&mut ws, &last[..1], &l);
-        assert_eq!(ws.held_input_bytes(), first.len() + middle.len() + 1);
+        feed(&mut ws, &last[..1], &l); // a cut header waits in the input, and counts too
+        assert_eq!((ws.open_message(), ws.held_input_bytes()), (Some(n), first.len() + middle.len() + 1));
         let events = feed(&mut ws, &last[1..], &l);
         assert!(matches!(events.as_slice(), [WsEvent::Text(t)] if t.as_str() == "abcdefg"), "{events:?}");
         assert_eq!((ws.open_message(), ws.held_input_bytes()), (None, 0));
-        // The next one is a new message, even when it is one frame whose bytes trickle in.
+        // One frame whose bytes trickle in is a new message until its last byte.
         let whole = client_frame(1, b"hello");
         feed(&mut ws, &whole[..1], &l);
-        assert!(ws.open_message().is_some_and(|m| m > n), "a cut header of a data frame begins one");
-        feed(&mut ws, &whole[1..8], &l);
         assert!(ws.open_message().is_some_and(|m| m > n));
-        feed(&mut ws, &whole[8..], &l);
+        feed(&mut ws, &whole[1..], &l);
         assert_eq!((ws.open_message(), ws.held_input_bytes()), (None, 0));
-        // A lone ping begins nothing.
-        feed(&mut ws, &masked_frame(0x89, b"")[..1], &l);
-        assert_eq!(ws.open_message(), None);
     }
 
     #[test]
