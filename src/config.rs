@@ -111,6 +111,19 @@ pub struct Config {
     /// Set in a process the group's supervisor started (the internal flags `--group-slot` and
     /// `--group-board`): its seat in the group. Default unset.
     pub group_child: Option<GroupChild>,
+    /// A WebSocket message must be whole this long after its first frame began, or the client is
+    /// closed with 1008 (`--message-timeout-ms`). Default 30 s: an unfinished message holds up
+    /// to a message's worth of memory, and without this any byte (a pong) would keep it forever.
+    pub message_timeout: Duration,
+    /// Unfinished client input held by all clients together: unparsed bytes plus the parts of
+    /// fragmented messages not yet whole (`--client-in-total-bytes`). Past it the largest
+    /// holder is closed first (1008). Default 256 MiB: a few thousand half-sent messages, not
+    /// the machine.
+    pub client_in_total_bytes: usize,
+    /// Origins besides the listening address under which our own page is served, such as the
+    /// name a reverse proxy serves it under (`--public-origin`, repeatable). A page from one of
+    /// these counts as our own for trust; the request's `Host` never does. Default none.
+    pub public_origins: Vec<String>,
     /// Run the event loop under `SCHED_BATCH` (`--sched-batch`): its wake-ups do not preempt
     /// the task on its CPU, so a gearmand on the same core is not cut off after every packet it
     /// writes and the loop takes larger batches. Default off: on a busy CPU a wake-up may wait
@@ -173,6 +186,9 @@ impl Default for Config {
             processes: 1,
             group_child: None,
             sched_batch: false,
+            message_timeout: Duration::from_secs(30),
+            client_in_total_bytes: 256 * 1024 * 1024,
+            public_origins: Vec::new(),
         }
     }
 }
@@ -235,6 +251,22 @@ impl Config {
         {
             return Err("intervals and timeouts must be above zero".into());
         }
+        if self.message_timeout.is_zero() {
+            return Err("--message-timeout-ms must be above zero".into());
+        }
+        // One client may hold a full input buffer plus a whole message inside tungstenite.
+        let one_client = self.client_in_limit_bytes.saturating_add(self.max_message_bytes);
+        if self.client_in_total_bytes < one_client {
+            return Err(format!(
+                "--client-in-total-bytes must hold one client's input: at least {one_client}"
+            ));
+        }
+        if let Some(bad) = self.public_origins.iter().find(|o| !is_origin(o)) {
+            return Err(format!(
+                "--public-origin {bad:?}: an origin is http:// or https:// and a host, with no path \
+                 (http://gear.example:8080)"
+            ));
+        }
         if self.client_out_soft_bytes > self.client_out_hard_bytes
             || self.client_out_hard_bytes > self.client_out_total_bytes
         {
@@ -271,6 +303,12 @@ impl Config {
             self.client_out_hard_bytes.max(self.client_out_soft_bytes.saturating_add(pass));
         self.client_out_total_bytes = self.client_out_total_bytes.max(self.client_out_hard_bytes);
     }
+}
+
+/// `scheme://host[:port]` as a browser sends it in `Origin`: http or https, a host, nothing after.
+fn is_origin(text: &str) -> bool {
+    let rest = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://"));
+    rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@']))
 }
 
 /// Most `--processes`.

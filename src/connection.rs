@@ -47,6 +47,9 @@ pub(crate) struct ConnLimits {
     pub handshake_timeout: Duration,
     /// Silence this long brings a ping; silence through the ping closes with 1001.
     pub idle_timeout: Duration,
+    /// A message must be whole this long after its first byte came (then 1008); nothing
+    /// outside the message (pings, pongs) extends it.
+    pub message_timeout: Duration,
     /// How long the end of a connection may take once it started (close handshake, linger).
     pub close_timeout: Duration,
     /// A backlog over this is allowed for `out_soft_time`, then the client is dropped.
@@ -76,6 +79,10 @@ pub(crate) enum CloseReason {
     HandshakeTimeout,
     /// Silent through a keepalive ping.
     IdleTimeout,
+    /// A message was not finished within the message timeout.
+    MessageTimeout,
+    /// The largest holder of unfinished input while all clients together held too much.
+    InputTotal,
     /// SIGINT/SIGTERM.
     Shutdown,
     /// A plain HTTP request was answered.
@@ -93,7 +100,11 @@ impl CloseReason {
             CloseReason::Abrupt => Some(gone),
             CloseReason::Io(BrokenPipe | ConnectionReset | ConnectionAborted) => Some(gone),
             CloseReason::Io(_) => Some(Event::SocketError),
-            CloseReason::Protocol(_) => Some(Event::Protocol),
+            // Both are a client holding what it may not; counted with the broken rules (the
+            // close frame, 1008, says which).
+            CloseReason::Protocol(_) | CloseReason::MessageTimeout | CloseReason::InputTotal => {
+                Some(Event::Protocol)
+            }
             CloseReason::OutputLimit => Some(Event::SlowReader),
             CloseReason::HandshakeTimeout => Some(Event::HandshakeTimeout),
             CloseReason::IdleTimeout => Some(Event::IdleTimeout),
@@ -142,9 +153,15 @@ pub(crate) enum AfterWrite {
 enum Phase {
     /// Waiting for the request head.
     Handshaking { deadline: Instant },
-    /// A WebSocket: keepalive (`last_seen` is the last traffic, or the ping once `pinged`) and
-    /// output-limit state.
-    Open { last_seen: Instant, pinged: bool, over_soft_since: Option<Instant> },
+    /// A WebSocket: keepalive (`last_seen` is the last traffic, or the ping once `pinged`),
+    /// output-limit state, and the unfinished message (`Ws::open_message`'s number) with when
+    /// it was first seen.
+    Open {
+        last_seen: Instant,
+        pinged: bool,
+        over_soft_since: Option<Instant>,
+        message: Option<(u64, Instant)>,
+    },
     /// Ending since `since`: writing what is queued, then the write side is shut. `reading`:
     /// the socket is still drained meanwhile (not for a dropped slow reader).
     Closing { since: Instant, reading: bool },
@@ -237,7 +254,9 @@ impl Connection {
             if !matches!(self.phase, Phase::Handshaking { .. } | Phase::Open { .. }) {
                 return None;
             }
-            let Some(event) = self.ws.poll_event(limits) else {
+            let polled = self.ws.poll_event(limits);
+            self.note_message(now);
+            let Some(event) = polled else {
                 if matches!(self.phase, Phase::Open { .. }) && self.ws.is_done() {
                     // The close handshake finished inside the Ws (our close was answered).
                     self.finish(CloseReason::PeerClosed, now, true);
@@ -254,7 +273,9 @@ impl Connection {
             return Some(match event {
                 WsEvent::Opened(upgrade) => {
                     self.never_opened = false;
-                    self.phase = Phase::Open { last_seen: now, pinged: false, over_soft_since: None };
+                    self.phase =
+                        Phase::Open { last_seen: now, pinged: false, over_soft_since: None, message: None };
+                    self.note_message(now); // frames glued to the request
                     ConnEvent::Opened(upgrade)
                 }
                 WsEvent::Http { method, path } => ConnEvent::Http { method, path },
@@ -272,6 +293,46 @@ impl Connection {
                 }
             });
         }
+    }
+
+    /// Times the client's unfinished message from when it was first seen (this pass): a new
+    /// message number restarts the clock, none stops it. Only bytes of the message itself move
+    /// it on, so pongs or pings sent meanwhile cannot keep a half message alive. A match and
+    /// a compare: it runs after every poll of the WebSocket.
+    fn note_message(&mut self, now: Instant) {
+        if let Phase::Open { message, .. } = &mut self.phase {
+            match (self.ws.open_message(), &*message) {
+                (None, None) => {}
+                (None, Some(_)) => *message = None,
+                (Some(n), Some((m, _))) if n == *m => {}
+                (Some(n), _) => *message = Some((n, now)),
+            }
+        }
+    }
+
+    /// Bytes of client input held that have not become messages (see `Ws::held_input_bytes`);
+    /// 0 once it no longer reads.
+    pub fn held_input_bytes(&self) -> usize {
+        match self.phase {
+            Phase::Handshaking { .. } | Phase::Open { .. } => self.ws.held_input_bytes(),
+            _ => 0,
+        }
+    }
+
+    /// All clients together hold too much unfinished input, and this one the most: close 1008,
+    /// and its input is dropped at once (what it had queued for it still goes out first).
+    pub fn drop_for_input_total(&mut self, now: Instant) {
+        self.end(1008, "too much unfinished input on the server", CloseReason::InputTotal, now);
+    }
+
+    /// Ends the connection on our side with a close frame (when open) and stops taking its
+    /// input, freeing what the WebSocket held; what is queued still leaves first.
+    fn end(&mut self, code: u16, text: &str, reason: CloseReason, now: Instant) {
+        if self.reason.is_some() {
+            return;
+        }
+        self.ws.fail(code, text);
+        self.finish(reason, now, true);
     }
 
     /// Queues a text message; false when the connection no longer sends.
@@ -338,9 +399,13 @@ impl Connection {
                 self.ws.respond(408, "Request Timeout", "text/plain", b"request not received in time\n");
                 self.finish(CloseReason::HandshakeTimeout, now, true);
             }
-            Phase::Open { last_seen, pinged, over_soft_since } => {
+            Phase::Open { last_seen, pinged, over_soft_since, message } => {
                 if over_soft_since.is_some_and(|t| now >= t + limits.out_soft_time) {
                     return self.drop_slow_reader(now);
+                }
+                if message.is_some_and(|(_, since)| now >= since + limits.message_timeout) {
+                    let text = "message not completed in time";
+                    return self.end(1008, text, CloseReason::MessageTimeout, now);
                 }
                 if now < last_seen + limits.idle_timeout {
                     return;
@@ -369,9 +434,15 @@ impl Connection {
         match self.phase {
             Phase::Handshaking { deadline } => Some(deadline),
             Phase::Closing { since, .. } | Phase::Lingering { since } => Some(since + limits.close_timeout),
-            Phase::Open { last_seen, over_soft_since, .. } => {
-                let idle = last_seen + limits.idle_timeout;
-                Some(over_soft_since.map_or(idle, |t| idle.min(t + limits.out_soft_time)))
+            Phase::Open { last_seen, over_soft_since, message, .. } => {
+                let mut at = last_seen + limits.idle_timeout;
+                if let Some(t) = over_soft_since {
+                    at = at.min(t + limits.out_soft_time);
+                }
+                if let Some((_, since)) = message {
+                    at = at.min(since + limits.message_timeout);
+                }
+                Some(at)
             }
             Phase::Closed => None,
         }
@@ -484,6 +555,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             hold_reading_over: None,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            message_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(2),
             out_soft_bytes: 1000,
             out_soft_time: Duration::from_secs(10),
@@ -708,5 +780,73 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(c.next_deadline(&l), Some(t1 + l.close_timeout), "the close timeout may come sooner");
         c.handle_timeout(&l, t1 + l.close_timeout);
         assert_eq!(c.next_deadline(&l), None, "closed: nothing is due");
+    }
+
+    #[test]
+    fn an_unfinished_message_is_closed_1008_at_the_message_timeout_whatever_pongs_come() {
+        let (t0, l) = (Instant::now(), limits());
+        let mut c = open(t0);
+        feed(&mut c, &frame(1, b"x")[..], false, t0);
+        events(&mut c, t0);
+        assert_eq!(c.next_deadline(&l), Some(t0 + l.idle_timeout), "a whole message starts no clock");
+        let t1 = t0 + Duration::from_secs(1);
+        let mut first = frame(1, b"part");
+        first[0] = 0x01; // text without FIN: a message that goes on in continuation frames
+        feed(&mut c, &first, false, t1);
+        assert_eq!(events(&mut c, t1), vec![]);
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.message_timeout), "the message's clock comes first");
+        assert!(c.held_input_bytes() >= first.len());
+        // Pongs and more pieces of the same message do not move it.
+        for s in 2..30 {
+            let t = t0 + Duration::from_secs(s);
+            feed(&mut c, &frame(10, b""), false, t);
+            let mut more = frame(0, b"more");
+            more[0] = 0x00;
+            feed(&mut c, &more, false, t);
+            assert_eq!(events(&mut c, t), vec![]);
+            c.handle_timeout(&l, t);
+            assert!(c.is_open());
+        }
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.message_timeout));
+        c.handle_timeout(&l, t1 + l.message_timeout);
+        assert_eq!(events(&mut c, t1), vec![closed(CloseReason::MessageTimeout, false)]);
+        assert_eq!(c.held_input_bytes(), 0, "what it held is dropped at once");
+        let out = c.output();
+        assert_eq!(&out[2..4], &1008u16.to_be_bytes());
+        assert!(out.ends_with(b"message not completed in time"));
+    }
+
+    #[test]
+    fn a_message_finished_in_time_stops_its_clock_and_the_next_one_starts_its_own() {
+        let (t0, l) = (Instant::now(), limits());
+        let mut c = open(t0);
+        let mut first = frame(1, b"a");
+        first[0] = 0x01;
+        feed(&mut c, &first, false, t0);
+        events(&mut c, t0);
+        let t1 = t0 + Duration::from_secs(20);
+        feed(&mut c, &frame(0, b"b"), false, t1); // continuation with FIN
+        assert_eq!(events(&mut c, t1), vec![ConnEvent::Text("ab".into())]);
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.idle_timeout));
+        feed(&mut c, &first, false, t1);
+        events(&mut c, t1);
+        assert_eq!(c.next_deadline(&l), Some(t1 + l.message_timeout));
+        c.handle_timeout(&l, t0 + l.message_timeout);
+        assert!(c.is_open(), "timed from its own start, not the first message's");
+    }
+
+    #[test]
+    fn the_largest_holder_is_dropped_with_1008_and_holds_nothing_after() {
+        let t0 = Instant::now();
+        let mut c = open(t0);
+        let mut first = frame(1, &[b'a'; 100]);
+        first[0] = 0x02; // binary without FIN
+        feed(&mut c, &first, false, t0);
+        events(&mut c, t0);
+        assert!(c.held_input_bytes() >= 100);
+        c.drop_for_input_total(t0);
+        assert_eq!(events(&mut c, t0), vec![closed(CloseReason::InputTotal, false)]);
+        assert_eq!(c.held_input_bytes(), 0);
+        assert!(matches!(c.read_into(&limits()), ReadInto::Discard), "its socket is drained, not read");
     }
 }

@@ -175,6 +175,10 @@ pub enum LoopEvent {
     GearmandConnectFailed,
     /// Echo mode sent a message of this many bytes back.
     Echoed(usize),
+    /// A client was closed for not finishing a message within the message timeout.
+    MessageTimedOut,
+    /// A client was closed as the largest holder of unfinished input over the total.
+    InputTotalDropped,
 }
 
 /// Everything `/metrics` reports that is counted rather than read off live state. It travels
@@ -225,6 +229,10 @@ pub struct Metrics {
     echoed: u64,
     /// Payload bytes of those messages.
     echoed_bytes: u64,
+    /// Clients closed for not finishing a message in time.
+    message_timeouts: u64,
+    /// Clients closed as the largest holder of unfinished input over the total.
+    input_total_dropped: u64,
 }
 
 /// Live values read when `/metrics` is asked for (and published to the group, without
@@ -299,6 +307,8 @@ impl Metrics {
             LoopEvent::GearmandConnected => &mut self.gearmand_connects,
             LoopEvent::GearmandLost => &mut self.gearmand_disconnects,
             LoopEvent::GearmandConnectFailed => &mut self.gearmand_connect_failures,
+            LoopEvent::MessageTimedOut => &mut self.message_timeouts,
+            LoopEvent::InputTotalDropped => &mut self.input_total_dropped,
             LoopEvent::Echoed(bytes) => {
                 self.echoed_bytes += bytes as u64;
                 &mut self.echoed
@@ -359,6 +369,20 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_client_output_bytes {}", g.client_output_bytes);
         family(&mut o, "slow_readers_dropped_total", "counter", "Clients dropped for not reading.");
         let _ = writeln!(o, "gearsock_slow_readers_dropped_total {}", self.slow_readers_dropped);
+        family(
+            &mut o,
+            "message_timeouts_total",
+            "counter",
+            "Clients closed for not finishing a message in time.",
+        );
+        let _ = writeln!(o, "gearsock_message_timeouts_total {}", self.message_timeouts);
+        family(
+            &mut o,
+            "input_total_dropped_total",
+            "counter",
+            "Clients closed as the largest holder of unfinished input.",
+        );
+        let _ = writeln!(o, "gearsock_input_total_dropped_total {}", self.input_total_dropped);
         family(&mut o, "echoed_messages_total", "counter", "Messages sent back in echo mode.");
         let _ = writeln!(o, "gearsock_echoed_messages_total {}", self.echoed);
         family(&mut o, "echoed_bytes_total", "counter", "Payload bytes sent back in echo mode.");

@@ -20,6 +20,9 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
+use message::MessageTrack;
+
+mod message;
 
 /// Largest HTTP request head we read (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -157,11 +160,20 @@ pub(crate) struct MemStream {
     frame_left: usize,
     /// A frame over [`SHED_FRAME_BYTES`] was read since tungstenite's state was last made.
     large_frame: bool,
+    /// Where the client's current message stands, read off the frame headers as they pass.
+    message: MessageTrack,
 }
 
 impl MemStream {
     fn new(input: InBuf, output: OutQueue) -> Self {
-        MemStream { input, output, eof: false, frame_left: 0, large_frame: false }
+        MemStream {
+            input,
+            output,
+            eof: false,
+            frame_left: 0,
+            large_frame: false,
+            message: MessageTrack::default(),
+        }
     }
 }
 
@@ -183,18 +195,23 @@ impl Read for MemStream {
                     // A header cut short after whole frames: those go now, the rest later.
                     None if n > 0 => break,
                     // The header is cut short: wait for the rest (it always fits in `input`).
+                    // Its first byte already says whether a message begins, and the message's
+                    // clock starts with it.
                     None if data.len() < MAX_FRAME_HEADER && !self.eof => {
+                        self.message.frame_starts(data[0]);
                         return Err(io::ErrorKind::WouldBlock.into());
                     }
                     // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
                     None => usize::MAX,
                 };
+                self.message.frame_starts(data[n]);
                 self.frame_left = len;
                 self.large_frame |= len > SHED_FRAME_BYTES;
             }
             let take = (limit - n).min(self.frame_left);
             n += take;
             self.frame_left -= take;
+            self.message.handed(take, self.frame_left == 0);
             if self.large_frame {
                 break;
             }
@@ -216,30 +233,28 @@ impl Write for MemStream {
 }
 
 /// What the upgrade request said that bears on whether to trust the client (docs/PROTOCOL.md, "Who
-/// may report a result"). Header names are matched case-insensitively.
+/// may report a result"). Header names are matched case-insensitively. `Host` is not kept: it
+/// is the client's own word, and a page on a rebinding domain sends a `Host` that matches its
+/// `Origin` (see [`Upgrade::origin_is_own_or_absent`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Upgrade {
     /// The `Origin` header. A value that is not UTF-8 is kept (lossily converted) rather than
     /// dropped, so that it can never pass for an absent header.
     pub origin: Option<String>,
-    /// The `Host` header, if present and UTF-8.
-    pub host: Option<String>,
     /// A `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header is present: a proxy stands between
     /// the client and us, so the peer address says nothing about the client.
     pub forwarded: bool,
 }
 
 impl Upgrade {
-    /// True when there is no `Origin` (not a browser page) or it is our own page's origin,
-    /// `http://` + `Host`, compared ASCII case-insensitively. `Origin: null` (sandboxed frames,
-    /// `file:` pages) is not our own.
-    pub fn origin_is_own_or_absent(&self) -> bool {
+    /// True when there is no `Origin` (not a browser page) or it is one of `own`, the origins
+    /// the server itself is reached at (its listening address, `--public-origin`), compared
+    /// ASCII case-insensitively. Never the request's `Host`: a page whose domain rebinds to our
+    /// address sends `Host` and `Origin` that agree with each other and name the attacker's
+    /// domain. `Origin: null` (sandboxed frames, `file:` pages) is never our own.
+    pub fn origin_is_own_or_absent(&self, own: &[String]) -> bool {
         let Some(origin) = &self.origin else { return true };
-        let Some(host) = &self.host else { return false };
-        let (origin, host) = (origin.as_bytes(), host.as_bytes());
-        origin.len() == "http://".len() + host.len()
-            && origin[..7].eq_ignore_ascii_case(b"http://")
-            && origin[7..].eq_ignore_ascii_case(host)
+        own.iter().any(|o| o.eq_ignore_ascii_case(origin))
     }
 }
 
@@ -367,6 +382,40 @@ impl Ws {
         matches!(self.state, WsState::Handshaking { .. })
     }
 
+    /// The number of the message the client has begun and not finished (fragments, or a frame
+    /// still arriving), `None` between messages; the connection times each number from its start.
+    pub fn open_message(&self) -> Option<u64> {
+        match &self.state {
+            WsState::Open(ws) => {
+                let track = &ws.get_ref().message;
+                track.open.then_some(track.started)
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of client input this connection holds that have not become messages yet: the
+    /// unparsed input (a request head, or frames not yet handed to tungstenite), plus the bytes
+    /// of an unfinished message that tungstenite keeps inside its state.
+    pub fn held_input_bytes(&self) -> usize {
+        match &self.state {
+            WsState::Handshaking { input, .. } => input.len(),
+            WsState::Open(ws) => {
+                let stream = ws.get_ref();
+                stream.input.len().saturating_add(stream.message.bytes)
+            }
+            WsState::Done { .. } => 0,
+        }
+    }
+
+    /// Ends an open WebSocket on our side: a close frame with `code` and `reason` behind what is
+    /// queued, and the input and tungstenite's state (an unfinished message too) dropped at once,
+    /// since nothing more will be read. Before the upgrade, or once over, it only stops reading.
+    pub fn fail(&mut self, code: u16, reason: &str) {
+        self.close(code, reason);
+        self.finish();
+    }
+
     /// True once nothing more will be read: after the close handshake, an HTTP answer or an
     /// error. The shell hangs up when `output` is empty.
     pub fn is_done(&self) -> bool {
@@ -465,6 +514,11 @@ impl Ws {
             Ok(httparse::Status::Partial) => return None,
             Err(e) => return Some(self.refuse(400, "Bad Request", &format!("malformed request: {e}"), &[])),
         };
+        // Two `Host` headers make the request ambiguous (RFC 9112 3.2: answer 400), whichever
+        // one a proxy in front of us looked at.
+        if request.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).nth(1).is_some() {
+            return Some(self.refuse(400, "Bad Request", "more than one Host header", &[]));
+        }
         let method = request.method.unwrap_or("").to_string();
         let path = request.path.unwrap_or("").to_string();
         let header =
@@ -492,15 +546,19 @@ impl Ws {
         let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
             return Some(self.refuse(400, "Bad Request", "no Sec-WebSocket-Key", &[]));
         };
-        if !limits.allowed_origins.is_empty() {
-            let origin = header("origin").and_then(|o| std::str::from_utf8(o).ok()).unwrap_or("");
+        // `--allowed-origin` stops other sites' pages. A request without `Origin` is not a
+        // browser's (browsers always send it on a WebSocket upgrade), so it is not refused here:
+        // a worker or script is let in, and trusted or not by its address and token.
+        if !limits.allowed_origins.is_empty()
+            && let Some(origin) = header("origin")
+        {
+            let origin = std::str::from_utf8(origin).unwrap_or("");
             if !limits.allowed_origins.iter().any(|allowed| allowed == origin) {
                 return Some(self.refuse(403, "Forbidden", "origin not allowed", &[]));
             }
         }
         let upgrade = Upgrade {
             origin: header("origin").map(|o| String::from_utf8_lossy(o).into_owned()),
-            host: header("host").and_then(|h| std::str::from_utf8(h).ok()).map(str::to_string),
             forwarded: request.headers.iter().any(|h| {
                 ["forwarded", "x-forwarded-for", "x-real-ip"]
                     .iter()
@@ -730,7 +788,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         for byte in UPGRADE {
             events.extend(feed(&mut ws, &[*byte], &l));
         }
-        let upgrade = Upgrade { origin: None, host: Some("x".into()), forwarded: false };
+        let upgrade = Upgrade { origin: None, forwarded: false };
         assert_eq!(events, vec![WsEvent::Opened(upgrade)]);
         let out = String::from_utf8(drain(&mut ws)).unwrap();
         // RFC 6455's own example key and answer.
@@ -930,37 +988,93 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     }
 
     #[test]
-    fn upgrade_reports_origin_host_and_proxies() {
-        let up = upgrade_with("host: Gear.example:8080\r\norigin: http://gear.EXAMPLE:8080\r\n");
-        assert_eq!(up.origin.as_deref(), Some("http://gear.EXAMPLE:8080"));
-        assert_eq!(up.host.as_deref(), Some("Gear.example:8080"));
+    fn upgrade_reports_origin_and_proxies() {
+        let own = ["http://127.0.0.1:8080".to_string()];
+        let up = upgrade_with("host: 127.0.0.1:8080\r\norigin: HTTP://127.0.0.1:8080\r\n");
+        assert_eq!(up.origin.as_deref(), Some("HTTP://127.0.0.1:8080"));
         assert!(!up.forwarded);
-        assert!(up.origin_is_own_or_absent());
-        assert!(upgrade_with("Host: x\r\n").origin_is_own_or_absent());
-        assert!(upgrade_with("").origin_is_own_or_absent());
+        assert!(up.origin_is_own_or_absent(&own), "compared ASCII case-insensitively");
+        assert!(upgrade_with("Host: x\r\n").origin_is_own_or_absent(&own));
+        assert!(upgrade_with("").origin_is_own_or_absent(&[]));
         for name in ["Forwarded: for=1.2.3.4", "x-forwarded-for: 1.2.3.4", "X-REAL-IP: 1.2.3.4"] {
             assert!(upgrade_with(&format!("Host: x\r\n{name}\r\n")).forwarded, "{name}");
         }
     }
 
     #[test]
-    fn foreign_null_and_lookalike_origins_are_not_own() {
-        let own = |origin: &str, host: &str| {
-            upgrade_with(&format!("Host: {host}\r\nOrigin: {origin}\r\n")).origin_is_own_or_absent()
-        };
-        assert!(!own("null", "x"));
-        assert!(!own("http://evil.example", "x"));
-        assert!(!own("https://x", "x")); // the demo page is served over plain http only
-        assert!(!own("http://x:80", "x"));
-        assert!(!own("http://xx", "x"));
-        assert!(!own("http://", "x"));
-        assert!(!upgrade_with("Origin: http://x\r\n").origin_is_own_or_absent()); // no Host
+    fn the_hosts_own_word_makes_no_origin_our_own() {
+        let own = ["http://127.0.0.1:8080".to_string(), "https://gear.example".to_string()];
+        let is_own = |headers: &str| upgrade_with(headers).origin_is_own_or_absent(&own);
+        // A rebinding page: its Host and Origin agree, and name the attacker's domain.
+        assert!(!is_own("Host: evil.example:8080\r\nOrigin: http://evil.example:8080\r\n"));
+        // Our own origins, whatever Host says.
+        assert!(is_own("Host: evil.example\r\nOrigin: http://127.0.0.1:8080\r\n"));
+        assert!(is_own("Origin: https://GEAR.example\r\n"));
+        for origin in
+            ["null", "http://127.0.0.1:8081", "http://127.0.0.1", "https://127.0.0.1:8080", "http://"]
+        {
+            assert!(!is_own(&format!("Host: 127.0.0.1:8080\r\nOrigin: {origin}\r\n")), "{origin}");
+        }
         // An Origin that is not UTF-8 is still an Origin, and never our own.
-        let up = upgrade_with("Host: x\r\nOrigin: http://\u{ff}\r\n");
-        assert!(up.origin.is_some() && !up.origin_is_own_or_absent());
-        // Short or non-ASCII values must not panic the comparison.
-        let up = Upgrade { origin: Some("é".into()), host: Some(String::new()), forwarded: false };
-        assert!(!up.origin_is_own_or_absent());
+        let up = upgrade_with("Origin: http://\u{ff}\r\n");
+        assert!(up.origin.is_some() && !up.origin_is_own_or_absent(&own));
+        assert!(!Upgrade { origin: Some("é".into()), forwarded: false }.origin_is_own_or_absent(&own));
+    }
+
+    #[test]
+    fn two_host_headers_are_400_upgrade_or_not() {
+        for upgrade in ["", "Upgrade: websocket\r\nConnection: Upgrade\r\n"] {
+            let mut ws = Ws::new();
+            let req = format!(
+                "GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n{upgrade}host: evil.example\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            let events = feed(&mut ws, req.as_bytes(), &limits());
+            assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 400, .. }]), "{events:?}");
+            assert!(ws.output().starts_with(b"HTTP/1.1 400") && ws.is_done());
+        }
+    }
+
+    #[test]
+    fn allowed_origins_refuse_other_pages_but_not_clients_without_origin() {
+        let mut l = limits();
+        l.allowed_origins = vec!["http://good".into()];
+        let events = feed(&mut Ws::new(), UPGRADE, &l);
+        assert!(matches!(events.as_slice(), [WsEvent::Opened(Upgrade { origin: None, .. })]), "{events:?}");
+    }
+
+    #[test]
+    fn an_unfinished_message_is_seen_and_counted_and_pings_are_no_part_of_it() {
+        let (l, mut ws) = (limits(), open_ws());
+        let (first, middle, last) =
+            (masked_frame(0x01, b"abc"), masked_frame(0x00, b"def"), masked_frame(0x80, b"g"));
+        assert!(feed(&mut ws, &first, &l).is_empty());
+        let n = ws.open_message().expect("a message has begun");
+        feed(&mut ws, &masked_frame(0x89, b"p"), &l); // answered, and no part of the message
+        feed(&mut ws, &middle, &l);
+        feed(&mut ws, &last[..1], &l); // a cut header waits in the input, and counts too
+        assert_eq!((ws.open_message(), ws.held_input_bytes()), (Some(n), first.len() + middle.len() + 1));
+        let events = feed(&mut ws, &last[1..], &l);
+        assert!(matches!(events.as_slice(), [WsEvent::Text(t)] if t.as_str() == "abcdefg"), "{events:?}");
+        assert_eq!((ws.open_message(), ws.held_input_bytes()), (None, 0));
+        // One frame whose bytes trickle in is a new message until its last byte.
+        let whole = client_frame(1, b"hello");
+        feed(&mut ws, &whole[..1], &l);
+        assert!(ws.open_message().is_some_and(|m| m > n));
+        feed(&mut ws, &whole[1..], &l);
+        assert_eq!((ws.open_message(), ws.held_input_bytes()), (None, 0));
+    }
+
+    #[test]
+    fn fail_closes_with_the_code_and_drops_what_was_held() {
+        let l = limits();
+        let mut ws = open_ws();
+        feed(&mut ws, &masked_frame(0x01, &[b'a'; 100]), &l);
+        assert!(ws.held_input_bytes() > 100);
+        ws.fail(1008, "message not completed in time");
+        assert!(ws.is_done() && ws.input().is_none());
+        assert_eq!((ws.held_input_bytes(), ws.open_message()), (0, None));
+        assert_eq!(close_code(&client_reads(ws.output())[0]), Some(1008));
     }
 
     #[test]

@@ -53,7 +53,12 @@ usage: gearsock [serve] [flags]
   --client-out-soft-ms N     ... this long, then it is dropped with close 1008 (10000)
   --client-out-hard-bytes N  backlog that drops a reader at once (33554432; alias --client-out-limit-bytes)
   --client-out-total-bytes N backlog of all clients; past it the largest is dropped (1073741824)
-  --allowed-origin ORIGIN    allow this Origin (repeatable; default any)
+  --allowed-origin ORIGIN    allow this Origin (repeatable; default any); requests without
+                             Origin (not a browser) are not refused
+  --public-origin ORIGIN     an origin our page is also served under, e.g. behind a proxy
+                             (repeatable; the listening address always counts, Host never)
+  --message-timeout-ms N     a message must be whole this long after its first frame (30000)
+  --client-in-total-bytes N  unfinished input of all clients; past it the largest is dropped (268435456)
   --max-jobs-per-connection N  unfinished jobs per connection (64)
   --value-grace-ms N         wait this long for a worker.complete value (500)
   --value-ttl-ms N           keep unclaimed values this long (60000)
@@ -225,6 +230,10 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("group-slot") => group_slot = Some(value(parser)?),
             Long("group-board") => group_board = Some(value(parser)?),
             Long("sched-batch") => c.sched_batch = true,
+            // Issue 18 (bounds in the loop): unfinished messages and the server's own origins.
+            Long("message-timeout-ms") => c.message_timeout = millis(parser)?,
+            Long("client-in-total-bytes") => c.client_in_total_bytes = value(parser)?,
+            Long("public-origin") => c.public_origins.push(value(parser)?),
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),

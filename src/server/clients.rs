@@ -21,6 +21,12 @@ use crate::connection::{AfterWrite, CloseReason, ConnEvent, Connection, ReadInto
 use crate::http::{self, Response, Snapshot};
 use crate::metrics::{Gauges, LoopEvent};
 
+/// Messages one client may hand on per pass, beside the byte budget (`read_budget_bytes`):
+/// 64 KiB of empty frames is about 10,900 messages, each a parse and a reply, so bytes alone let
+/// one client's tiny frames hold everyone else's replies for a long pass. 32 is more than a
+/// client with 16 jobs in flight sends between two passes, so busy honest clients never meet it.
+const MESSAGES_PER_PASS: usize = 32;
+
 impl Server {
     /// A new client: registered for reading, its handshake deadline set, and read at once (it
     /// may arrive with its request already queued).
@@ -100,9 +106,24 @@ impl Server {
 
     /// Hands the connection's events on: to the App, to the HTTP router, to the logs. The
     /// one place a client's end is reported: `Closed` comes out of a connection once.
+    ///
+    /// At most [`MESSAGES_PER_PASS`] messages are handed on. A client stopped by that budget
+    /// has messages waiting in its buffers that no readable edge will announce (the bytes were
+    /// read already), so it goes back on the ready list and the next wait does not sleep; its
+    /// full buffer meanwhile stops reading it, which holds the sender back through TCP.
     pub(super) fn take_events(&mut self, key: usize, now: Instant) {
         let id = self.conns[key].id(key);
-        while let Some(event) = self.conns[key].conn.poll_event(&self.limits.ws, now) {
+        let mut budget = MESSAGES_PER_PASS;
+        loop {
+            if budget == 0 {
+                let c = &mut self.conns[key];
+                list(&mut self.ready, &mut c.listed.ready, key);
+                break;
+            }
+            let Some(event) = self.conns[key].conn.poll_event(&self.limits.ws, now) else { break };
+            if matches!(event, ConnEvent::Text(_) | ConnEvent::Binary(_)) {
+                budget -= 1;
+            }
             match event {
                 ConnEvent::Opened(upgrade) => {
                     self.app.metrics.observe(LoopEvent::Handshake);
@@ -110,8 +131,8 @@ impl Server {
                     if !self.cfg.echo {
                         // Echo clients never reach the App: it keeps no record of them.
                         let peer = self.conns[key].peer.ip();
-                        let trusted =
-                            is_trusted_peer(peer, upgrade.origin_is_own_or_absent(), upgrade.forwarded);
+                        let own = upgrade.origin_is_own_or_absent(&self.own_origins);
+                        let trusted = is_trusted_peer(peer, own, upgrade.forwarded);
                         self.app.handle_client_open(id, trusted);
                     }
                 }
@@ -130,8 +151,11 @@ impl Server {
                 ConnEvent::Binary(_) => self.app.handle_client_binary(id),
                 ConnEvent::Closed { reason, handshaking } => {
                     debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer);
-                    if reason == CloseReason::OutputLimit {
-                        self.app.metrics.observe(LoopEvent::SlowReaderDropped);
+                    match reason {
+                        CloseReason::OutputLimit => self.app.metrics.observe(LoopEvent::SlowReaderDropped),
+                        CloseReason::MessageTimeout => self.app.metrics.observe(LoopEvent::MessageTimedOut),
+                        CloseReason::InputTotal => self.app.metrics.observe(LoopEvent::InputTotalDropped),
+                        _ => {}
                     }
                     if let Some(event) = reason.event(handshaking) {
                         self.note(event, now);
@@ -143,12 +167,15 @@ impl Server {
     }
 
     /// After anything happened to a client: it is listed for `flush_outputs` when it has
-    /// bytes the socket may take, or has ended (to be reaped), and its timer follows its next
-    /// deadline.
+    /// bytes the socket may take, or has ended (to be reaped), listed as a holder when it keeps
+    /// unfinished input, and its timer follows its next deadline.
     fn settle(&mut self, key: usize, now: Instant) {
         let c = &mut self.conns[key];
         if c.conn.is_closed() || (c.conn.output_len() > 0 && !c.io.write_blocked()) {
             list(&mut self.dirty, &mut c.listed.dirty, key);
+        }
+        if c.conn.held_input_bytes() > 0 {
+            list(&mut self.held, &mut c.listed.held, key);
         }
         self.rearm(key, now);
     }
@@ -230,6 +257,43 @@ impl Server {
                 self.with_conn(key, now, |s| s.conns[key].conn.drop_slow_reader(now));
                 total -= bytes.saturating_sub(self.conns[key].conn.output_len());
             }
+        }
+    }
+
+    /// Keeps the unfinished input of all clients together under `client_in_total_bytes`,
+    /// dropping the largest holders first (1008), as `limit_backlog` does for output. Only
+    /// clients that held input after their last input are looked at. It runs every pass right
+    /// before `reap_closed`, so a client that is about to be reaped (holding nothing) has left
+    /// the list before its slab key can be reused.
+    pub(super) fn limit_input(&mut self, now: Instant) {
+        let (conns, mut total) = (&mut self.conns, 0usize);
+        self.held.retain(|&k| match conns.get_mut(k) {
+            Some(c) if c.conn.held_input_bytes() > 0 => {
+                total = total.saturating_add(c.conn.held_input_bytes());
+                true
+            }
+            Some(c) => {
+                c.listed.held = false;
+                false
+            }
+            None => false,
+        });
+        let limit = self.cfg.client_in_total_bytes;
+        if total <= limit {
+            return;
+        }
+        let mut largest: Vec<(usize, usize)> =
+            self.held.iter().map(|&k| (self.conns[k].conn.held_input_bytes(), k)).collect();
+        largest.sort_unstable_by(|a, b| b.cmp(a));
+        for (bytes, key) in largest {
+            if total <= limit {
+                break;
+            }
+            debug!(
+                "conn={key} dropped: most unfinished input ({bytes} bytes) while all clients hold over the total"
+            );
+            self.with_conn(key, now, |s| s.conns[key].conn.drop_for_input_total(now));
+            total -= bytes.saturating_sub(self.conns[key].conn.held_input_bytes());
         }
     }
 

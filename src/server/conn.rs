@@ -21,6 +21,8 @@ pub(crate) struct Listed {
     pub dirty: bool,
     /// Output left after its last write: `backlog`.
     pub backlog: bool,
+    /// Unfinished input held after its last read: `held`.
+    pub held: bool,
 }
 
 /// A client's armed timer, and the deadline it was armed for (a later deadline keeps it).

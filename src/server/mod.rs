@@ -129,6 +129,11 @@ pub struct Server {
     dirty: Vec<usize>,
     /// Clients with output left after their last write (checked against the total limit).
     backlog: Vec<usize>,
+    /// Clients holding unfinished input after their last read (checked against its total).
+    held: Vec<usize>,
+    /// The origins our own page is served under (the listening address, `--public-origin`):
+    /// an upgrade from one of them, or with no `Origin`, may be trusted.
+    own_origins: Vec<String>,
     /// Clients found dead this pass, removed by `reap_closed`.
     dead: Vec<usize>,
     accept_ready: bool,
@@ -189,6 +194,7 @@ impl Server {
             self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
             self.limit_backlog(now); // the total of all clients' output stays bounded
+            self.limit_input(now); // ... and of their unfinished input
             self.reap_closed(); // deregister + slab.remove, always last
         }
         self.log_summary(Instant::now());

@@ -1,6 +1,8 @@
 //! Each core's own settings, built from the server's `Config` here, by the caller: the cores
 //! (`app`, `connection`, `ws`) never see `Config` itself.
 
+use std::net::SocketAddr;
+
 use crate::app::AppConfig;
 use crate::config::Config;
 use crate::connection::ConnLimits;
@@ -47,9 +49,62 @@ pub(crate) fn conn_limits(c: &Config) -> ConnLimits {
         hold_reading_over: c.echo.then_some(c.client_out_soft_bytes),
         handshake_timeout: c.handshake_timeout,
         idle_timeout: c.idle_timeout,
+        message_timeout: c.message_timeout,
         close_timeout: c.close_timeout,
         out_soft_bytes: c.client_out_soft_bytes,
         out_soft_time: c.client_out_soft_time,
         out_hard_bytes: c.client_out_hard_bytes,
+    }
+}
+
+/// The origins our own page is served under, for trust (`Upgrade::origin_is_own_or_absent`):
+/// the address the listener got, as a browser writes it in `Origin` (no `:80`), plus
+/// `--public-origin`s. Never the request's `Host`, which a page on a rebinding domain chooses.
+///
+/// An unspecified address (`0.0.0.0`, `::`) names no host a page could come from, so it
+/// stands for the loopback forms only (`127.0.0.1`, `localhost`, `[::1]` with our port): a
+/// browser on this machine reaches us under those, and no other site's page can send them. The
+/// names under which other machines reach us are the operator's to list with `--public-origin`.
+/// A loopback address also gets `localhost` (the demo page opened as `http://localhost:PORT`).
+pub(crate) fn own_origins(listen: SocketAddr, public: &[String]) -> Vec<String> {
+    let port = match listen.port() {
+        80 => String::new(),
+        port => format!(":{port}"),
+    };
+    let ip = listen.ip();
+    let mut own = Vec::new();
+    if ip.is_unspecified() {
+        own.extend(["127.0.0.1", "localhost", "[::1]"].map(|host| format!("http://{host}{port}")));
+    } else {
+        own.push(format!("http://{}{port}", SocketAddr::new(ip, 0).to_string().trim_end_matches(":0")));
+        if ip.is_loopback() {
+            own.push(format!("http://localhost{port}"));
+        }
+    }
+    own.extend(public.iter().map(|o| o.trim_end_matches('/').to_string()));
+    own
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_origins;
+
+    #[test]
+    fn own_origins_are_the_listening_address_and_the_public_ones_never_a_wildcard() {
+        let own = |listen: &str, public: &[&str]| {
+            let public: Vec<String> = public.iter().map(|s| s.to_string()).collect();
+            own_origins(listen.parse().unwrap(), &public)
+        };
+        assert_eq!(own("127.0.0.1:8080", &[]), ["http://127.0.0.1:8080", "http://localhost:8080"]);
+        assert_eq!(
+            own("192.0.2.7:8080", &["https://gear.example"]),
+            ["http://192.0.2.7:8080", "https://gear.example"]
+        );
+        assert_eq!(own("[::1]:80", &[]), ["http://[::1]", "http://localhost"]);
+        assert_eq!(
+            own("0.0.0.0:8080", &[]),
+            ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"]
+        );
+        assert_eq!(own("[::]:9000", &["http://gear.example:9000/"])[3], "http://gear.example:9000");
     }
 }

@@ -14,7 +14,7 @@ use slab::Slab;
 
 use super::links::Links;
 use super::member::{Membership, PUBLISH_PERIOD};
-use super::settings::{app_config, conn_limits};
+use super::settings::{app_config, conn_limits, own_origins};
 use super::token::{LISTENER, SIGNALS, Tokens};
 use super::{SCRATCH_BYTES, Server, ServerError, TimerEvent, WHEEL_SLOTS, WHEEL_TICK};
 use crate::app::App;
@@ -93,6 +93,8 @@ impl Server {
             ready: Vec::new(),
             dirty: Vec::new(),
             backlog: Vec::new(),
+            held: Vec::new(),
+            own_origins: own_origins(local_addr, &cfg.public_origins),
             dead: Vec::new(),
             accept_ready: true,
             accept_paused: false,
