@@ -10,10 +10,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use serde_json::Value;
 use slab::Slab;
 
 use super::ConnId;
+use super::fields::Ref;
 use super::links::LinkRef;
 use super::status::Status;
 use crate::gearman::client::{JobMode, JobTag, Priority};
@@ -86,7 +86,7 @@ pub(super) struct Job {
     generation: u32,
     conn: ConnId,
     kind: Kind,
-    reference: Option<Value>,
+    reference: Option<Ref>,
     phase: Phase,
     /// The unique gearmand and the worker see (empty for a stream job without one).
     unique: Box<[u8]>,
@@ -105,7 +105,7 @@ impl Job {
         self.kind
     }
 
-    pub(super) fn reference(&self) -> Option<&Value> {
+    pub(super) fn reference(&self) -> Option<&Ref> {
         self.reference.as_ref()
     }
 
@@ -281,7 +281,7 @@ impl Jobs {
         &mut self,
         conn: ConnId,
         kind: Kind,
-        reference: Option<Value>,
+        reference: Option<Ref>,
         submission: Submission,
         unique: Box<[u8]>,
         now: Instant,

@@ -7,8 +7,7 @@
 
 use std::time::Instant;
 
-use serde_json::Value;
-
+use super::fields::Ref;
 use super::jobs::{Kind, Phase, Submission};
 use super::links::HandleOwners;
 use super::reply::{JobNews, Reply};
@@ -33,7 +32,7 @@ impl App {
         &mut self,
         id: ConnId,
         kind: Kind,
-        reference: Option<Value>,
+        reference: Option<Ref>,
         submission: Submission,
         unique: Option<String>,
         now: Instant,

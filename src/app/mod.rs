@@ -26,6 +26,7 @@
 //! `H:host:1` again, and an old job must never answer for a new one.
 
 mod clients;
+mod fields;
 mod jobs;
 mod lifecycle;
 mod links;
@@ -41,13 +42,13 @@ mod uniques;
 use std::time::Instant;
 
 use log::debug;
-use serde_json::Value;
 
 use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
 use crate::metrics::{ErrorCode, Message, Metrics, Outcome};
 use crate::random::Entropy;
 
 use clients::Clients;
+use fields::Ref;
 use jobs::{Jobs, Kind, Submission};
 use links::Links;
 use reply::{JobNews, Reply};
@@ -246,7 +247,7 @@ impl App {
         self.effects.push(Effect::Send(to, text));
     }
 
-    fn error(&mut self, to: ConnId, code: ErrorCode, message: &str, reference: Option<&Value>) {
+    fn error(&mut self, to: ConnId, code: ErrorCode, message: &str, reference: Option<&Ref>) {
         self.metrics.count_error(code);
         self.send(to, Reply::Error { code, message, reference }.text());
     }

@@ -9,9 +9,9 @@
 use std::time::Instant;
 
 use log::debug;
-use serde_json::Value;
 use slab::Slab;
 
+use super::fields::Ref;
 use super::jobs::{Kind, Phase};
 use super::links::LinkRef;
 use super::reply::{JobNews, Reply};
@@ -50,7 +50,7 @@ pub(super) enum Asker {
     /// The poll timer of a background job or ping.
     Poll(JobTag),
     /// A client's `status` message.
-    Client { conn: ConnId, reference: Option<Value> },
+    Client { conn: ConnId, reference: Option<Ref> },
 }
 
 /// GET_STATUS questions gearmand has not answered yet, keyed by the `ask` number it answers.
@@ -93,7 +93,7 @@ impl App {
 
     /// A client's `status` message: asked on the job's connection when the handle names one
     /// of its unfinished jobs.
-    pub(super) fn on_status(&mut self, id: ConnId, handle: &str, reference: Option<Value>) {
+    pub(super) fn on_status(&mut self, id: ConnId, handle: &str, reference: Option<Ref>) {
         let Some(jobs) = self.clients.jobs(id) else { return };
         let mine = jobs.iter().rev().copied().find(|t| {
             self.jobs
