@@ -11,7 +11,6 @@ use super::fields::Ref;
 use super::jobs::{Kind, Phase, Submission};
 use super::links::HandleOwners;
 use super::reply::{JobNews, Reply};
-use super::status::Asker;
 use super::{App, AppTimer, ConnId, Effect};
 use crate::gearman::client::JobTag;
 use crate::metrics::{ErrorCode, Outcome};
@@ -187,7 +186,7 @@ impl App {
             }
         }
         for ask in self.asks.take_all() {
-            if let Asker::Client { conn, reference } = ask.by {
+            for (conn, reference) in ask.clients {
                 let text = "the server is shutting down before gearmand answered";
                 self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
             }
