@@ -15,6 +15,7 @@ use slab::Slab;
 use super::ConnId;
 use super::fields::Ref;
 use super::links::LinkRef;
+use super::quota::Submitter;
 use super::status::Status;
 use crate::gearman::client::{JobMode, JobTag, Priority};
 use crate::metrics::Mode;
@@ -94,6 +95,11 @@ pub(super) struct Job {
     value: Option<String>,
     next_poll: Instant,
     accepted_at: Instant,
+    /// Whose quota it counts against (background jobs and pings).
+    submitter: Option<Submitter>,
+    /// Its client has left; it is kept, and polled, until gearmand forgets it, for its
+    /// submitter's count. Nobody hears about it any more.
+    detached: bool,
 }
 
 impl Job {
@@ -103,6 +109,19 @@ impl Job {
 
     pub(super) fn kind(&self) -> Kind {
         self.kind
+    }
+
+    pub(super) fn submitter(&self) -> Option<Submitter> {
+        self.submitter
+    }
+
+    pub(super) fn is_detached(&self) -> bool {
+        self.detached
+    }
+
+    /// Its client has left (see `detached`).
+    pub(super) fn detach(&mut self) {
+        self.detached = true;
     }
 
     pub(super) fn reference(&self) -> Option<&Ref> {
@@ -284,6 +303,7 @@ impl Jobs {
         reference: Option<Ref>,
         submission: Submission,
         unique: Box<[u8]>,
+        submitter: Option<Submitter>,
         now: Instant,
     ) -> JobTag {
         self.next_gen = self.next_gen.wrapping_add(1);
@@ -304,6 +324,8 @@ impl Jobs {
             value: None,
             next_poll: now,
             accepted_at: now,
+            submitter,
+            detached: false,
         });
         tag
     }

@@ -297,6 +297,10 @@ impl App {
         }
         // gearmand no longer knows the job: it finished (or was lost in a restart). The job no
         // longer needs its connection.
+        if job.is_detached() {
+            // An abandoned job gearmand has forgotten: no more to count, nobody to tell.
+            return self.end_job(tag, Outcome::Abandoned);
+        }
         let conn = job.conn();
         let has_value = job.has_value();
         let Some(link) = job.enter_grace() else { return };

@@ -112,7 +112,7 @@ impl Server {
                         let peer = self.conns[key].peer.ip();
                         let trusted =
                             is_trusted_peer(peer, upgrade.origin_is_own_or_absent(), upgrade.forwarded);
-                        self.app.handle_client_open(id, trusted);
+                        self.app.handle_client_open_from(id, trusted, peer);
                     }
                 }
                 ConnEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
