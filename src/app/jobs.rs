@@ -295,15 +295,14 @@ impl Jobs {
         self.slab.get_mut(key).filter(|j| j.generation == generation)
     }
 
-    /// A new job, `Queued` with what to submit.
+    /// A new job of `conn`, counted against `submitter`'s quota, `Queued` with what to submit.
     pub(super) fn insert(
         &mut self,
-        conn: ConnId,
+        (conn, submitter): (ConnId, Option<Submitter>),
         kind: Kind,
         reference: Option<Ref>,
         submission: Submission,
         unique: Box<[u8]>,
-        submitter: Option<Submitter>,
         now: Instant,
     ) -> JobTag {
         self.next_gen = self.next_gen.wrapping_add(1);

@@ -64,7 +64,7 @@ impl App {
             return None;
         }
         let unique = self.gearman_unique(id, kind, unique).into_boxed_slice();
-        let tag = self.jobs.insert(id, kind, reference, submission, unique, submitter, now);
+        let tag = self.jobs.insert((id, submitter), kind, reference, submission, unique, now);
         self.metrics.count_submitted(kind.mode());
         self.clients.add_job(id, tag);
         match link {
