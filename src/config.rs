@@ -86,6 +86,11 @@ pub struct Config {
     /// connection takes new work; the old one closes once its live jobs end, and gearmand drops
     /// the orphans). Default 1024.
     pub max_orphans: usize,
+    /// Background jobs and pings one peer address (an IPv6 peer: its /64) may have that
+    /// gearmand has not finished, counted until gearmand no longer knows them, also after the
+    /// submitting connection closed: gearmand keeps a background job, so a client looping
+    /// "connect, submit, leave" would fill its queue. Default 1024.
+    pub max_background_per_peer: usize,
     /// Pass clients' `unique` to gearmand unchanged, so that jobs coalesce across clients
     /// (Gearman's own behaviour). Default off: each client's uniques live in its own namespace.
     pub shared_uniques: bool,
@@ -177,6 +182,7 @@ impl Default for Config {
             gearman_out_low_bytes: 1024 * 1024,
             gearmand_timeout: Duration::from_secs(5),
             max_orphans: 1024,
+            max_background_per_peer: 1024,
             shared_uniques: false,
             max_stored_bytes: 8 * 1024 * 1024,
             close_timeout: Duration::from_secs(2),
@@ -199,6 +205,9 @@ impl Config {
         let files = open_file_limit();
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
+        }
+        if self.max_background_per_peer == 0 {
+            return Err("--max-background-per-peer must be at least 1".into());
         }
         if self.max_connections.saturating_add(FD_RESERVE) > files {
             return Err(format!(

@@ -45,6 +45,7 @@ fn config(control: u8) -> AppConfig {
         worker_token: if control & 2 != 0 { Some("secret".into()) } else { None },
         shared_uniques: control & 4 != 0,
         max_orphans: 1,
+        max_background_per_peer: 4,
         max_job_bytes: 1 << 10,
         instance_id: "f1".into(),
         link_out_high_bytes: 4096,

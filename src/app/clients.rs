@@ -6,6 +6,7 @@
 //! room), or decide trust (the shell says at open; [`super::reports`] decides what it allows).
 
 use super::ConnId;
+use super::quota::Submitter;
 use super::uniques::Namespace;
 use crate::gearman::client::JobTag;
 
@@ -18,6 +19,8 @@ struct Client {
     /// client's (`--shared-uniques` leaves it empty).
     namespace: Namespace,
     jobs: Vec<JobTag>,
+    /// Whose quota its background jobs and pings count against.
+    submitter: Option<Submitter>,
 }
 
 /// Clients by slab key, as the shell numbers its connections.
@@ -36,13 +39,14 @@ impl Clients {
     }
 
     /// A client finished its handshake.
-    pub(super) fn open(&mut self, id: ConnId, trusted: bool, namespace: Namespace) {
+    pub(super) fn open(&mut self, id: ConnId, trusted: bool, namespace: Namespace, submitter: Submitter) {
         let key = id.key as usize;
         if self.slots.len() <= key {
             self.slots.resize_with(key + 1, Client::default);
         }
+        let submitter = Some(submitter);
         self.slots[key] =
-            Client { generation: id.generation, open: true, trusted, namespace, jobs: Vec::new() };
+            Client { generation: id.generation, open: true, trusted, namespace, jobs: Vec::new(), submitter };
     }
 
     /// A client has gone: its unfinished jobs, for the App to end (None: it was not open).
@@ -55,6 +59,10 @@ impl Clients {
     /// May report values without a token (see [`super::is_trusted_peer`]).
     pub(super) fn is_trusted(&self, id: ConnId) -> bool {
         self.get(id).is_some_and(|c| c.trusted)
+    }
+
+    pub(super) fn submitter(&self, id: ConnId) -> Option<Submitter> {
+        self.get(id).and_then(|c| c.submitter)
     }
 
     pub(super) fn namespace(&self, id: ConnId) -> Option<&[u8]> {

@@ -10,11 +10,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use serde_json::Value;
 use slab::Slab;
 
 use super::ConnId;
+use super::fields::Ref;
 use super::links::LinkRef;
+use super::quota::Submitter;
 use super::status::Status;
 use crate::gearman::client::{JobMode, JobTag, Priority};
 use crate::metrics::Mode;
@@ -86,7 +87,7 @@ pub(super) struct Job {
     generation: u32,
     conn: ConnId,
     kind: Kind,
-    reference: Option<Value>,
+    reference: Option<Ref>,
     phase: Phase,
     /// The unique gearmand and the worker see (empty for a stream job without one).
     unique: Box<[u8]>,
@@ -94,6 +95,11 @@ pub(super) struct Job {
     value: Option<String>,
     next_poll: Instant,
     accepted_at: Instant,
+    /// Whose quota it counts against (background jobs and pings).
+    submitter: Option<Submitter>,
+    /// Its client has left; it is kept, and polled, until gearmand forgets it, for its
+    /// submitter's count. Nobody hears about it any more.
+    detached: bool,
 }
 
 impl Job {
@@ -105,7 +111,20 @@ impl Job {
         self.kind
     }
 
-    pub(super) fn reference(&self) -> Option<&Value> {
+    pub(super) fn submitter(&self) -> Option<Submitter> {
+        self.submitter
+    }
+
+    pub(super) fn is_detached(&self) -> bool {
+        self.detached
+    }
+
+    /// Its client has left (see `detached`).
+    pub(super) fn detach(&mut self) {
+        self.detached = true;
+    }
+
+    pub(super) fn reference(&self) -> Option<&Ref> {
         self.reference.as_ref()
     }
 
@@ -276,12 +295,12 @@ impl Jobs {
         self.slab.get_mut(key).filter(|j| j.generation == generation)
     }
 
-    /// A new job, `Queued` with what to submit.
+    /// A new job of `conn`, counted against `submitter`'s quota, `Queued` with what to submit.
     pub(super) fn insert(
         &mut self,
-        conn: ConnId,
+        (conn, submitter): (ConnId, Option<Submitter>),
         kind: Kind,
-        reference: Option<Value>,
+        reference: Option<Ref>,
         submission: Submission,
         unique: Box<[u8]>,
         now: Instant,
@@ -304,6 +323,8 @@ impl Jobs {
             value: None,
             next_poll: now,
             accepted_at: now,
+            submitter,
+            detached: false,
         });
         tag
     }

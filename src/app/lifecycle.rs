@@ -7,12 +7,10 @@
 
 use std::time::Instant;
 
-use serde_json::Value;
-
+use super::fields::Ref;
 use super::jobs::{Kind, Phase, Submission};
 use super::links::HandleOwners;
 use super::reply::{JobNews, Reply};
-use super::status::Asker;
 use super::{App, AppTimer, ConnId, Effect};
 use crate::gearman::client::JobTag;
 use crate::metrics::{ErrorCode, Outcome};
@@ -21,7 +19,7 @@ impl App {
     /// A job's news to its client: `job` (its handle, or null before gearmand named it), the
     /// job's `ref` if it had one, and what happened.
     pub(super) fn job_reply(&mut self, tag: JobTag, news: JobNews) {
-        let Some(job) = self.jobs.get(tag) else { return };
+        let Some(job) = self.jobs.get(tag).filter(|j| !j.is_detached()) else { return };
         let text = Reply::Job { handle: job.handle(), news, reference: job.reference() }.text();
         let conn = job.conn();
         self.send(conn, text);
@@ -33,7 +31,7 @@ impl App {
         &mut self,
         id: ConnId,
         kind: Kind,
-        reference: Option<Value>,
+        reference: Option<Ref>,
         submission: Submission,
         unique: Option<String>,
         now: Instant,
@@ -44,14 +42,29 @@ impl App {
             self.error(id, ErrorCode::TooManyJobs, &text, reference.as_ref());
             return None;
         }
+        let submitter = (kind != Kind::Stream).then(|| self.clients.submitter(id)).flatten();
+        if let Some(who) = submitter
+            && !self.quota.take(who)
+        {
+            let text = format!(
+                "at most {} background jobs and pings from one address may be unfinished in gearmand \
+                 (--max-background-per-peer), including those of connections that have closed",
+                self.cfg.max_background_per_peer
+            );
+            self.error(id, ErrorCode::TooManyJobs, &text, reference.as_ref());
+            return None;
+        }
         let link = self.links.pick();
         if link.is_none() && self.jobs.queued() >= self.cfg.queue_limit {
+            if let Some(who) = submitter {
+                self.quota.give_back(who);
+            }
             let text = "no gearmand is taking jobs (disconnected or stalled) and the wait queue is full";
             self.error(id, ErrorCode::Unavailable, text, reference.as_ref());
             return None;
         }
         let unique = self.gearman_unique(id, kind, unique).into_boxed_slice();
-        let tag = self.jobs.insert(id, kind, reference, submission, unique, now);
+        let tag = self.jobs.insert((id, submitter), kind, reference, submission, unique, now);
         self.metrics.count_submitted(kind.mode());
         self.clients.add_job(id, tag);
         match link {
@@ -141,7 +154,9 @@ impl App {
         let Some(job) = self.jobs.get_mut(tag) else { return };
         let value = job.take_value();
         let (kind, conn) = (job.kind(), job.conn());
-        if kind == Kind::Ping {
+        if job.is_detached() {
+            // Nobody to tell; its outcome was counted when its client left.
+        } else if kind == Kind::Ping {
             self.send(conn, Reply::PingValue(value.as_deref()).text());
         } else {
             self.job_reply(tag, JobNews::Value(value.as_deref()));
@@ -152,7 +167,14 @@ impl App {
     /// Removes a job everywhere it is indexed.
     pub(super) fn end_job(&mut self, tag: JobTag, outcome: Outcome) {
         let Some(job) = self.jobs.remove(tag) else { return };
-        self.metrics.count_finished(job.kind().mode(), outcome);
+        if let Some(who) = job.submitter() {
+            self.quota.give_back(who);
+        }
+        if job.is_detached() {
+            self.quota.forget_detached(); // counted as abandoned when its client left
+        } else {
+            self.metrics.count_finished(job.kind().mode(), outcome);
+        }
         self.clients.forget_job(job.conn(), tag);
         let Some(link) = job.link().filter(|&at| self.links.is_live(at)) else { return };
         if let Some(handle) = job.handle() {
@@ -188,7 +210,7 @@ impl App {
             }
         }
         for ask in self.asks.take_all() {
-            if let Asker::Client { conn, reference } = ask.by {
+            for (conn, reference) in ask.clients {
                 let text = "the server is shutting down before gearmand answered";
                 self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
             }

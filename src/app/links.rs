@@ -12,11 +12,10 @@ use std::collections::{HashMap, HashSet};
 
 use super::jobs::Kind;
 use super::reply::JobNews;
-use super::status::Asker;
 use super::{App, Effect};
 use crate::gearman::client::JobTag;
 use crate::gearman::packet;
-use crate::metrics::{ErrorCode, Outcome};
+use crate::metrics::Outcome;
 
 /// One connection to a gearmand: the link's index and that connection's generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,15 +233,23 @@ impl App {
         l.retiring = true;
         self.metrics.gearmand_retired += 1;
         if self.links.close_if_retired(link) {
-            self.effects.push(Effect::CloseLink(link));
+            self.close_retired(link);
         }
     }
 
     /// A job stopped holding `link`; a retiring link with nothing left closes.
     pub(super) fn release_link(&mut self, link: usize) {
         if self.links.release(link) {
-            self.effects.push(Effect::CloseLink(link));
+            self.close_retired(link);
         }
+    }
+
+    /// A retiring link has no job left and closes: a question still open on it (a client's,
+    /// about a job that has ended since) will never be answered there, so its askers hear so now.
+    fn close_retired(&mut self, link: usize) {
+        let at = self.links.current(link);
+        self.drop_questions_on(at, "the gearmand connection closed (retired) before it answered");
+        self.effects.push(Effect::CloseLink(link));
     }
 
     /// A gearmand connection was lost: every job it held ends now, with exactly one terminal
@@ -266,12 +273,7 @@ impl App {
                 self.end_job(tag, Outcome::Lost);
             }
         }
-        for ask in self.asks.asked_on(at) {
-            if let Asker::Client { conn, reference } = ask.by {
-                let text = "the gearmand connection was lost before it answered";
-                self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
-            }
-        }
+        self.drop_questions_on(at, "the gearmand connection was lost before it answered");
         self.links.links[link] = Link { generation: at.generation, ..Link::default() };
     }
 }

@@ -17,7 +17,9 @@
 //! reports    worker.complete: trust, which job, stored or forwarded; the desk's reports
 //! uniques    the uniques gearmand sees; which instance a unique names
 //! stored     values no job claimed yet (bounded, with a TTL)
+//! fields     the bounded forms of free-form client fields: `ref`, a report's id and value
 //! links      the App's view of gearmand links: choice, stall, orphans, retiring; link news
+//! quota      background jobs and pings per submitter (peer) that gearmand has not finished
 //! clients    open clients, their trust, namespace and jobs
 //! ```
 //!
@@ -26,9 +28,11 @@
 //! `H:host:1` again, and an old job must never answer for a new one.
 
 mod clients;
+mod fields;
 mod jobs;
 mod lifecycle;
 mod links;
+mod quota;
 mod reply;
 mod reports;
 mod request;
@@ -41,15 +45,16 @@ mod uniques;
 use std::time::Instant;
 
 use log::debug;
-use serde_json::Value;
 
 use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
 use crate::metrics::{ErrorCode, Message, Metrics, Outcome};
 use crate::random::Entropy;
 
 use clients::Clients;
+use fields::Ref;
 use jobs::{Jobs, Kind, Submission};
 use links::Links;
+use quota::{Quota, Submitter};
 use reply::{JobNews, Reply};
 use reports::FORWARD_TAG;
 use request::{Parsed, Request};
@@ -150,6 +155,9 @@ pub struct AppConfig {
     pub shared_uniques: bool,
     /// Abandoned stream jobs per gearmand connection before it is retired.
     pub max_orphans: usize,
+    /// Background jobs and pings one submitter (peer address) may have that gearmand has not
+    /// finished, whether or not the connection that submitted them is still open.
+    pub max_background_per_peer: usize,
     /// Largest packet from gearmand (for the reason given when one is over it).
     pub max_job_bytes: usize,
     /// This instance's id: its uniques start with `<id>.`, and reports forwarded to it arrive
@@ -172,6 +180,7 @@ pub struct App {
     asks: Asks,
     stored: StoredValues,
     uniques: Uniques,
+    quota: Quota,
     effects: Vec<Effect>,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
@@ -187,6 +196,7 @@ impl App {
             asks: Asks::default(),
             stored: StoredValues::new(cfg.max_stored_values, cfg.max_stored_bytes, cfg.value_ttl),
             uniques: Uniques::new(entropy, cfg.instance_id.clone(), cfg.shared_uniques),
+            quota: Quota::new(cfg.max_background_per_peer),
             effects: Vec::new(),
             metrics: Metrics::default(),
             cfg,
@@ -214,9 +224,10 @@ impl App {
         std::mem::swap(&mut self.effects, out);
     }
 
-    /// Unfinished jobs.
+    /// Unfinished jobs of open clients (not the abandoned ones kept for their submitter's
+    /// count).
     pub fn jobs_in_flight(&self) -> usize {
-        self.jobs.len()
+        self.jobs.len() - self.quota.detached()
     }
 
     /// Submissions held for a gearmand.
@@ -246,30 +257,45 @@ impl App {
         self.effects.push(Effect::Send(to, text));
     }
 
-    fn error(&mut self, to: ConnId, code: ErrorCode, message: &str, reference: Option<&Value>) {
+    fn error(&mut self, to: ConnId, code: ErrorCode, message: &str, reference: Option<&Ref>) {
         self.metrics.count_error(code);
         self.send(to, Reply::Error { code, message, reference }.text());
     }
 
     /// A client finished its handshake. `trusted` says whether it may report values without
     /// a token (see [`is_trusted_peer`]).
+    /// Its background jobs and pings count against the unspecified address's quota: for the
+    /// tests and benches; the server says where a client is ([`App::handle_client_open_from`]).
     pub fn handle_client_open(&mut self, id: ConnId, trusted: bool) {
+        self.handle_client_open_from(id, trusted, std::net::Ipv6Addr::UNSPECIFIED.into());
+    }
+
+    /// A client from `peer` finished its handshake: its background jobs and pings count against
+    /// that address's `--max-background-per-peer`.
+    pub fn handle_client_open_from(&mut self, id: ConnId, trusted: bool, peer: std::net::IpAddr) {
         let namespace = self.uniques.namespace();
-        self.clients.open(id, trusted, namespace);
+        self.clients.open(id, trusted, namespace, Submitter::peer(peer));
     }
 
     /// A client has gone: its jobs stop being watched. gearmand cannot cancel a foreground job;
     /// it forgets a queued one only when the connection that submitted it closes. So each
     /// unfinished stream job becomes an orphan of its gearmand connection, and a connection
-    /// with too many is retired.
+    /// with too many is retired. gearmand keeps a background job or ping it was given: that
+    /// one is kept, detached from the client, and polled until gearmand forgets it, so that it
+    /// still counts against its submitter's quota.
     pub fn handle_client_closed(&mut self, id: ConnId) {
         let Some(tags) = self.clients.close(id) else { return };
         for tag in tags {
-            if let Some(job) = self.jobs.get(tag)
-                && job.kind() == Kind::Stream
-                && let Some(at) = job.holds_link()
-            {
-                self.links.orphan(at, tag);
+            let Some(job) = self.jobs.get_mut(tag) else { continue };
+            let (kind, at) = (job.kind(), job.holds_link());
+            match at {
+                Some(at) if kind == Kind::Stream => self.links.orphan(at, tag),
+                Some(_) if self.quota.detach() => {
+                    job.detach();
+                    self.metrics.count_finished(kind.mode(), Outcome::Abandoned);
+                    continue;
+                }
+                _ => {}
             }
             self.end_job(tag, Outcome::Abandoned);
         }

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 
 use base64::Engine;
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde_json::Value;
 
+use super::fields::Ref;
 use super::status::Status;
 use crate::metrics::ErrorCode;
 
@@ -33,9 +33,9 @@ pub(super) enum Reply<'a> {
     /// `value: <value>`: the ping's last word, empty when no worker reported.
     PingValue(Option<&'a str>),
     /// `{"type":"error"}`: a message was refused, or a question cannot be answered.
-    Error { code: ErrorCode, message: &'a str, reference: Option<&'a Value> },
+    Error { code: ErrorCode, message: &'a str, reference: Option<&'a Ref> },
     /// `{"type":"job.…"}`: news about a job. `handle` is null until gearmand named the job.
-    Job { handle: Option<&'a [u8]>, news: JobNews<'a>, reference: Option<&'a Value> },
+    Job { handle: Option<&'a [u8]>, news: JobNews<'a>, reference: Option<&'a Ref> },
 }
 
 /// What a `job.*` reply says.
@@ -146,7 +146,7 @@ impl Serialize for Json<'_, '_> {
 }
 
 /// A message's `ref`, when it had one, echoed as it came.
-fn put_ref<M: SerializeMap>(map: &mut M, reference: Option<&Value>) -> Result<(), M::Error> {
+fn put_ref<M: SerializeMap>(map: &mut M, reference: Option<&Ref>) -> Result<(), M::Error> {
     match reference {
         Some(r) => map.serialize_entry("ref", r),
         None => Ok(()),
@@ -167,16 +167,17 @@ fn put_bytes<M: SerializeMap>(map: &mut M, names: [&'static str; 2], bytes: &[u8
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn job<'a>(news: JobNews<'a>, reference: Option<&'a Value>) -> String {
+    fn job<'a>(news: JobNews<'a>, reference: Option<&'a Ref>) -> String {
         Reply::Job { handle: Some(b"H:vm:1"), news, reference }.text()
     }
 
     /// The wire text of every reply, byte for byte, as the first server wrote it.
     #[test]
     fn every_reply_keeps_its_wire_text() {
-        let r = json!({"z": 1, "a": [1, "x"]});
+        let r = Ref::Text("a \"q\"".into());
+        let text = |t: &str| Ref::Text(t.into());
+        let number = |n: serde_json::Number| Ref::Number(n);
         let status = Status { known: true, running: false, numerator: 1, denominator: 3 };
         let cases = [
             (Reply::PingAck.text(), "before the 'received' message"),
@@ -190,18 +191,15 @@ mod tests {
             ),
             (
                 Reply::Error { code: ErrorCode::Unavailable, message: "m", reference: Some(&r) }.text(),
-                r#"{"code":"unavailable","message":"m","ref":{"a":[1,"x"],"z":1},"type":"error"}"#,
+                r#"{"code":"unavailable","message":"m","ref":"a \"q\"","type":"error"}"#,
             ),
             (
                 Reply::Job { handle: None, news: JobNews::Failed("no"), reference: None }.text(),
                 r#"{"job":null,"reason":"no","type":"job.failed"}"#,
             ),
+            (job(JobNews::Created, Some(&text("r1"))), r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#),
             (
-                job(JobNews::Created, Some(&json!("r1"))),
-                r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#,
-            ),
-            (
-                job(JobNews::Status(status), Some(&json!(7))),
+                job(JobNews::Status(status), Some(&number(7.into()))),
                 r#"{"denominator":3,"job":"H:vm:1","known":true,"numerator":1,"ref":7,"running":false,"type":"job.status"}"#,
             ),
             (job(JobNews::Data(b"\xff\0"), None), r#"{"data_b64":"/wA=","job":"H:vm:1","type":"job.data"}"#),
@@ -211,7 +209,7 @@ mod tests {
                 r#"{"data":"é","job":"H:vm:1","type":"job.exception"}"#,
             ),
             (
-                job(JobNews::Result(b"cba"), Some(&json!(1.5))),
+                job(JobNews::Result(b"cba"), Some(&number(serde_json::Number::from_f64(1.5).unwrap()))),
                 r#"{"job":"H:vm:1","ref":1.5,"result":"cba","type":"job.complete"}"#,
             ),
             (
@@ -221,7 +219,7 @@ mod tests {
             (job(JobNews::Value(None), None), r#"{"job":"H:vm:1","result":null,"type":"job.complete"}"#),
             (job(JobNews::Value(Some("v")), None), r#"{"job":"H:vm:1","result":"v","type":"job.complete"}"#),
             (
-                job(JobNews::Lost("gone"), Some(&json!("bg"))),
+                job(JobNews::Lost("gone"), Some(&text("bg"))),
                 r#"{"job":"H:vm:1","reason":"gone","ref":"bg","type":"job.lost"}"#,
             ),
         ];

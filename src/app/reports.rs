@@ -9,8 +9,8 @@
 use std::time::Instant;
 
 use log::debug;
-use serde_json::Value;
 
+use super::fields::Ref;
 use super::links::HandleOwners;
 use super::reply::Reply;
 use super::request::{JobName, Refusal, Report};
@@ -30,7 +30,7 @@ impl App {
         id: ConnId,
         token: Option<&str>,
         report: Result<Report, Refusal>,
-        r: Option<&Value>,
+        r: Option<&Ref>,
         now: Instant,
     ) {
         if let Err(why) = self.may_report(id, token) {
@@ -82,7 +82,7 @@ impl App {
     /// A report that names its job by unique: the unique names one gearmand job exactly (or
     /// the submissions of one client that coalesced into it), so no other job can take the
     /// value. A job of another instance gets it through that instance's desk.
-    fn report_by_unique(&mut self, id: ConnId, unique: &str, value: &str, r: Option<&Value>) {
+    fn report_by_unique(&mut self, id: ConnId, unique: &str, value: &str, r: Option<&Ref>) {
         let takers = self.jobs.with_unique(unique.as_bytes());
         if !takers.is_empty() {
             self.send(id, Reply::GotIt.text());
@@ -100,7 +100,7 @@ impl App {
     /// The job of this report lives on instance `owner`: leave it at that instance's desk as a
     /// background job whose unique is the job's own (so repeated reports for one job coalesce
     /// in gearmand while the first waits). The owner delivers it as if reported there.
-    fn forward_report(&mut self, id: ConnId, owner: &str, unique: &str, value: &str, r: Option<&Value>) {
+    fn forward_report(&mut self, id: ConnId, owner: &str, unique: &str, value: &str, r: Option<&Ref>) {
         let Some(link) = self.links.pick() else {
             let text = "the job belongs to another gearsock instance, and no gearmand is taking jobs \
                         to forward the report through";

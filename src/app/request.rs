@@ -10,22 +10,29 @@ use std::borrow::Cow;
 
 use base64::Engine;
 use serde::Deserialize;
-use serde_json::Value;
 
+use super::fields::{MAX_REF_BYTES, Ref, Reported, Scalar};
 use super::jobs::{Kind, Submission};
 use crate::gearman::client::Priority;
 use crate::metrics::{ErrorCode, Message};
 
 /// libgearman's limit on function names.
 const MAX_FUNCTION_BYTES: usize = 512;
+/// gearmand's job handles are at most 64 bytes (`GEARMAND_JOB_HANDLE_SIZE`): a longer `id`
+/// names no job, and would only be stored.
+const MAX_HANDLE_BYTES: usize = 64;
+/// gearmand refuses a unique over 64 bytes (`ARGUMENT_TOO_LARGE`): a longer one names no job.
+const MAX_REPORTED_UNIQUE_BYTES: usize = 64;
 
 /// A client message; every field optional so that a missing one gets a precise error.
 #[derive(Deserialize)]
 struct Incoming<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<Cow<'a, str>>,
-    id: Option<Value>,
-    value: Option<Value>,
+    #[serde(borrow)]
+    id: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    value: Option<Reported<'a>>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
     function: Option<String>,
@@ -36,8 +43,8 @@ struct Incoming<'a> {
     #[serde(borrow)]
     priority: Option<Cow<'a, str>>,
     unique: Option<String>,
-    #[serde(rename = "ref")]
-    reference: Option<Value>,
+    #[serde(rename = "ref", borrow)]
+    reference: Option<Scalar<'a>>,
     job: Option<String>,
 }
 
@@ -46,7 +53,7 @@ pub(super) struct Parsed<'a> {
     /// What to count it as.
     pub message: Message,
     /// Its `ref`, echoed in every reply about it.
-    pub reference: Option<Value>,
+    pub reference: Option<Ref>,
     pub request: Result<Request<'a>, Refusal>,
 }
 
@@ -105,6 +112,16 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
     };
     let kind = msg.kind.as_deref().unwrap_or("");
     let message = Message::from_type(kind);
+    // A `ref` that is not a short string or a number is refused before anything else: it would
+    // be kept as long as the job.
+    let reference = match msg.reference.map(Ref::from_field) {
+        Some(None) => {
+            let text = format!("\"ref\" must be a string of at most {MAX_REF_BYTES} bytes, or a number");
+            return Parsed { message, reference: None, request: Err(bad_request(text)) };
+        }
+        Some(Some(r)) => Some(r),
+        None => None,
+    };
     let request = match kind {
         "worker.complete" => {
             Ok(Request::Report { token: msg.token, report: report(msg.value, msg.unique, msg.id) })
@@ -129,29 +146,37 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
             Err(Refusal { code: ErrorCode::UnknownType, text: text.into() })
         }
     };
-    Parsed { message, reference: msg.reference, request }
+    Parsed { message, reference, request }
 }
 
 /// A `worker.complete`: the value (any JSON; a string is taken as it is), and the job named by
-/// unique or, failing that, by handle.
-fn report(value: Option<Value>, unique: Option<String>, id: Option<Value>) -> Result<Report, Refusal> {
+/// unique or, failing that, by handle; a unique or handle longer than gearmand gives out is
+/// refused (it names no job, and would only be stored).
+fn report(value: Option<Reported>, unique: Option<String>, id: Option<Scalar>) -> Result<Report, Refusal> {
     let value = match value {
-        Some(Value::String(s)) => s,
-        Some(other) => other.to_string(),
+        Some(Reported(v)) => v.into_owned(),
         None => return Err(bad_request("worker.complete needs \"value\"")),
     };
     if let Some(unique) = unique {
+        if unique.len() > MAX_REPORTED_UNIQUE_BYTES {
+            let text = format!("a unique is at most {MAX_REPORTED_UNIQUE_BYTES} bytes (gearmand's limit)");
+            return Err(bad_request(text));
+        }
         return Ok(Report { value, job: JobName::Unique(unique) });
     }
     let handle = match id {
-        Some(Value::String(s)) => s,
-        Some(Value::Number(n)) => n.to_string(),
+        Some(Scalar::Text(s)) => s.into_owned(),
+        Some(Scalar::Number(n)) => n.to_string(),
         _ => {
             return Err(bad_request(
                 "worker.complete needs \"unique\" (from GRAB_JOB_UNIQ) or \"id\" (a job handle)",
             ));
         }
     };
+    if handle.len() > MAX_HANDLE_BYTES {
+        let text = format!("a job handle (\"id\") is at most {MAX_HANDLE_BYTES} bytes (gearmand's limit)");
+        return Err(bad_request(text));
+    }
     Ok(Report { value, job: JobName::Handle(handle) })
 }
 
@@ -239,5 +264,35 @@ mod tests {
             ]
         );
         assert!(sent(&e)[5].1.contains("\"ref\":7"));
+    }
+
+    #[test]
+    fn a_ref_is_bounded_and_long_names_are_refused() {
+        let t0 = Instant::now();
+        let mut app = up_app();
+        let zeros = format!("[{}0]", "0,".repeat(30_000));
+        let long_ref = format!("\"{}\"", "r".repeat(257));
+        for r in [zeros.as_str(), long_ref.as_str(), "{}", "true"] {
+            app.handle_client_text(A, &format!(r#"{{"type":"submit","function":"f","ref":{r}}}"#), t0);
+        }
+        let long_id = format!(r#"{{"type":"worker.complete","id":"{}","value":"v"}}"#, "H".repeat(65));
+        let long_unique =
+            format!(r#"{{"type":"worker.complete","unique":"{}","value":"v"}}"#, "u".repeat(65));
+        app.handle_client_text(A, &long_id, t0);
+        app.handle_client_text(A, &long_unique, t0);
+        let e = effects(&mut app);
+        assert_eq!(codes(&e), ["bad_request"; 6]);
+        assert!(sent(&e)[0].1.contains("\\\"ref\\\" must be"), "{}", sent(&e)[0].1);
+        assert_eq!((app.jobs_in_flight(), app.stored_values()), (0, 0));
+        // A number or a short string is kept and echoed as it came.
+        app.handle_client_text(A, r#"{"type":"submit","function":"f","ref":1e2}"#, t0);
+        app.handle_client_text(
+            A,
+            &format!(r#"{{"type":"submit","function":"f","ref":"{}"}}"#, "r".repeat(256)),
+            t0,
+        );
+        let e = effects(&mut app);
+        assert_eq!(submitted(&e).len(), 2);
+        assert!(sent(&e).is_empty());
     }
 }

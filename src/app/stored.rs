@@ -1,6 +1,8 @@
 //! Stored values: `worker.complete` values that no live job claimed when they came (the
 //! article's server stores them all), kept until a job gearmand names so claims one, or their
-//! TTL passes, within a bound on their count and bytes.
+//! TTL passes, within a bound on their count and bytes. The bytes are all the store holds for
+//! them: each value, and each copy of its key (in the map and in the age order, stale entries
+//! included), so a flood of long keys with tiny values fills the store like long values do.
 //!
 //! Must not: decide whose a value is (the App does, when gearmand names a job), arm a timer
 //! itself (it returns when its sweep is due), or read the clock (`now` is given).
@@ -82,19 +84,24 @@ impl StoredValues {
             match self.order.back_mut() {
                 // Already the newest: it stays at the back with its new seq (no stale entry).
                 Some((key, last)) if **key == *handle => *last = seq,
-                _ => self.order.push_back((handle.into(), seq)),
+                _ => {
+                    self.bytes += handle.len();
+                    self.order.push_back((handle.into(), seq));
+                }
             }
             self.evict(0, 0);
             self.compact_order();
             return None;
         }
-        if value.len() > self.max_bytes {
+        // The value and two copies of its key (map and order).
+        let cost = value.len() + 2 * handle.len();
+        if cost > self.max_bytes {
             return None; // larger than the whole store: nothing to keep
         }
-        self.evict(1, value.len());
+        self.evict(1, cost);
         let key: Box<str> = handle.into();
         self.order.push_back((key.clone(), seq));
-        self.bytes += value.len();
+        self.bytes += cost;
         self.values.insert(key, Stored { value, at: now, seq });
         self.compact_order();
         if self.sweep_armed {
@@ -108,6 +115,7 @@ impl StoredValues {
     fn evict(&mut self, values: usize, bytes: usize) {
         while self.values.len() + values > self.max_values.max(1) || self.bytes + bytes > self.max_bytes {
             let Some((oldest, seq)) = self.order.pop_front() else { break };
+            self.bytes -= oldest.len();
             if self.values.get(&oldest).is_some_and(|s| s.seq == seq) {
                 self.take(&oldest);
             }
@@ -118,15 +126,22 @@ impl StoredValues {
     /// store, and the deque never holds more than about twice the store.
     fn compact_order(&mut self) {
         if self.order.len() > 2 * self.values.len() + 64 {
-            let values = &self.values;
-            self.order.retain(|(key, seq)| values.get(key).is_some_and(|s| s.seq == *seq));
+            let (values, bytes) = (&self.values, &mut self.bytes);
+            self.order.retain(|(key, seq)| {
+                let live = values.get(key).is_some_and(|s| s.seq == *seq);
+                if !live {
+                    *bytes -= key.len();
+                }
+                live
+            });
         }
     }
 
     /// Takes a stored value out of the store.
     pub(super) fn take(&mut self, handle: &str) -> Option<Stored> {
         let stored = self.values.remove(handle)?;
-        self.bytes -= stored.value.len();
+        // Its entry in `order` (now stale) keeps its key's bytes until it is dropped.
+        self.bytes -= stored.value.len() + handle.len();
         Some(stored)
     }
 
@@ -137,12 +152,14 @@ impl StoredValues {
         // Oldest first; a value overwritten since goes to the back with its new time.
         for _ in 0..self.order.len() {
             let Some((key, seq)) = self.order.pop_front() else { break };
+            self.bytes -= key.len();
             match self.values.get(&key) {
                 Some(s) if s.seq != seq => {} // stale: the value moved to the back
                 Some(s) if s.at + self.ttl <= now => {
                     self.take(&key);
                 }
                 Some(_) => {
+                    self.bytes += key.len();
                     self.order.push_front((key, seq));
                     break;
                 }
@@ -197,10 +214,30 @@ mod tests {
             let msg = json!({"type":"worker.complete","id":format!("H:{i}"),"value":big});
             app.handle_client_text(A, &msg.to_string(), t0);
         }
-        assert_eq!((app.stored_values(), app.stored_bytes()), (2, 800), "1000 bytes hold two of 400");
+        // Each costs its value and two copies of its 3-byte key.
+        assert_eq!((app.stored_values(), app.stored_bytes()), (2, 812), "1000 bytes hold two of 400");
         let huge = json!({"type":"worker.complete","id":"H:9","value":"y".repeat(2000)});
         app.handle_client_text(A, &huge.to_string(), t0);
-        assert_eq!(app.stored_bytes(), 800, "a value larger than the store is not kept");
+        assert_eq!(app.stored_bytes(), 812, "a value larger than the store is not kept");
+        // Long keys with tiny values: the keys are what fills the store.
+        let mut app = App::new(AppConfig { max_stored_values: 1000, ..cfg() }, 1, Entropy::counter());
+        app.handle_client_open(A, true);
+        for i in 0..100 {
+            let msg = json!({"type":"worker.complete","id":format!("H:{i:062}"),"value":"v"});
+            app.handle_client_text(A, &msg.to_string(), t0);
+        }
+        assert_eq!(
+            (app.stored_values(), app.stored_bytes()),
+            (7, 7 * 129),
+            "1000 bytes hold 7 of 1 + 2 × 64"
+        );
+        // Claimed values leave stale keys behind: they are counted until dropped.
+        for i in 93..100 {
+            assert!(app.stored.take(&format!("H:{i:062}")).is_some());
+        }
+        assert_eq!((app.stored_values(), app.stored_bytes()), (0, 7 * 64));
+        app.stored.sweep(t0 + Duration::from_secs(61));
+        assert_eq!(app.stored_bytes(), 0);
     }
 
     #[test]

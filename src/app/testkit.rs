@@ -23,6 +23,7 @@ pub(super) fn cfg() -> AppConfig {
         shared_uniques: false,
         instance_id: "a1".into(),
         max_orphans: 3,
+        max_background_per_peer: 1024,
         max_job_bytes: 1 << 20,
         link_out_high_bytes: 4096,
         link_out_low_bytes: 1024,

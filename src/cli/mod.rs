@@ -69,6 +69,7 @@ usage: gearsock [serve] [flags]
   --gearmand-timeout-ms N    connect, probe and stalled-write timeout per gearmand (5000)
   --max-job-bytes N          largest gearmand packet; a bigger one fails its job only (16777216)
   --max-orphans N            abandoned stream jobs per gearmand connection before it is retired (1024)
+  --max-background-per-peer N  unfinished background jobs and pings per peer address (1024)
   --shared-uniques           pass clients' unique ids through unchanged (coalesce across clients)
   --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
   --log-level LEVEL          off, error, warn, info, debug, trace (info)
@@ -212,6 +213,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("gearmand-timeout-ms") => c.gearmand_timeout = millis(parser)?,
             Long("max-job-bytes") => c.max_job_bytes = value(parser)?,
             Long("max-orphans") => c.max_orphans = value(parser)?,
+            Long("max-background-per-peer") => c.max_background_per_peer = value(parser)?,
             Long("shared-uniques") => c.shared_uniques = true,
             Long("max-stored-bytes") => c.max_stored_bytes = value(parser)?,
             Long("allowed-origin") => c.allowed_origins.push(value(parser)?),

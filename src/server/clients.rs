@@ -133,7 +133,7 @@ impl Server {
                         let peer = self.conns[key].peer.ip();
                         let own = upgrade.origin_is_own_or_absent(&self.own_origins);
                         let trusted = is_trusted_peer(peer, own, upgrade.forwarded);
-                        self.app.handle_client_open(id, trusted);
+                        self.app.handle_client_open_from(id, trusted, peer);
                     }
                 }
                 ConnEvent::Http { method, path } => self.answer_http(key, &method, &path, now),

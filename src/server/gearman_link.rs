@@ -4,7 +4,10 @@
 //!
 //! Each gearmand gets `SLOTS_PER_SERVER` links. One is `Active` (it takes new work and
 //! reconnects when lost); a connection retired for holding too many abandoned jobs stays open
-//! as `Retiring` in another slot until its live jobs end; the rest are `Spare`.
+//! as `Retiring` in another slot until its live jobs end; the rest are `Spare`. When no slot
+//! is spare, the retiring connection that owes the fewest jobs is closed to make one (see
+//! `Links::retire`), so a gearmand never holds more than `SLOTS_PER_SERVER` connections' worth
+//! of orphans.
 //!
 //! Every transition of a link is a method here; its fields are private. It must not talk to
 //! clients or the App, nor decide roles or retries: that is `links`, which owns all the links.
@@ -206,6 +209,12 @@ impl GearmanLink {
     }
 
     /// It takes no new work; it closes once its live jobs are done.
+    /// Submissions this connection still owes news of (awaiting JOB_CREATED, or a foreground
+    /// job's end): what closing it would fail.
+    pub fn jobs_owed(&self) -> usize {
+        self.session.in_flight()
+    }
+
     pub fn retire(&mut self) {
         self.role = Role::Retiring;
     }

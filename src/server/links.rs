@@ -303,19 +303,46 @@ impl Links {
 
     /// The App found a connection with too many abandoned jobs: a spare slot of the same
     /// gearmand becomes its active link, and the old connection finishes its live jobs.
+    ///
+    /// With no spare slot, the retiring connection that owes the fewest jobs is closed first
+    /// (a `Down`: the App fails its jobs as for a lost link, and answers its questions) and its
+    /// slot is used. Leaving it open instead would let orphans grow without bound once every
+    /// slot is retiring: a retiring connection stays open while one live job holds it.
     pub fn retire(&mut self, i: usize, reg: &Registry, now: Instant) {
         let server = self.links[i].server();
         if self.active[server] != i || !self.links[i].is_up() {
             return;
         }
         let group = server * SLOTS_PER_SERVER..(server + 1) * SLOTS_PER_SERVER;
-        let spare =
-            group.into_iter().find(|&s| self.links[s].role() == Role::Spare && self.links[s].is_down());
-        let Some(spare) = spare else {
-            return debug!(
-                "gearmand {}: too many abandoned jobs, but no slot to retire into",
-                self.links[i].addr()
-            );
+        let spare = group.clone().find(|&s| self.links[s].role() == Role::Spare && self.links[s].is_down());
+        let spare = match spare {
+            Some(spare) => spare,
+            None => {
+                let retiring = group.filter(|&s| self.links[s].role() == Role::Retiring);
+                let Some(victim) = retiring.min_by_key(|&s| (self.links[s].jobs_owed(), s)) else {
+                    return debug!(
+                        "gearmand {}: too many abandoned jobs, but no slot to retire into",
+                        self.links[i].addr()
+                    );
+                };
+                let link = &mut self.links[victim];
+                let owed = link.jobs_owed();
+                link.disconnect(reg);
+                link.release();
+                warn!(
+                    "gearmand {}: no slot left to retire into; closed the retired connection that owed \
+                     the fewest jobs ({owed}, failed or dropped now)",
+                    link.addr()
+                );
+                // Not a loss of gearmand (`was_up: false` keeps it out of that count): the App
+                // ends its jobs and questions as for one.
+                self.changes.push_back(LinkChange::Down {
+                    link: victim,
+                    was_up: false,
+                    attempt_failed: false,
+                });
+                victim
+            }
         };
         info!(
             "gearmand {}: connection retired (abandoned jobs over --max-orphans); new work goes to a fresh one",

@@ -22,6 +22,8 @@ pub fn app_config(c: &Config, instance_id: String) -> AppConfig {
         worker_token: c.worker_token.clone(),
         shared_uniques: c.shared_uniques,
         max_orphans: c.max_orphans,
+        // bounds-app: the per-peer background quota.
+        max_background_per_peer: c.max_background_per_peer,
         max_job_bytes: c.max_job_bytes,
         instance_id,
         link_out_high_bytes: c.gearman_out_high_bytes,
