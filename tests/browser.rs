@@ -305,6 +305,8 @@ fn restart_server(addr: &str, g: &Gearmand) -> Server {
         "warn",
         "--poll-interval-ms",
         "100",
+        "--allow-function",
+        "*",
     ];
     let mut proc = Proc::spawn(&args);
     assert_eq!(proc.line(), format!("listening on ws://{addr}"));
