@@ -77,24 +77,6 @@ pub struct AccessConfig {
     pub max_per_subject: usize,
 }
 
-impl AccessConfig {
-    /// Everything allowed, no tokens, no rate: for tests.
-    #[cfg(test)]
-    pub fn open() -> AccessConfig {
-        AccessConfig {
-            allow_functions: vec!["*".into()],
-            ping: true,
-            keys: None,
-            leeway_s: 30,
-            auth_timeout: Duration::from_secs(10),
-            clock: UnixClock { at: Instant::now(), unix_s: 1_700_000_000 },
-            jobs_per_second: 0,
-            jobs_burst: 0,
-            max_per_subject: 0,
-        }
-    }
-}
-
 /// A function pattern: an exact name, or a prefix (`resize*`; `*` alone is every function).
 #[derive(Clone, Debug)]
 enum Pattern {
@@ -475,7 +457,7 @@ mod tests {
     }
 
     fn tokens_on() -> AccessConfig {
-        let mut a = AccessConfig::open();
+        let mut a = open_access();
         a.keys = Some(Keys::parse(KEY).unwrap());
         a.allow_functions = vec!["resize*".into(), "echo".into()];
         a
@@ -484,7 +466,7 @@ mod tests {
     #[test]
     fn deny_by_default_exact_and_prefix_patterns_and_the_reserved_desks() {
         let t0 = Instant::now();
-        let mut access = AccessConfig::open();
+        let mut access = open_access();
         access.allow_functions = vec!["echo".into(), "resize*".into(), "*".into()];
         let mut app = app_with(AccessConfig { allow_functions: vec![], ..access.clone() });
         open(&mut app, A, t0);
@@ -578,7 +560,7 @@ mod tests {
     #[test]
     fn the_rate_is_a_bucket_per_connection_that_refills() {
         let t0 = Instant::now();
-        let mut access = AccessConfig::open();
+        let mut access = open_access();
         (access.jobs_per_second, access.jobs_burst) = (2, 3);
         let mut app = app_with(access);
         open(&mut app, A, t0);
@@ -593,5 +575,22 @@ mod tests {
         app.handle_client_text(B, r#"{"type":"submit","function":"f"}"#, t0);
         app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0 + Duration::from_millis(500));
         assert_eq!(submitted(&effects(&mut app)).len(), 2, "B has its own bucket; A's refilled");
+    }
+
+    #[test]
+    fn with_tokens_a_subject_shares_one_bucket_over_its_connections() {
+        let t0 = Instant::now();
+        let mut access = tokens_on();
+        (access.jobs_per_second, access.allow_functions) = (1, vec!["*".into()]);
+        let clock = access.clock;
+        let mut app = app_with(access);
+        let alice = token(&clock, r#"{"sub":"alice","exp":EXP}"#);
+        for id in [A, B] {
+            app.handle_client_open_from(id, false, "127.0.0.1".parse().unwrap(), Some(&alice), t0);
+        }
+        app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
+        app.handle_client_text(B, r#"{"type":"submit","function":"f"}"#, t0);
+        let e = effects(&mut app);
+        assert_eq!((submitted(&e).len(), codes(&e)), (1, vec!["rate_limited".to_string()]));
     }
 }
