@@ -170,6 +170,12 @@ impl Bucket {
     }
 }
 
+/// The client's token (tokens on); none yet is refused, and so is a client with no session at
+/// all: fail closed.
+fn grant(sessions: &HashMap<ConnId, Session>, id: ConnId) -> Result<&Grant, Denied> {
+    sessions.get(&id).and_then(|s| s.grant.as_ref()).ok_or(Denied::Unauthorized(AUTH_FIRST))
+}
+
 /// Who may run what: the patterns, and each connection's and subject's standing.
 #[derive(Debug)]
 pub(super) struct Access {
@@ -227,10 +233,10 @@ impl Access {
     /// A message other than `auth`, `worker.complete` or a job arrived: refused while no token
     /// has been accepted.
     pub(super) fn check_message(&self, id: ConnId) -> Result<(), Denied> {
-        if self.tokens_on() && self.is_pending(id) {
-            return Err(Denied::Unauthorized(AUTH_FIRST));
+        match self.tokens_on() {
+            true => grant(&self.sessions, id).map(|_| ()),
+            false => Ok(()),
         }
-        Ok(())
     }
 
     /// A token, from a Bearer header or an `auth` message.
@@ -289,15 +295,14 @@ impl Access {
         function: Option<&[u8]>,
         now: Instant,
     ) -> Result<(), Denied> {
-        let grant = match self.sessions.get(&id) {
-            Some(session) if self.tokens_on() => match &session.grant {
-                None => return Err(Denied::Unauthorized(AUTH_FIRST)),
-                Some(g) if self.cfg.clock.seconds(now) > g.exp.saturating_add(self.cfg.leeway_s) => {
+        let grant = match self.tokens_on() {
+            false => None,
+            true => match grant(&self.sessions, id)? {
+                g if self.cfg.clock.seconds(now) > g.exp.saturating_add(self.cfg.leeway_s) => {
                     return Err(Denied::Unauthorized("token expired"));
                 }
-                Some(g) => Some(g),
+                g => Some(g),
             },
-            _ => None,
         };
         match function {
             None if !self.cfg.ping => {
