@@ -153,10 +153,6 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, at: now }
-    }
-
     /// Takes one job, or says in how many milliseconds one will be there.
     fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
@@ -205,12 +201,12 @@ impl Access {
     }
 
     /// A client opened: the instant by which it must have authenticated, when tokens are on.
-    pub(super) fn open(&mut self, id: ConnId, now: Instant) -> Option<Instant> {
-        let bucket = self.rate().filter(|_| !self.tokens_on()).map(|(_, burst)| Bucket::full(burst, now));
-        if self.tokens_on() || bucket.is_some() {
-            self.sessions.insert(id, Session { bucket, ..Session::default() });
+    /// `now`: None for the App's test entry point, which arms no deadline.
+    pub(super) fn open(&mut self, id: ConnId, now: Option<Instant>) -> Option<Instant> {
+        if self.tokens_on() || self.rate().is_some() {
+            self.sessions.insert(id, Session::default());
         }
-        self.tokens_on().then(|| now + self.cfg.auth_timeout)
+        now.filter(|_| self.tokens_on()).map(|now| now + self.cfg.auth_timeout)
     }
 
     /// A client has gone: its subject's count drops, and the subject is forgotten with its last
@@ -241,7 +237,6 @@ impl Access {
 
     /// A token, from a Bearer header or an `auth` message.
     pub(super) fn authenticate(&mut self, id: ConnId, token: &str, now: Instant) -> AuthOutcome {
-        let rate = self.rate();
         let Some(keys) = &self.cfg.keys else {
             let reason = "this server takes no client tokens (no --client-token-key-file)".to_string();
             return AuthOutcome::Refused { reason, label: AuthReason::BadClaim, close: false };
@@ -278,8 +273,8 @@ impl Access {
                     let reason = "too many connections for this subject".to_string();
                     return AuthOutcome::Refused { reason, label: AuthReason::PerSubject, close: true };
                 }
-                let bucket = rate.map(|(_, burst)| Bucket::full(burst, now));
-                self.subjects.entry(grant.sub.clone()).or_insert(Subject { conns: 0, bucket }).conns += 1;
+                self.subjects.entry(grant.sub.clone()).or_insert(Subject { conns: 0, bucket: None }).conns +=
+                    1;
             }
         }
         let (sub, exp) = (grant.sub.clone(), grant.exp);
@@ -312,39 +307,34 @@ impl Access {
             Some(f) => self.check_function(f, grant)?,
         }
         let Some((rate, burst)) = self.rate() else { return Ok(()) };
+        // A bucket starts full at its first job.
         let bucket = match grant {
-            Some(g) => self.subjects.get_mut(&g.sub).and_then(|s| s.bucket.as_mut()),
-            None => self.sessions.get_mut(&id).and_then(|s| s.bucket.as_mut()),
+            Some(g) => self.subjects.get_mut(&g.sub).map(|s| &mut s.bucket),
+            None => self.sessions.get_mut(&id).map(|s| &mut s.bucket),
         };
         match bucket {
-            Some(bucket) => bucket.take(rate, burst, now).map_err(Denied::RateLimited),
+            Some(bucket) => bucket
+                .get_or_insert(Bucket { tokens: burst, at: now })
+                .take(rate, burst, now)
+                .map_err(Denied::RateLimited),
             None => Ok(()),
         }
     }
 
     fn check_function(&self, function: &[u8], grant: Option<&Grant>) -> Result<(), Denied> {
-        let name = || String::from_utf8_lossy(function);
-        if function.starts_with(RESERVED_PREFIX) {
-            return Err(Denied::Forbidden(format!(
-                "function {:?} is reserved: gearsock.* functions are never submittable",
-                name()
-            )));
-        }
-        if !self.patterns.iter().any(|p| p.matches(function)) {
-            return Err(Denied::Forbidden(format!(
-                "function {:?} is not allowed on this server (--allow-function)",
-                name()
-            )));
-        }
-        if let Some(claimed) = grant.and_then(|g| g.functions.as_ref())
-            && !claimed.iter().any(|p| p.matches(function))
+        let why = if function.starts_with(RESERVED_PREFIX) {
+            "is reserved: gearsock.* functions are never submittable"
+        } else if !self.patterns.iter().any(|p| p.matches(function)) {
+            "is not allowed on this server (--allow-function)"
+        } else if grant
+            .and_then(|g| g.functions.as_ref())
+            .is_some_and(|c| !c.iter().any(|p| p.matches(function)))
         {
-            return Err(Denied::Forbidden(format!(
-                "function {:?} is not in your token's \"functions\" claim",
-                name()
-            )));
-        }
-        Ok(())
+            "is not in your token's \"functions\" claim"
+        } else {
+            return Ok(());
+        };
+        Err(Denied::Forbidden(format!("function {:?} {why}", String::from_utf8_lossy(function))))
     }
 
     /// The client's limit on unfinished jobs: the server's, lowered by its token's `max_jobs`.
@@ -354,12 +344,6 @@ impl Access {
         }
         let claimed = self.sessions.get(&id).and_then(|s| s.grant.as_ref()).and_then(|g| g.max_jobs);
         claimed.map_or(server, |n| n.min(server))
-    }
-
-    /// Subjects with a connection (bounded by the connections).
-    #[cfg(test)]
-    pub(super) fn subjects(&self) -> usize {
-        self.subjects.len()
     }
 }
 
@@ -418,7 +402,7 @@ impl App {
     /// A client opened: with tokens on, its deadline to authenticate is armed, and a Bearer
     /// header is taken as its first `auth`.
     pub(super) fn open_access(&mut self, id: ConnId, bearer: Option<&str>, now: Instant) {
-        if let Some(at) = self.access.open(id, now) {
+        if let Some(at) = self.access.open(id, Some(now)) {
             self.effects.push(Effect::Arm(at, AppTimer::AuthDeadline(id)));
             if let Some(token) = bearer {
                 self.on_auth(id, token, None, now);
@@ -437,9 +421,24 @@ impl App {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::testkit::*;
     use super::*;
+
+    /// Every function allowed, no tokens, no rate: the App tests' default (see testkit).
+    pub(in super::super) fn open_access() -> AccessConfig {
+        AccessConfig {
+            allow_functions: vec!["*".into()],
+            ping: true,
+            keys: None,
+            leeway_s: 30,
+            auth_timeout: Duration::from_secs(10),
+            clock: UnixClock { at: Instant::now(), unix_s: 1_700_000_000 },
+            jobs_per_second: 0,
+            jobs_burst: 0,
+            max_per_subject: 0,
+        }
+    }
 
     const KEY: &str = "0123456789abcdef0123456789abcdef";
 
@@ -530,9 +529,9 @@ mod tests {
         assert!(sent(&effects(&mut app))[0].1.contains("token expired"));
         app.handle_client_text(A, &format!(r#"{{"type":"auth","token":"{good}"}}"#), late);
         assert!(sent(&effects(&mut app))[0].1.contains("token expired"), "the old token is no refresh");
-        assert_eq!(app.access.subjects(), 1);
+        assert_eq!(app.access.subjects.len(), 1);
         app.handle_client_closed(A);
-        assert_eq!(app.access.subjects(), 0, "a subject dies with its last connection");
+        assert_eq!(app.access.subjects.len(), 0, "a subject dies with its last connection");
     }
 
     #[test]

@@ -280,9 +280,11 @@ impl App {
     /// a token (see [`is_trusted_peer`]).
     /// Its background jobs and pings count against the unspecified address's quota: for the
     /// tests and benches; the server says where a client is ([`App::handle_client_open_from`]).
+    /// No deadline to authenticate is armed: this entry point is given no time.
     pub fn handle_client_open(&mut self, id: ConnId, trusted: bool) {
-        let peer = std::net::Ipv6Addr::UNSPECIFIED.into();
-        self.handle_client_open_from(id, trusted, peer, None, Instant::now());
+        let namespace = self.uniques.namespace();
+        self.clients.open(id, trusted, namespace, Submitter::peer(std::net::Ipv6Addr::UNSPECIFIED.into()));
+        self.access.open(id, None);
     }
 
     /// A client from `peer` finished its handshake: its background jobs and pings count against

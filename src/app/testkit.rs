@@ -27,7 +27,7 @@ pub(super) fn cfg() -> AppConfig {
         max_job_bytes: 1 << 20,
         link_out_high_bytes: 4096,
         link_out_low_bytes: 1024,
-        access: open_access(),
+        access: super::access::tests::open_access(),
     }
 }
 
@@ -99,19 +99,4 @@ pub(super) fn codes(effects: &[Effect]) -> Vec<String> {
         .filter_map(|(_, t)| serde_json::from_str::<Value>(t).ok())
         .filter_map(|v| v["code"].as_str().map(str::to_string))
         .collect()
-}
-
-/// Every function allowed, no tokens, no rate.
-pub(super) fn open_access() -> super::AccessConfig {
-    super::AccessConfig {
-        allow_functions: vec!["*".into()],
-        ping: true,
-        keys: None,
-        leeway_s: 30,
-        auth_timeout: Duration::from_secs(10),
-        clock: super::UnixClock { at: Instant::now(), unix_s: 1_700_000_000 },
-        jobs_per_second: 0,
-        jobs_burst: 0,
-        max_per_subject: 0,
-    }
 }
