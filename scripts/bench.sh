@@ -142,7 +142,9 @@ start_server() {  # TAG [serve flags...]: a fresh server; sets ws and server_pid
   local tag=$1; shift
   stop_pid "$server_pid"; server_pid=""
   server_cmd=(taskset -c "$SERVER_CPU" "$bin" serve --listen 127.0.0.1:0
-    --gearmand "127.0.0.1:$gearmand_port" --log-level warn "$@")
+    --gearmand "127.0.0.1:$gearmand_port" --log-level warn
+    # the functions the bench modes submit (submit is denied by default)
+    --allow-function echo --allow-function reverse --allow-function ping --allow-function fail --allow-function boom "$@")
   local out="$OUT_DIR/server-$tag.out"
   "${server_cmd[@]}" >"$out" 2>"$OUT_DIR/server-$tag.err" </dev/null &
   server_pid=$!  # taskset execs the server: same pid

@@ -52,7 +52,9 @@ start_server() {  # [serve flags...]
   local prefix=()
   [ -z "${SERVER_CPU:-}" ] || prefix=(taskset -c "$SERVER_CPU")
   server_cmd=("${prefix[@]}" "$bin" serve --listen 127.0.0.1:0 --gearmand "127.0.0.1:$gearmand_port"
-    --log-level warn "$@")
+    --log-level warn
+    # the functions the bench modes submit (submit is denied by default)
+    --allow-function echo --allow-function reverse --allow-function ping --allow-function fail --allow-function boom "$@")
   "${server_cmd[@]}" >"$OUT_DIR/server.out" 2>"$OUT_DIR/server.err" </dev/null &
   server_pid=$!  # taskset execs the server: same pid
   if ws=$(wait_for_line "$OUT_DIR/server.out" "$server_pid"); then

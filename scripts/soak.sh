@@ -43,6 +43,7 @@ pids+=($!)
 for _ in $(seq 500); do (exec 3<>"/dev/tcp/127.0.0.1/$GPORT") 2>/dev/null && break; sleep 0.02; done
 # shellcheck disable=SC2086
 "$GEARSOCK" serve --listen 127.0.0.1:0 --gearmand "127.0.0.1:$GPORT" --poll-interval-ms 50 ${SERVE_FLAGS:-} \
+  --allow-function echo --allow-function reverse --allow-function ping --allow-function fail --allow-function boom \
   >"$OUT/serve.out" 2>"$OUT/serve.log" &
 SPID=$!
 pids+=("$SPID")

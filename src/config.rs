@@ -134,6 +134,31 @@ pub struct Config {
     /// writes and the loop takes larger batches. Default off: on a busy CPU a wake-up may wait
     /// up to a scheduler slice.
     pub sched_batch: bool,
+    // Issue 19 (who may run what): the function allow-list, client tokens, quotas.
+    /// Function patterns a client may `submit` (`--allow-function`, repeatable): an exact
+    /// name, or a prefix ending in `*`. Default none: deny by default, since any client that
+    /// reaches the port could otherwise run any Gearman function. `gearsock.*` never passes.
+    pub allow_functions: Vec<String>,
+    /// The article's `{"type":"ping"}` is refused (`--no-ping`). Default off: the article's flow
+    /// works with no flag.
+    pub no_ping: bool,
+    /// The text of `--client-token-key-file` (one HS256 secret per line), read and checked by
+    /// the command line. When set, a client must present a token signed with one of them
+    /// before anything else. Default unset: no tokens.
+    pub client_token_keys: Option<String>,
+    /// Clock skew allowed on a token's `exp`, `nbf` and `iat` (`--token-leeway-s`). Default 30.
+    pub token_leeway_s: u64,
+    /// Jobs (submits and pings) per second per connection, or per token subject when tokens
+    /// are on (`--max-jobs-per-second`); beyond: `rate_limited`. Default 0: off.
+    pub max_jobs_per_second: u32,
+    /// The bucket's size (`--jobs-burst`). Default 0: the per-second rate.
+    pub jobs_burst: u32,
+    /// Open WebSockets per peer address (`--max-connections-per-ip`); one more upgrade gets
+    /// 429. Default 0: off (behind a proxy every client shares its address).
+    pub max_connections_per_ip: usize,
+    /// Open, authenticated connections per token subject (`--max-connections-per-subject`).
+    /// Default 0: off.
+    pub max_connections_per_subject: usize,
 }
 
 /// A child's seat in a group of `--processes`: which slot it serves in, and the descriptor of
@@ -195,6 +220,14 @@ impl Default for Config {
             message_timeout: Duration::from_secs(30),
             client_in_total_bytes: 256 * 1024 * 1024,
             public_origins: Vec::new(),
+            allow_functions: Vec::new(),
+            no_ping: false,
+            client_token_keys: None,
+            token_leeway_s: 30,
+            max_jobs_per_second: 0,
+            jobs_burst: 0,
+            max_connections_per_ip: 0,
+            max_connections_per_subject: 0,
         }
     }
 }
@@ -292,6 +325,15 @@ impl Config {
         }
         if self.echo && self.client_out_soft_bytes < echo_frame_bytes(self.max_message_bytes) {
             return Err("with --echo, --client-out-soft-bytes must hold one echoed message".into());
+        }
+        if self.max_connections_per_subject > 0 && self.client_token_keys.is_none() {
+            return Err(
+                "--max-connections-per-subject needs --client-token-key-file (subjects come from tokens)"
+                    .into(),
+            );
+        }
+        if self.jobs_burst > 0 && self.max_jobs_per_second == 0 {
+            return Err("--jobs-burst needs --max-jobs-per-second".into());
         }
         Ok(())
     }

@@ -357,6 +357,14 @@ impl Connection {
         self.finish(CloseReason::HttpDone, now, true);
     }
 
+    /// The shell refuses an upgrade that just opened (429 over `--max-connections-per-ip`): the
+    /// 101 is taken back, `status` answers instead, and the connection ends as an HTTP answer.
+    pub fn turn_away(&mut self, status: u16, reason: &str, why: &str, now: Instant) {
+        self.ws.turn_away(status, reason, why);
+        self.never_opened = true;
+        self.finish(CloseReason::HttpDone, now, true);
+    }
+
     /// Starts the close handshake with `code` for `reason` (idle timeout, shutdown).
     pub fn close(&mut self, code: u16, text: &str, reason: CloseReason, now: Instant) {
         if matches!(self.phase, Phase::Open { .. }) {

@@ -165,10 +165,20 @@ pub(crate) enum Event {
     SocketError,
     /// `accept` failed (out of descriptors or memory); accepting paused.
     AcceptFailed,
+    /// Who may run what (issue 19): a message refused `unauthorized`, ...
+    Unauthorized,
+    /// ... a function (or ping) refused `forbidden`, ...
+    Forbidden,
+    /// ... a job over `--max-jobs-per-second`, ...
+    RateLimited,
+    /// ... an upgrade over `--max-connections-per-ip` (429), ...
+    OverIpLimit,
+    /// ... an `auth` over `--max-connections-per-subject`.
+    OverSubjectLimit,
 }
 
 impl Event {
-    const ALL: [Event; 10] = [
+    const ALL: [Event; 15] = [
         Event::LeftWithoutClose,
         Event::LeftBeforeHandshake,
         Event::Protocol,
@@ -179,6 +189,11 @@ impl Event {
         Event::Refused,
         Event::SocketError,
         Event::AcceptFailed,
+        Event::Unauthorized,
+        Event::Forbidden,
+        Event::RateLimited,
+        Event::OverIpLimit,
+        Event::OverSubjectLimit,
     ];
 
     /// What follows the count in the summary line.
@@ -194,6 +209,11 @@ impl Event {
             Event::Refused => "connections refused at --max-connections (503)",
             Event::SocketError => "connections ended on a socket error",
             Event::AcceptFailed => "accept failures (out of descriptors?); accepting paused each time",
+            Event::Unauthorized => "messages refused as unauthorized (no valid client token)",
+            Event::Forbidden => "submits refused as forbidden (function not allowed)",
+            Event::RateLimited => "jobs refused as rate_limited (--max-jobs-per-second)",
+            Event::OverIpLimit => "upgrades refused at --max-connections-per-ip (429)",
+            Event::OverSubjectLimit => "authentications refused at --max-connections-per-subject",
         }
     }
 

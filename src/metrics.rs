@@ -40,6 +40,8 @@ labels! {
         Submit = "submit",
         /// A status question.
         Status = "status",
+        /// A client token (`auth`).
+        Auth = "auth",
         /// Not JSON, or no known type.
         Invalid = "invalid",
         /// A binary frame.
@@ -113,6 +115,64 @@ labels! {
         AmbiguousJob = "ambiguous_job",
         /// gearmand answered a question with ERROR.
         GearmandError = "gearmand_error",
+        /// No valid token yet, or it expired, or an `auth` was refused.
+        Unauthorized = "unauthorized",
+        /// Over `--max-jobs-per-second` (the reply says `retry_after_ms`).
+        RateLimited = "rate_limited",
+    }
+}
+
+labels! {
+    /// Who may run what (issue 19): what an `auth` (or a Bearer header) came to, for
+    /// `gearsock_auth_total{outcome=…,reason=…}`; the refused ones by `TokenError::label` and
+    /// the server's own reasons. Never the `sub`: one series per client would not be bounded.
+    AuthReason {
+        /// Accepted (a refresh too).
+        Valid = "valid",
+        /// Over 8 KiB.
+        TooLong = "too_long",
+        /// Not three base64url parts of JSON.
+        Malformed = "malformed",
+        /// `alg` is not HS256.
+        Alg = "alg",
+        /// No key makes the signature.
+        BadSignature = "bad_signature",
+        /// Past `exp`.
+        Expired = "expired",
+        /// Before `nbf` or `iat`.
+        NotYetValid = "not_yet_valid",
+        /// A claim is missing or of the wrong shape.
+        BadClaim = "bad_claim",
+        /// A refresh named another `sub`.
+        OtherSubject = "other_subject",
+        /// `--max-connections-per-subject`.
+        PerSubject = "per_subject",
+        /// Not authenticated within `--handshake-timeout-ms`.
+        Timeout = "timeout",
+    }
+}
+
+impl AuthReason {
+    /// The reason a token label (`TokenError::label`) names; `BadClaim` for any other.
+    pub fn from_label(label: &str) -> AuthReason {
+        AuthReason::ALL.iter().copied().find(|r| r.name() == label).unwrap_or(AuthReason::BadClaim)
+    }
+}
+
+labels! {
+    /// Requests and connections refused by who-may-run-what, for
+    /// `gearsock_access_refused_total{what=…}`.
+    Denial {
+        /// A message before a valid token, or after it expired.
+        Unauthorized = "unauthorized",
+        /// A function no `--allow-function` (or token claim) allows; a ping with `--no-ping`.
+        Function = "function",
+        /// Over `--max-jobs-per-second`.
+        RateLimited = "rate_limited",
+        /// An upgrade over `--max-connections-per-ip` (429).
+        PerIp = "per_ip",
+        /// An `auth` over `--max-connections-per-subject` (1008).
+        PerSubject = "per_subject",
     }
 }
 
@@ -155,6 +215,8 @@ labels! {
 pub enum LoopEvent {
     /// A pass of the event loop.
     Pass,
+    /// A refusal of who-may-run-what the shell made itself (429 over the per-address cap).
+    Denied(Denial),
     /// A client connection was accepted.
     Accepted,
     /// One was refused at `--max-connections`.
@@ -233,6 +295,9 @@ pub struct Metrics {
     message_timeouts: u64,
     /// Clients closed as the largest holder of unfinished input over the total.
     input_total_dropped: u64,
+    /// Who may run what: authentications by `AuthReason`, refusals by `Denial`.
+    auth: [u64; AuthReason::ALL.len()],
+    denied: [u64; Denial::ALL.len()],
 }
 
 /// Live values read when `/metrics` is asked for (and published to the group, without
@@ -294,10 +359,21 @@ impl Metrics {
         self.reports_received[usize::from(!claimed)] += 1;
     }
 
+    /// Counts an authentication's outcome.
+    pub fn count_auth(&mut self, reason: AuthReason) {
+        self.auth[reason as usize] += 1;
+    }
+
+    /// Counts a refusal of who-may-run-what.
+    pub fn count_denial(&mut self, denial: Denial) {
+        self.denied[denial as usize] += 1;
+    }
+
     /// Counts what the shell saw.
     pub fn observe(&mut self, event: LoopEvent) {
         let counter = match event {
             LoopEvent::Pass => &mut self.loop_iterations,
+            LoopEvent::Denied(denial) => &mut self.denied[denial as usize],
             LoopEvent::Accepted => &mut self.accepted,
             LoopEvent::Refused => &mut self.refused,
             LoopEvent::Closed => &mut self.closed,
@@ -433,6 +509,26 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_timers_armed {}", g.timers);
         family(&mut o, "loop_iterations_total", "counter", "Passes of the event loop.");
         let _ = writeln!(o, "gearsock_loop_iterations_total {}", self.loop_iterations);
+        family(&mut o, "auth_total", "counter", "Client tokens presented, by outcome and reason.");
+        for &r in AuthReason::ALL {
+            let outcome = if r == AuthReason::Valid { "ok" } else { "refused" };
+            let n = self.auth[r as usize];
+            let _ = writeln!(o, "gearsock_auth_total{{outcome=\"{outcome}\",reason=\"{}\"}} {n}", r.name());
+        }
+        family(
+            &mut o,
+            "access_refused_total",
+            "counter",
+            "Requests and connections refused by access rules.",
+        );
+        for &d in Denial::ALL {
+            let _ = writeln!(
+                o,
+                "gearsock_access_refused_total{{what=\"{}\"}} {}",
+                d.name(),
+                self.denied[d as usize]
+            );
+        }
         o
     }
 }

@@ -232,18 +232,18 @@ impl Write for MemStream {
     }
 }
 
-/// What the upgrade request said that bears on whether to trust the client (docs/PROTOCOL.md, "Who
-/// may report a result"). Header names are matched case-insensitively. `Host` is not kept: it
-/// is the client's own word, and a page on a rebinding domain sends a `Host` that matches its
-/// `Origin` (see [`Upgrade::origin_is_own_or_absent`]).
+/// What the upgrade request said about who the client is (docs/PROTOCOL.md, "Who may report a
+/// result"), header names matched case-insensitively. `Host` is not kept: a page on a rebinding
+/// domain sends one that matches its `Origin` (see [`Upgrade::origin_is_own_or_absent`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Upgrade {
     /// The `Origin` header. A value that is not UTF-8 is kept (lossily converted) rather than
     /// dropped, so that it can never pass for an absent header.
     pub origin: Option<String>,
-    /// A `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header is present: a proxy stands between
-    /// the client and us, so the peer address says nothing about the client.
+    /// `Forwarded`, `X-Forwarded-For` or `X-Real-IP` is present: a proxy stands in between.
     pub forwarded: bool,
+    /// The token of `Authorization: Bearer <token>` (scripts, servers); the App judges it.
+    pub bearer: Option<String>,
 }
 
 impl Upgrade {
@@ -559,11 +559,12 @@ impl Ws {
         }
         let upgrade = Upgrade {
             origin: header("origin").map(|o| String::from_utf8_lossy(o).into_owned()),
-            forwarded: request.headers.iter().any(|h| {
-                ["forwarded", "x-forwarded-for", "x-real-ip"]
-                    .iter()
-                    .any(|name| h.name.eq_ignore_ascii_case(name))
-            }),
+            forwarded: ["forwarded", "x-forwarded-for", "x-real-ip"]
+                .iter()
+                .any(|name| header(name).is_some()),
+            bearer: header("authorization")
+                .and_then(|v| std::str::from_utf8(v).ok()?.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string()),
         };
         let accept = tungstenite::handshake::derive_accept_key(key);
         let WsState::Handshaking { mut input, mut output } = std::mem::replace(
@@ -605,17 +606,16 @@ impl Ws {
         self.state = WsState::Done { output, close_queued };
     }
 
+    /// Takes back the 101 just queued (nothing follows it yet) and answers `status` instead (429).
+    pub fn turn_away(&mut self, status: u16, reason: &str, why: &str) {
+        *self.out_queue_mut() = OutQueue::default();
+        self.refuse(status, reason, why, &[]);
+    }
+
     /// Answers before the upgrade with an HTTP error (plus `headers`) and ends the connection.
     fn refuse(&mut self, status: u16, reason: &str, why: &str, headers: &[(&str, &str)]) -> WsEvent {
-        let body = format!("{why}\n");
-        write_http_with(
-            &mut self.out_queue_mut().bytes,
-            status,
-            reason,
-            "text/plain; charset=utf-8",
-            headers,
-            body.as_bytes(),
-        );
+        let (out, text) = (&mut self.out_queue_mut().bytes, "text/plain; charset=utf-8");
+        write_http_with(out, status, reason, text, headers, format!("{why}\n").as_bytes());
         self.finish();
         WsEvent::Failed { code: status, why: why.to_string() }
     }
@@ -788,7 +788,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         for byte in UPGRADE {
             events.extend(feed(&mut ws, &[*byte], &l));
         }
-        let upgrade = Upgrade { origin: None, forwarded: false };
+        let upgrade = Upgrade { origin: None, forwarded: false, bearer: None };
         assert_eq!(events, vec![WsEvent::Opened(upgrade)]);
         let out = String::from_utf8(drain(&mut ws)).unwrap();
         // RFC 6455's own example key and answer.
@@ -1018,7 +1018,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         // An Origin that is not UTF-8 is still an Origin, and never our own.
         let up = upgrade_with("Origin: http://\u{ff}\r\n");
         assert!(up.origin.is_some() && !up.origin_is_own_or_absent(&own));
-        assert!(!Upgrade { origin: Some("é".into()), forwarded: false }.origin_is_own_or_absent(&own));
+        assert!(!Upgrade { origin: Some("é".into()), ..Default::default() }.origin_is_own_or_absent(&own));
     }
 
     #[test]

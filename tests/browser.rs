@@ -305,6 +305,8 @@ fn restart_server(addr: &str, g: &Gearmand) -> Server {
         "warn",
         "--poll-interval-ms",
         "100",
+        "--allow-function",
+        "*",
     ];
     let mut proc = Proc::spawn(&args);
     assert_eq!(proc.line(), format!("listening on ws://{addr}"));
@@ -441,6 +443,14 @@ fn demo_page_runs_the_article_and_stream_jobs_in_chromium() {
     chromium.eval("window.scrollTo(0, 0)");
     std::thread::sleep(Duration::from_millis(300));
     chromium.screenshot("demo-page-reconnected.png");
+
+    // 7. A function the server does not allow (gearsock.* never is): the card says forbidden.
+    chromium.type_into("#function", "gearsock.nope");
+    chromium.click("#submit-form button[type=submit]");
+    let card = chromium.wait_until("the refusal", &job_card(5), |v| v["state"] == "error");
+    let problem = card["problem"].as_str().unwrap_or("");
+    assert!(problem.starts_with("forbidden") && problem.contains("gearsock.nope"), "{card}");
+    assert_eq!(card["progress"], "forbidden", "{card}");
     drop(s);
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }

@@ -497,7 +497,7 @@ fn article_ping_through_nginx_with_the_worker_token() {
 #[test]
 fn proxied_reports_are_taken_only_with_the_token() {
     let d = Deployment::start();
-    let f = "deploy-held";
+    let f = "report-deploy-held"; // the unit allows report-*
     let mut held = RawWorker::connect(&d.gearmand.addr(), f);
     let mut client = connect(&d.nginx.url());
     submit_background(&mut client, f);

@@ -21,12 +21,14 @@
 //! links      the App's view of gearmand links: choice, stall, orphans, retiring; link news
 //! quota      background jobs and pings per submitter (peer) that gearmand has not finished
 //! clients    open clients, their trust, namespace and jobs
+//! access     who may run what: the function allow-list, client tokens, the job rate
 //! ```
 //!
 //! Jobs are keyed by a [`JobTag`] (slab key + generation) and, once gearmand names them, by the
 //! link, that link's connection generation and the handle: a restarted gearmand hands out
 //! `H:host:1` again, and an old job must never answer for a new one.
 
+mod access;
 mod clients;
 mod fields;
 mod jobs;
@@ -50,6 +52,7 @@ use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
 use crate::metrics::{ErrorCode, Message, Metrics, Outcome};
 use crate::random::Entropy;
 
+use access::Access;
 use clients::Clients;
 use fields::Ref;
 use jobs::{Jobs, Kind, Submission};
@@ -62,6 +65,7 @@ use status::{Asks, Status};
 use stored::StoredValues;
 use uniques::Uniques;
 
+pub use access::{AccessConfig, UnixClock};
 pub use reply::PING_ACK;
 pub(crate) use reports::{DESK_PREFIX, is_trusted_peer};
 
@@ -87,6 +91,8 @@ pub enum AppTimer {
     QueueTimeout(JobTag),
     /// Drop stored values past their TTL.
     Sweep,
+    /// A client that must authenticate has had `--handshake-timeout-ms` to do it.
+    AuthDeadline(ConnId),
 }
 
 /// What the shell must do.
@@ -128,6 +134,10 @@ pub enum Effect {
     /// A retiring connection has no live job left: close it (gearmand then drops its orphans).
     /// The App already counts it as down.
     CloseLink(usize),
+    /// Close a client with 1008 and this reason (it did not authenticate).
+    Close(ConnId, &'static str),
+    /// A refusal of who-may-run-what, for the log's periodic summary.
+    Note(crate::metrics::Denial),
 }
 
 /// Settings the App needs, copied out of `Config`.
@@ -167,6 +177,8 @@ pub struct AppConfig {
     pub link_out_high_bytes: usize,
     /// ... and below which it takes them again.
     pub link_out_low_bytes: usize,
+    /// Who may run what: allowed functions, client tokens, the job rate.
+    pub access: AccessConfig,
 }
 
 /// Application state: the rooms, the effects not yet drained, and the metrics.
@@ -181,6 +193,7 @@ pub struct App {
     stored: StoredValues,
     uniques: Uniques,
     quota: Quota,
+    access: Access,
     effects: Vec<Effect>,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
@@ -197,6 +210,7 @@ impl App {
             stored: StoredValues::new(cfg.max_stored_values, cfg.max_stored_bytes, cfg.value_ttl),
             uniques: Uniques::new(entropy, cfg.instance_id.clone(), cfg.shared_uniques),
             quota: Quota::new(cfg.max_background_per_peer),
+            access: Access::new(cfg.access.clone()),
             effects: Vec::new(),
             metrics: Metrics::default(),
             cfg,
@@ -266,15 +280,27 @@ impl App {
     /// a token (see [`is_trusted_peer`]).
     /// Its background jobs and pings count against the unspecified address's quota: for the
     /// tests and benches; the server says where a client is ([`App::handle_client_open_from`]).
+    /// No deadline to authenticate is armed: this entry point is given no time.
     pub fn handle_client_open(&mut self, id: ConnId, trusted: bool) {
-        self.handle_client_open_from(id, trusted, std::net::Ipv6Addr::UNSPECIFIED.into());
+        let namespace = self.uniques.namespace();
+        self.clients.open(id, trusted, namespace, Submitter::peer(std::net::Ipv6Addr::UNSPECIFIED.into()));
+        self.access.open(id, None);
     }
 
     /// A client from `peer` finished its handshake: its background jobs and pings count against
-    /// that address's `--max-background-per-peer`.
-    pub fn handle_client_open_from(&mut self, id: ConnId, trusted: bool, peer: std::net::IpAddr) {
+    /// that address's `--max-background-per-peer`. With client tokens on, `bearer` (the upgrade's
+    /// `Authorization: Bearer`) is its first `auth`, and its deadline to authenticate starts.
+    pub fn handle_client_open_from(
+        &mut self,
+        id: ConnId,
+        trusted: bool,
+        peer: std::net::IpAddr,
+        bearer: Option<&str>,
+        now: Instant,
+    ) {
         let namespace = self.uniques.namespace();
         self.clients.open(id, trusted, namespace, Submitter::peer(peer));
+        self.open_access(id, bearer, now);
     }
 
     /// A client has gone: its jobs stop being watched. gearmand cannot cancel a foreground job;
@@ -284,6 +310,7 @@ impl App {
     /// one is kept, detached from the client, and polled until gearmand forgets it, so that it
     /// still counts against its submitter's quota.
     pub fn handle_client_closed(&mut self, id: ConnId) {
+        self.access.close(id);
         let Some(tags) = self.clients.close(id) else { return };
         for tag in tags {
             let Some(job) = self.jobs.get_mut(tag) else { continue };
@@ -317,11 +344,20 @@ impl App {
             Ok(request) => request,
             Err(refusal) => return self.error(id, refusal.code, &refusal.text, reference.as_ref()),
         };
+        if let Request::Status { .. } = request
+            && let Err(denied) = self.access.check_message(id)
+        {
+            return self.deny(id, denied, reference.as_ref());
+        }
         match request {
+            Request::Auth { token } => self.on_auth(id, &token, reference.as_ref(), now),
             Request::Report { token, report } => {
                 self.on_report(id, token.as_deref(), report, reference.as_ref(), now)
             }
             Request::Ping => {
+                if let Err(denied) = self.access.check_job(id, None, now) {
+                    return self.deny(id, denied, reference.as_ref());
+                }
                 let submission = Submission {
                     function: b"ping".to_vec(),
                     payload: b"noop".to_vec(),
@@ -333,6 +369,9 @@ impl App {
                 }
             }
             Request::Submit { kind, submission, unique } => {
+                if let Err(denied) = self.access.check_job(id, Some(&submission.function), now) {
+                    return self.deny(id, denied, reference.as_ref());
+                }
                 self.accept_job(id, kind, reference, submission, unique, now);
             }
             Request::Status { handle } => self.on_status(id, &handle, reference),
@@ -400,6 +439,7 @@ impl App {
                 }
             }
             AppTimer::QueueTimeout(tag) => self.on_queue_timeout(tag),
+            AppTimer::AuthDeadline(id) => self.on_auth_deadline(id),
             AppTimer::Sweep => {
                 if let Some(at) = self.stored.sweep(now) {
                     self.effects.push(Effect::Arm(at, AppTimer::Sweep));

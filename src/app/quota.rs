@@ -112,7 +112,7 @@ mod tests {
         app.handle_link_up(0);
         let peer: std::net::IpAddr = "2001:db8::7".parse().unwrap();
         let (a, b) = (ConnId { key: 5, generation: 1 }, ConnId { key: 6, generation: 1 });
-        app.handle_client_open_from(a, true, peer);
+        app.handle_client_open_from(a, true, peer, None, t0);
         app.handle_client_text(a, r#"{"type":"ping"}"#, t0);
         app.handle_client_text(a, r#"{"type":"submit","function":"f","mode":"background"}"#, t0);
         app.handle_client_text(a, r#"{"type":"submit","function":"f","mode":"background","ref":3}"#, t0);
@@ -126,7 +126,7 @@ mod tests {
         app.handle_client_closed(a);
         assert_eq!(app.jobs_in_flight(), 0);
         // Another connection from the same /64: still at the cap.
-        app.handle_client_open_from(b, true, "2001:db8::9".parse().unwrap());
+        app.handle_client_open_from(b, true, "2001:db8::9".parse().unwrap(), None, t0);
         app.handle_client_text(b, r#"{"type":"ping"}"#, t0);
         assert_eq!(codes(&effects(&mut app)), ["too_many_jobs"]);
         // gearmand names the abandoned job late: it is polled too; nobody hears of either.

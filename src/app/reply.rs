@@ -34,6 +34,10 @@ pub(super) enum Reply<'a> {
     PingValue(Option<&'a str>),
     /// `{"type":"error"}`: a message was refused, or a question cannot be answered.
     Error { code: ErrorCode, message: &'a str, reference: Option<&'a Ref> },
+    /// `{"type":"auth.ok"}`: a client token was accepted (a refresh too).
+    AuthOk { sub: &'a str, exp: u64 },
+    /// `{"type":"error","code":"rate_limited"}`, with when to try again.
+    RateLimited { retry_after_ms: u64, reference: Option<&'a Ref> },
     /// `{"type":"job.…"}`: news about a job. `handle` is null until gearmand named the job.
     Job { handle: Option<&'a [u8]>, news: JobNews<'a>, reference: Option<&'a Ref> },
 }
@@ -69,7 +73,7 @@ impl Reply<'_> {
             Reply::GotIt => GOT_IT.to_string(),
             Reply::PingJob(handle) => format!("job: {}", String::from_utf8_lossy(handle)),
             Reply::PingValue(value) => format!("value: {}", value.unwrap_or("")),
-            Reply::Error { .. } | Reply::Job { .. } => {
+            Reply::Error { .. } | Reply::Job { .. } | Reply::AuthOk { .. } | Reply::RateLimited { .. } => {
                 serde_json::to_string(&Json(self)).expect("string keys and plain values always serialize")
             }
         }
@@ -87,6 +91,19 @@ impl Serialize for Json<'_, '_> {
                 map.serialize_entry("code", code.name())?;
                 map.serialize_entry("message", message)?;
                 put_ref(&mut map, *reference)?;
+                map.serialize_entry("type", "error")?;
+            }
+            Reply::AuthOk { sub, exp } => {
+                map.serialize_entry("exp", exp)?;
+                map.serialize_entry("sub", sub)?;
+                map.serialize_entry("type", "auth.ok")?;
+            }
+            Reply::RateLimited { retry_after_ms, reference } => {
+                map.serialize_entry("code", ErrorCode::RateLimited.name())?;
+                let text = "over --max-jobs-per-second; try again after retry_after_ms";
+                map.serialize_entry("message", text)?;
+                put_ref(&mut map, *reference)?;
+                map.serialize_entry("retry_after_ms", retry_after_ms)?;
                 map.serialize_entry("type", "error")?;
             }
             Reply::Job { handle, news, reference } => {

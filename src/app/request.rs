@@ -61,6 +61,8 @@ pub(super) struct Parsed<'a> {
 pub(super) enum Request<'a> {
     /// The article's `ping`.
     Ping,
+    /// A client token (`{"type":"auth","token":"<jwt>"}`).
+    Auth { token: Cow<'a, str> },
     /// A job to run.
     Submit { kind: Kind, submission: Submission, unique: Option<String> },
     /// The status of a job of this connection, by handle.
@@ -127,6 +129,10 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
             Ok(Request::Report { token: msg.token, report: report(msg.value, msg.unique, msg.id) })
         }
         "ping" => Ok(Request::Ping),
+        "auth" => match msg.token {
+            Some(token) => Ok(Request::Auth { token }),
+            None => Err(bad_request("auth needs \"token\" (a JWT your backend signed)")),
+        },
         "submit" => submit(
             msg.function,
             msg.payload,
@@ -142,7 +148,7 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
         },
         "" if msg.kind.is_none() => Err(bad_request("missing \"type\"")),
         other => {
-            let text = format!("unknown type {other:?}; known: ping, worker.complete, submit, status");
+            let text = format!("unknown type {other:?}; known: ping, worker.complete, submit, status, auth");
             Err(Refusal { code: ErrorCode::UnknownType, text: text.into() })
         }
     };

@@ -27,6 +27,7 @@ pub(super) fn cfg() -> AppConfig {
         max_job_bytes: 1 << 20,
         link_out_high_bytes: 4096,
         link_out_low_bytes: 1024,
+        access: super::access::tests::open_access(),
     }
 }
 

@@ -63,6 +63,8 @@ flags:
                          text but an {\"type\":\"error\",...} reply); `--expect echo`: the
                          message itself, as an echo server (gearsock serve --echo) answers
   --function F           jobs: Gearman function (echo); mixed: of its stream and background jobs (ping)
+                         (the server denies submit by default: start it with --allow-function F,
+                         and for mixed also fail and boom)
   --payload-bytes N      jobs: payload size (16)
   --gearmand HOST:PORT   jobs, mixed: gearmand for --baseline and --spawn-workers (127.0.0.1:4730)
   --gearmand-pid P       jobs: gearmand's pid, for its CPU use over the window

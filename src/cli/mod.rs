@@ -80,6 +80,16 @@ usage: gearsock [serve] [flags]
                              uniques start with it and it takes reports for them forwarded by
                              others as function gearsock.report.ID
   --processes N              event-loop processes sharing the port with SO_REUSEPORT (1)
+  --allow-function PATTERN   a function clients may submit: exact, or a prefix ending in *
+                             (repeatable; default none: submit is forbidden; gearsock.* never)
+  --no-ping                  refuse the article's {\"type\":\"ping\"} (allowed by default)
+  --client-token-key-file P  clients must authenticate with an HS256 token signed by a secret
+                             of this file (one per line, >= 32 bytes; default: no tokens)
+  --token-leeway-s N         clock skew allowed on exp, nbf, iat (30)
+  --max-jobs-per-second N    submits and pings per connection, or per token subject (0: off)
+  --jobs-burst N             ... with a bucket of N (default: the rate)
+  --max-connections-per-ip N open WebSockets per peer address; one more gets 429 (0: off)
+  --max-connections-per-subject N  authenticated connections per token subject (0: off)
   --sched-batch              run the loop under SCHED_BATCH: its wake-ups do not preempt a
                              gearmand on the same CPU, so it reads replies in batches (Linux)
   -h, --help                 this text
@@ -183,6 +193,16 @@ fn token_file(parser: &mut lexopt::Parser) -> Result<String, String> {
     Ok(token.to_string())
 }
 
+/// `--client-token-key-file`: the file's text, refused at start when it cannot be read or
+/// holds a secret under 32 bytes (a short HS256 key can be brute-forced).
+fn key_file(parser: &mut lexopt::Parser) -> Result<String, String> {
+    let path: String = value(parser)?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("--client-token-key-file {path}: cannot read it: {e}"))?;
+    crate::jwt::Keys::parse(&text).map_err(|e| format!("--client-token-key-file {path}: {e}"))?;
+    Ok(text)
+}
+
 fn millis(parser: &mut lexopt::Parser) -> Result<Duration, String> {
     value::<u64>(parser).map(Duration::from_millis)
 }
@@ -236,6 +256,15 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("message-timeout-ms") => c.message_timeout = millis(parser)?,
             Long("client-in-total-bytes") => c.client_in_total_bytes = value(parser)?,
             Long("public-origin") => c.public_origins.push(value(parser)?),
+            // Issue 19 (who may run what): the allow-list, client tokens, quotas.
+            Long("allow-function") => c.allow_functions.push(value(parser)?),
+            Long("no-ping") => c.no_ping = true,
+            Long("client-token-key-file") => c.client_token_keys = Some(key_file(parser)?),
+            Long("token-leeway-s") => c.token_leeway_s = value(parser)?,
+            Long("max-jobs-per-second") => c.max_jobs_per_second = value(parser)?,
+            Long("jobs-burst") => c.jobs_burst = value(parser)?,
+            Long("max-connections-per-ip") => c.max_connections_per_ip = value(parser)?,
+            Long("max-connections-per-subject") => c.max_connections_per_subject = value(parser)?,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(SERVE_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),

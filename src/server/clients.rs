@@ -19,7 +19,8 @@ use super::{Server, TimerEvent, list};
 use crate::app::{ConnId, is_trusted_peer};
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, Connection, ReadInto};
 use crate::http::{self, Response, Snapshot};
-use crate::metrics::{Gauges, LoopEvent};
+use crate::logging::Event;
+use crate::metrics::{Denial, Gauges, LoopEvent};
 
 /// Messages one client may hand on per pass, beside the byte budget (`read_budget_bytes`):
 /// 64 KiB of empty frames is about 10,900 messages, each a parse and a reply, so bytes alone let
@@ -126,6 +127,13 @@ impl Server {
             }
             match event {
                 ConnEvent::Opened(upgrade) => {
+                    if !self.per_ip.admit(self.conns[key].peer.ip()) {
+                        self.app.metrics.observe(LoopEvent::Denied(Denial::PerIp));
+                        self.note(Event::OverIpLimit, now);
+                        let why = "too many connections from this address (--max-connections-per-ip)";
+                        self.conns[key].conn.turn_away(429, "Too Many Requests", why, now);
+                        continue;
+                    }
                     self.app.metrics.observe(LoopEvent::Handshake);
                     debug!("conn={key} open");
                     if !self.cfg.echo {
@@ -133,7 +141,7 @@ impl Server {
                         let peer = self.conns[key].peer.ip();
                         let own = upgrade.origin_is_own_or_absent(&self.own_origins);
                         let trusted = is_trusted_peer(peer, own, upgrade.forwarded);
-                        self.app.handle_client_open_from(id, trusted, peer);
+                        self.app.handle_client_open_from(id, trusted, peer, upgrade.bearer.as_deref(), now);
                     }
                 }
                 ConnEvent::Http { method, path } => self.answer_http(key, &method, &path, now),
@@ -156,6 +164,9 @@ impl Server {
                         CloseReason::MessageTimeout => self.app.metrics.observe(LoopEvent::MessageTimedOut),
                         CloseReason::InputTotal => self.app.metrics.observe(LoopEvent::InputTotalDropped),
                         _ => {}
+                    }
+                    if !handshaking {
+                        self.per_ip.release(self.conns[key].peer.ip());
                     }
                     if let Some(event) = reason.event(handshaking) {
                         self.note(event, now);

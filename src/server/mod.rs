@@ -18,6 +18,7 @@ mod io;
 mod link_down;
 mod links;
 mod member;
+mod peers;
 mod resolver;
 pub mod settings;
 mod start;
@@ -121,6 +122,8 @@ pub struct Server {
     /// Per-connection events since the last summary, and when the first of them came.
     tally: Tally,
     tally_since: Instant,
+    /// Open WebSockets per peer address (`--max-connections-per-ip`).
+    per_ip: peers::PerIp,
     wheel: TimerWheel<TimerEvent>,
     app: App,
     /// Clients with unread input (an event, or a pass that stopped early).
@@ -393,6 +396,14 @@ impl Server {
                 self.take_link_changes(now);
             }
             Effect::CloseLink(link) => self.links.close(link, self.poll.registry()),
+            Effect::Close(id, why) => {
+                let key = id.key as usize;
+                if self.conns.get(key).is_some_and(|c| c.generation == id.generation) {
+                    let close = crate::connection::CloseReason::Protocol(1008);
+                    self.with_conn(key, now, |s| s.conns[key].conn.close(1008, why, close, now));
+                }
+            }
+            Effect::Note(denial) => self.note(denial.into(), now),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::app::AppConfig;
+use crate::app::{AccessConfig, AppConfig, UnixClock};
 use crate::config::Config;
 use crate::connection::ConnLimits;
 use crate::ws::WsLimits;
@@ -28,6 +28,28 @@ pub fn app_config(c: &Config, instance_id: String) -> AppConfig {
         instance_id,
         link_out_high_bytes: c.gearman_out_high_bytes,
         link_out_low_bytes: c.gearman_out_low_bytes,
+        access: access_config(c),
+    }
+}
+
+/// Who may run what (issue 19). The wall clock is read here, once at start: the App derives
+/// Unix seconds from this pair and the loop's `now`, with no clock read per message.
+fn access_config(c: &Config) -> AccessConfig {
+    let since_1970 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    AccessConfig {
+        allow_functions: c.allow_functions.clone(),
+        ping: !c.no_ping,
+        // The command line checked the file; should it not parse here, nothing verifies.
+        keys: c
+            .client_token_keys
+            .as_deref()
+            .map(|t| crate::jwt::Keys::parse(t).unwrap_or_else(|_| crate::jwt::Keys::none())),
+        leeway_s: c.token_leeway_s,
+        auth_timeout: c.handshake_timeout,
+        clock: UnixClock { at: std::time::Instant::now(), unix_s: since_1970.map_or(0, |d| d.as_secs()) },
+        jobs_per_second: c.max_jobs_per_second,
+        jobs_burst: c.jobs_burst,
+        max_per_subject: c.max_connections_per_subject,
     }
 }
 

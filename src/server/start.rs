@@ -89,6 +89,7 @@ impl Server {
             links,
             tally: Tally::default(),
             tally_since: now,
+            per_ip: super::peers::PerIp::new(cfg.max_connections_per_ip),
             wheel,
             ready: Vec::new(),
             dirty: Vec::new(),

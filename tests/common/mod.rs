@@ -217,8 +217,19 @@ pub struct Server {
     pub addr: SocketAddr,
 }
 
+/// Every function: the general helpers' tests are not about who may run what (issue 19:
+/// deny by default); tests/access.rs starts its servers with [`Server::start_bare`] instead.
+pub const ALLOW_ALL: [&str; 2] = ["--allow-function", "*"];
+
 impl Server {
     pub fn start(gearmand: &str, extra: &[&str]) -> Server {
+        let mut args = ALLOW_ALL.to_vec();
+        args.extend_from_slice(extra);
+        Self::start_bare(gearmand, &args)
+    }
+
+    /// A server with only the flags given: no function allowed unless `extra` says so.
+    pub fn start_bare(gearmand: &str, extra: &[&str]) -> Server {
         let mut args =
             vec!["serve", "--listen", "127.0.0.1:0", "--gearmand", gearmand, "--log-level", "warn"];
         args.extend_from_slice(extra);
@@ -243,6 +254,7 @@ impl Server {
     /// A server at the default log level (`info`) with `env` set, and its standard error.
     pub fn start_logged(gearmand: &str, extra: &[&str], env: &[(&str, &str)]) -> (Server, LogLines) {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--gearmand", gearmand];
+        args.extend_from_slice(&ALLOW_ALL);
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn_env(&args, env, Stdio::piped());
         let log = proc.collect_stderr();
