@@ -134,6 +134,13 @@ pub struct Config {
     /// writes and the loop takes larger batches. Default off: on a busy CPU a wake-up may wait
     /// up to a scheduler slice.
     pub sched_batch: bool,
+    /// A second listener on the same loop for `/metrics`, `/livez`, `/readyz` and `/healthz`
+    /// only, no WebSocket (`--admin-listen`); the client port then answers those 404. Default
+    /// unset: they are on the client port, as before, for a setup that has only one.
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve the demo page at `/` on the client port (`--no-demo-page` turns it off). Default
+    /// on: the article's page is the first thing a new user opens.
+    pub demo_page: bool,
 }
 
 /// A child's seat in a group of `--processes`: which slot it serves in, and the descriptor of
@@ -195,6 +202,8 @@ impl Default for Config {
             message_timeout: Duration::from_secs(30),
             client_in_total_bytes: 256 * 1024 * 1024,
             public_origins: Vec::new(),
+            admin_listen: None,
+            demo_page: true,
         }
     }
 }

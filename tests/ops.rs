@@ -4,7 +4,9 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -66,4 +68,59 @@ fn listen_takes_a_bare_port_and_a_host_name_and_help_lists_everything() {
     {
         assert!(help.contains(word), "top-level help lacks {word}");
     }
+}
+
+/// A raw request's whole answer.
+fn ask(addr: SocketAddr, method: &str, path: &str) -> String {
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    http_raw(addr, &request, Duration::from_secs(10)).expect("an answer")
+}
+
+#[test]
+fn live_while_gearmand_is_down_ready_only_with_it_and_head_everywhere() {
+    let nobody = format!("127.0.0.1:{}", free_port()); // no gearmand listens there
+    let s = Server::start(&nobody, &[]);
+    assert!(ask(s.addr, "GET", "/livez").starts_with("HTTP/1.1 200"), "live while gearmand is down");
+    let ready = ask(s.addr, "GET", "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains(&format!("not ready: no gearmand connected ({nobody} ")), "{ready}");
+    assert!(ask(s.addr, "GET", "/healthz").starts_with("HTTP/1.1 503"), "/healthz means ready");
+    for path in ["/", "/livez", "/readyz", "/healthz", "/metrics"] {
+        let head = ask(s.addr, "HEAD", path);
+        let (headers, body) = head.split_once("\r\n\r\n").expect("a head");
+        assert!(headers.contains("Content-Length: ") && body.is_empty(), "HEAD {path}: {head}");
+    }
+    let refused = ask(s.addr, "POST", "/metrics");
+    assert!(refused.starts_with("HTTP/1.1 405") && refused.contains("\r\nAllow: GET, HEAD\r\n"), "{refused}");
+    let g = Gearmand::start();
+    let s = Server::start(&g.addr(), &[]);
+    wait_for("ready", Duration::from_secs(10), || ask(s.addr, "GET", "/readyz").starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn the_admin_listener_has_the_admin_pages_and_the_client_port_the_websocket() {
+    let g = Gearmand::start();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("an address");
+    let s = Server::start(&g.addr(), &["--admin-listen", &admin.to_string(), "--no-demo-page"]);
+    for path in ["/metrics", "/livez", "/readyz", "/healthz", "/"] {
+        assert!(ask(s.addr, "GET", path).starts_with("HTTP/1.1 404"), "{path} on the client port");
+    }
+    wait_for("ready", Duration::from_secs(10), || ask(admin, "GET", "/readyz").starts_with("HTTP/1.1 200"));
+    for path in ["/metrics", "/livez", "/healthz"] {
+        assert!(ask(admin, "GET", path).starts_with("HTTP/1.1 200"), "{path} on the admin port");
+    }
+    assert!(ask(admin, "GET", "/").starts_with("HTTP/1.1 404"), "no demo page on the admin port");
+    // The client port still speaks WebSocket; the admin port ends an upgrade at once.
+    let mut ws = connect(&s.url());
+    send(&mut ws, r#"{"type":"worker.complete","id":"H:x:1","value":"done"}"#);
+    assert_eq!(recv(&mut ws), "got it!");
+    if let Ok((mut on_admin, _)) = tungstenite::connect(format!("ws://{admin}")) {
+        set_read_timeout(&on_admin, Duration::from_secs(5));
+        let closed = on_admin.read();
+        assert!(
+            matches!(closed, Ok(tungstenite::Message::Close(Some(ref f))) if f.code == 1008.into()),
+            "{closed:?}"
+        );
+    }
+    assert!(ask(admin, "GET", "/metrics").contains("gearsock_connections_open "));
 }

@@ -40,8 +40,10 @@ gearsock serve: WebSocket clients run jobs on Gearman workers and watch them liv
 
 usage: gearsock [serve] [flags]
 
-  --listen ADDR              listen here (127.0.0.1:8080; port 0 picks one)
+  --listen ADDR              listen here (127.0.0.1:8080; :PORT is every address, port 0 picks one)
   --gearmand HOST:PORT       a gearmand server, repeatable (127.0.0.1:4730)
+  --admin-listen ADDR        serve /metrics, /livez, /readyz, /healthz here only (none: on --listen)
+  --no-demo-page             no demo page at / on --listen
   --poll-interval-ms N       background job status poll (100)
   --worker-token T           worker.complete must carry \"token\": T (default: loopback peers only)
   --worker-token-file PATH   the same, read from a file (keeps it off the command line)
@@ -240,6 +242,8 @@ fn serve_flags(parser: &mut lexopt::Parser, flag: &mut String) -> Result<Command
         *flag = flag_name(&arg);
         match arg {
             Long("listen") => c.listen = check::listen_addr(&value::<String>(parser)?)?,
+            Long("admin-listen") => c.admin_listen = Some(check::listen_addr(&value::<String>(parser)?)?),
+            Long("no-demo-page") => c.demo_page = false,
             Long("gearmand") => gearmand.push(value::<String>(parser)?),
             Long("poll-interval-ms") => c.poll_interval = millis(parser)?,
             Long(name @ ("worker-token" | "worker-token-file")) => {
