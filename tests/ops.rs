@@ -124,3 +124,60 @@ fn the_admin_listener_has_the_admin_pages_and_the_client_port_the_websocket() {
     }
     assert!(ask(admin, "GET", "/metrics").contains("gearsock_connections_open "));
 }
+
+/// `gearsock serve --print-config` with `env` set; (exit code, standard output).
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["serve", "--print-config"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run gearsock");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The line of `--print-config` for `flag`, its spaces squeezed.
+fn setting(text: &str, flag: &str) -> String {
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(flag)).unwrap_or("");
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn settings_come_from_flags_then_the_env_file_then_the_environment() {
+    let dir = std::env::temp_dir().join(format!("gearsock-ops-env-{}", std::process::id()));
+    std::fs::write(&dir, "GEARSOCK_QUEUE_LIMIT=7\nGEARSOCK_MAX_ORPHANS=9\n").expect("write the env file");
+    let env = [
+        ("GEARSOCK_MAX_ORPHANS", "3"),
+        ("GEARSOCK_QUEUE_LIMIT", "5"),
+        ("GEARSOCK_MAX_JOBS_PER_CONNECTION", "11"),
+        ("GEARSOCK_ALLOWED_ORIGIN", "https://a.example,https://b.example"),
+        ("GEARSOCK_SHARED_UNIQUES", "1"),
+        ("GEARSOCK_WORKER_TOKEN", "s3cret"),
+    ];
+    let file = dir.to_str().expect("UTF-8");
+    let (code, text) = print_config(&["--env-file", file, "--queue-limit", "6"], &env);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(setting(&text, "--queue-limit"), "--queue-limit 6 (flag)");
+    assert_eq!(setting(&text, "--max-orphans"), "--max-orphans 9 (env file GEARSOCK_MAX_ORPHANS)");
+    assert_eq!(
+        setting(&text, "--max-jobs-per-connection"),
+        "--max-jobs-per-connection 11 (environment GEARSOCK_MAX_JOBS_PER_CONNECTION)"
+    );
+    assert_eq!(
+        setting(&text, "--allowed-origin"),
+        "--allowed-origin https://a.example,https://b.example (environment GEARSOCK_ALLOWED_ORIGIN)"
+    );
+    assert_eq!(
+        setting(&text, "--shared-uniques"),
+        "--shared-uniques true (environment GEARSOCK_SHARED_UNIQUES)"
+    );
+    assert_eq!(setting(&text, "--worker-token"), "--worker-token <set> (environment GEARSOCK_WORKER_TOKEN)");
+    assert!(!text.contains("s3cret"), "a secret is never printed");
+    assert_eq!(setting(&text, "--poll-interval-ms"), "--poll-interval-ms 100 (default)");
+    // A value from the environment is checked as a flag's would be, and named.
+    let (code, _) = print_config(&[], &[("GEARSOCK_MAX_CONECTIONS", "1")]);
+    assert_eq!(code, Some(2), "a misspelt variable is refused");
+    let (code, _) = print_config(&[], &[("GEARSOCK_IDLE_TIMEOUT_MS", "0")]);
+    assert_eq!(code, Some(2));
+    std::fs::remove_file(&dir).expect("remove the env file");
+}

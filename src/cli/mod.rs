@@ -15,6 +15,7 @@ use crate::worker::WorkerOptions;
 #[cfg(feature = "bench")]
 mod bench;
 mod check;
+mod env;
 mod token;
 
 /// What `gearsock` was asked to do.
@@ -76,6 +77,9 @@ usage: gearsock [serve] [flags]
   --shared-uniques           pass clients' unique ids through unchanged (coalesce across clients)
   --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
   --log-level LEVEL          off, error, warn, info, debug, trace (info)
+  --env-file PATH            GEARSOCK_* settings, one KEY=VALUE a line, read at start and on SIGHUP
+                             (below flags, above the environment; every flag is also GEARSOCK_FLAG)
+  --print-config             print every setting in effect and where it came from, then exit
   --echo                     echo mode: send every text and binary message back as it came; no
                              job protocol, no gearmand (cannot be combined with --gearmand); the
                              output limits grow to hold at least one echoed message
@@ -139,8 +143,14 @@ commands:
 /// `--version`: the program and its version.
 pub(crate) const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"), "\n");
 
-/// Turns `std::env::args_os()` (without the program name) into a [`Command`].
+/// Turns `std::env::args_os()` (without the program name) into a [`Command`], with `serve`'s
+/// settings also from the environment (`GEARSOCK_*`) and `--env-file`.
 pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
+    parse_args_env(args, std::env::vars().collect())
+}
+
+/// [`parse_args`] with this environment.
+pub fn parse_args_env(args: Vec<std::ffi::OsString>, vars: Vec<(String, String)>) -> Result<Command, String> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (name, rest) = match first {
         "serve" | "worker" | "submit" | "token" | "bench" => (first.to_string(), args[1..].to_vec()),
@@ -156,9 +166,11 @@ pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
             ));
         }
     };
+    if name == "serve" {
+        return serve_with_env(rest, vars).map_err(|e| format!("gearsock serve: {e}"));
+    }
     let mut parser = lexopt::Parser::from_args(rest);
     match name.as_str() {
-        "serve" => parse_serve(&mut parser),
         "worker" => parse_worker(&mut parser),
         "submit" => parse_submit(&mut parser),
         "token" => token::parse_token(&mut parser),
@@ -170,6 +182,29 @@ pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
             .to_string()),
     }
     .map_err(|e| format!("gearsock {name}: {e}"))
+}
+
+/// `serve`: the environment and `--env-file` turned into flags before the command line's, then
+/// one parse; `--print-config` lists the result instead of serving.
+fn serve_with_env(mut args: Vec<std::ffi::OsString>, vars: Vec<(String, String)>) -> Result<Command, String> {
+    let print = args.iter().any(|a| a == "--print-config");
+    args.retain(|a| a != "--print-config");
+    let env_file = env::flag_value(&args, "env-file")
+        .or_else(|| vars.iter().find(|(k, _)| k == "GEARSOCK_ENV_FILE").map(|(_, v)| v.clone()));
+    if let Some(at) = args.iter().position(|a| a == "--env-file") {
+        args.drain(at..(at + 2).min(args.len()));
+    }
+    args.retain(|a| !a.to_str().is_some_and(|a| a.starts_with("--env-file=")));
+    let file = match &env_file {
+        Some(path) => Some((path.as_str(), env::read_env_file(path)?)),
+        None => None,
+    };
+    let (args, sources) = env::with_env(SERVE_HELP, args, vars, file)?;
+    let command = parse_serve(&mut lexopt::Parser::from_args(args.clone()))?;
+    match command {
+        Command::Serve(_) if print => Ok(Command::Help(env::print_config(SERVE_HELP, &args, &sources))),
+        other => Ok(other),
+    }
 }
 
 /// Parses the value of the current flag.
