@@ -19,6 +19,7 @@ mod io;
 mod link_down;
 mod links;
 mod member;
+mod reload;
 mod resolver;
 pub mod settings;
 mod start;
@@ -147,6 +148,10 @@ pub struct Server {
     accept_paused: bool,
     /// SIGINT or SIGTERM arrived.
     signalled: bool,
+    /// Reads the settings again, for SIGHUP (see `reload`); none: SIGHUP is only logged.
+    reload: Option<reload::Reader>,
+    /// SIGHUP arrived.
+    reload_asked: bool,
     shutting_down: bool,
     stop: bool,
     scratch: Vec<u8>,
@@ -191,6 +196,9 @@ impl Server {
             for event in events.iter() {
                 self.note_readiness(event); // bits only, no I/O
             }
+            if self.reload_asked {
+                self.reload(); // what may change without dropping anyone
+            }
             if self.signalled && !self.shutting_down {
                 self.begin_shutdown(now); // close frames now; the loop ends when all are gone
             }
@@ -221,7 +229,9 @@ impl Server {
             Tok::Listener => self.accept_ready = true,
             Tok::Admin => self.admin_ready = true,
             Tok::Signals => {
-                let caught: Vec<i32> = self.signals.pending().collect();
+                let mut caught: Vec<i32> = self.signals.pending().collect();
+                self.reload_asked |= caught.contains(&signal_hook::consts::SIGHUP);
+                caught.retain(|&s| s != signal_hook::consts::SIGHUP);
                 if !caught.is_empty() && !self.shutting_down {
                     info!("signal {caught:?}: closing every client with 1001");
                     self.signalled = true;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use log::info;
 use mio::net::TcpListener;
 use mio::{Interest, Poll};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
@@ -73,7 +73,7 @@ impl Server {
             }
             None => None,
         };
-        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Register)?;
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(ServerError::Register)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
         let mut entropy = Entropy::os();
@@ -115,6 +115,8 @@ impl Server {
             accept_ready: true,
             accept_paused: false,
             signalled: false,
+            reload: None,
+            reload_asked: false,
             shutting_down: false,
             stop: false,
             scratch: vec![0; SCRATCH_BYTES],
