@@ -245,3 +245,128 @@ fn a_group_passes_sighup_to_its_processes() {
     round_trip(&mut ws);
     assert_eq!(s.proc.wait_exit(Duration::from_millis(200)), None, "the group still runs");
 }
+
+/// Every series a lone process exports, and how it comes to move: a scenario that produces it
+/// (and the test that shows it, where one does), or `gauge` for a value read when asked. A
+/// series exported but missing here, or listed but no longer exported, fails the test.
+const SERIES: &[(&str, &str)] = &[
+    ("gearsock_connections_open", "gauge"),
+    ("gearsock_connections_accepted_total", "any client connects"),
+    ("gearsock_connections_refused_total", "a client over --max-connections (tests/server_core.rs)"),
+    ("gearsock_connections_closed_total", "any client leaves (tests/deploy.rs)"),
+    ("gearsock_handshakes_total", "any WebSocket upgrade"),
+    ("gearsock_http_requests_total", "any plain HTTP request, such as this one"),
+    ("gearsock_messages_in_total{type=\"ping\"}", "the article's ping"),
+    ("gearsock_messages_in_total{type=\"worker.complete\"}", "a worker's report"),
+    ("gearsock_messages_in_total{type=\"submit\"}", "a submit"),
+    ("gearsock_messages_in_total{type=\"status\"}", "a status question"),
+    ("gearsock_messages_in_total{type=\"invalid\"}", "text that is not a known message"),
+    ("gearsock_messages_in_total{type=\"binary\"}", "a binary frame"),
+    ("gearsock_messages_out_total", "any reply"),
+    ("gearsock_errors_total{code=\"bad_json\"}", "text that is not JSON"),
+    ("gearsock_errors_total{code=\"bad_request\"}", "a submit without a function"),
+    ("gearsock_errors_total{code=\"unknown_type\"}", "{\"type\":\"nonsense\"}"),
+    ("gearsock_errors_total{code=\"too_many_jobs\"}", "over --max-jobs-per-connection"),
+    ("gearsock_errors_total{code=\"unavailable\"}", "a submit with gearmand down past --queue-timeout-ms"),
+    ("gearsock_errors_total{code=\"forbidden\"}", "a report without the --worker-token"),
+    ("gearsock_errors_total{code=\"unknown_job\"}", "a status question about no job"),
+    ("gearsock_errors_total{code=\"binary\"}", "a binary frame in the job protocol"),
+    ("gearsock_errors_total{code=\"ambiguous_job\"}", "an id-only report two gearmands gave out"),
+    ("gearsock_errors_total{code=\"gearmand_error\"}", "gearmand answers a status question with ERROR"),
+    ("gearsock_jobs_submitted_total{mode=\"stream\"}", "a stream submit"),
+    ("gearsock_jobs_submitted_total{mode=\"background\"}", "a background submit"),
+    ("gearsock_jobs_submitted_total{mode=\"ping\"}", "the article's ping"),
+    ("gearsock_jobs_finished_total{mode=\"stream\",outcome=\"complete\"}", "WORK_COMPLETE"),
+    (
+        "gearsock_jobs_finished_total{mode=\"stream\",outcome=\"failed\"}",
+        "WORK_FAIL, an oversized result, a lost link",
+    ),
+    ("gearsock_jobs_finished_total{mode=\"stream\",outcome=\"exception\"}", "WORK_EXCEPTION"),
+    ("gearsock_jobs_finished_total{mode=\"stream\",outcome=\"lost\"}", "SIGTERM while it runs"),
+    (
+        "gearsock_jobs_finished_total{mode=\"stream\",outcome=\"rejected\"}",
+        "gearmand answers the submit with ERROR",
+    ),
+    (
+        "gearsock_jobs_finished_total{mode=\"stream\",outcome=\"unavailable\"}",
+        "no gearmand within --queue-timeout-ms",
+    ),
+    ("gearsock_jobs_finished_total{mode=\"stream\",outcome=\"abandoned\"}", "its client leaves first"),
+    ("gearsock_jobs_finished_total{mode=\"background\",outcome=\"complete\"}", "a poll finds it done"),
+    ("gearsock_jobs_finished_total{mode=\"background\",outcome=\"lost\"}", "its link is lost, or SIGTERM"),
+    (
+        "gearsock_jobs_finished_total{mode=\"background\",outcome=\"rejected\"}",
+        "gearmand answers the submit with ERROR",
+    ),
+    (
+        "gearsock_jobs_finished_total{mode=\"background\",outcome=\"unavailable\"}",
+        "no gearmand within --queue-timeout-ms",
+    ),
+    ("gearsock_jobs_finished_total{mode=\"background\",outcome=\"abandoned\"}", "its client leaves first"),
+    ("gearsock_jobs_finished_total{mode=\"ping\",outcome=\"done\"}", "the article's ping with a worker"),
+    ("gearsock_jobs_finished_total{mode=\"ping\",outcome=\"lost\"}", "its link is lost, or SIGTERM"),
+    (
+        "gearsock_jobs_finished_total{mode=\"ping\",outcome=\"rejected\"}",
+        "gearmand answers the submit with ERROR",
+    ),
+    (
+        "gearsock_jobs_finished_total{mode=\"ping\",outcome=\"unavailable\"}",
+        "no gearmand within --queue-timeout-ms",
+    ),
+    ("gearsock_jobs_finished_total{mode=\"ping\",outcome=\"abandoned\"}", "its client leaves first"),
+    ("gearsock_jobs_in_flight", "gauge"),
+    ("gearsock_jobs_queued", "gauge"),
+    ("gearsock_stored_values", "gauge"),
+    ("gearsock_stored_value_bytes", "gauge"),
+    ("gearsock_client_output_bytes", "gauge"),
+    ("gearsock_slow_readers_dropped_total", "a client that stops reading (tests/bounds_loop.rs)"),
+    ("gearsock_message_timeouts_total", "half a message past --message-timeout-ms (tests/bounds_loop.rs)"),
+    (
+        "gearsock_input_total_dropped_total",
+        "unfinished input past --client-in-total-bytes (tests/bounds_loop.rs)",
+    ),
+    ("gearsock_echoed_messages_total", "--echo: any message"),
+    ("gearsock_echoed_bytes_total", "--echo: any message"),
+    ("gearsock_gearmand_up{server=\"*\",state=\"connected\"}", "gauge"),
+    ("gearsock_gearmand_up{server=\"*\",state=\"stalled\"}", "gauge"),
+    ("gearsock_gearmand_up{server=\"*\",state=\"connecting\"}", "gauge"),
+    ("gearsock_gearmand_up{server=\"*\",state=\"resolving\"}", "gauge"),
+    ("gearsock_gearmand_up{server=\"*\",state=\"disconnected\"}", "gauge"),
+    ("gearsock_gearmand_connects_total", "gearmand answers"),
+    ("gearsock_gearmand_disconnects_total", "gearmand is lost after it was up (tests/kills.rs)"),
+    ("gearsock_gearmand_connect_failures_total", "gearmand cannot be reached (tests/operations.rs)"),
+    ("gearsock_gearmand_retired_total", "--max-orphans reached (tests/bounds_app.rs)"),
+    ("gearsock_reports_forwarded_total{outcome=\"sent\"}", "a report for another instance's job"),
+    ("gearsock_reports_forwarded_total{outcome=\"refused\"}", "gearmand refuses the forwarding job"),
+    (
+        "gearsock_reports_received_total{outcome=\"delivered\"}",
+        "another instance forwards a report for our job",
+    ),
+    ("gearsock_reports_received_total{outcome=\"no_job\"}", "... for a job we no longer have"),
+    ("gearsock_timers_armed", "gauge"),
+    ("gearsock_loop_iterations_total", "every pass of the loop"),
+];
+
+#[test]
+fn every_exported_series_can_move_or_is_a_gauge() {
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let s = Server::start(&nobody, &[]);
+    let text = ask(s.addr, "GET", "/metrics");
+    let (_, body) = text.split_once("\r\n\r\n").expect("a body");
+    let server = format!("server=\"{nobody}\"");
+    let exported: Vec<String> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.rsplit_once(' ').map_or(l, |(series, _)| series).replace(&server, "server=\"*\""))
+        .collect();
+    let listed: Vec<String> = SERIES.iter().map(|(series, _)| series.to_string()).collect();
+    let unexplained: Vec<&String> = exported.iter().filter(|s| !listed.contains(s)).collect();
+    let gone: Vec<&String> = listed.iter().filter(|s| !exported.contains(s)).collect();
+    assert!(unexplained.is_empty(), "exported with no scenario or reason: {unexplained:?}");
+    assert!(gone.is_empty(), "listed here but no longer exported: {gone:?}");
+    // A gauge is only a gauge if /metrics says so.
+    for (series, why) in SERIES.iter().filter(|(_, why)| *why == "gauge") {
+        let name = series.split('{').next().unwrap_or(series);
+        assert!(body.contains(&format!("# TYPE {name} gauge")), "{series}: {why}");
+    }
+}
