@@ -37,6 +37,10 @@ pub(crate) struct Flag {
     pub default: String,
 }
 
+/// Flags that are one setting given two ways: either on the command line overrides both from
+/// the environment (which would otherwise conflict with it).
+const SAME_SETTING: &[(&str, &str)] = &[("worker-token", "worker-token-file")];
+
 /// These are about this run of the command, not settings.
 const NOT_SETTINGS: &[&str] = &["help", "version", "print-config", "env-file"];
 
@@ -141,13 +145,23 @@ pub(crate) fn with_env(
     let mut sources: BTreeMap<String, Source> = BTreeMap::new();
     let mut out = Vec::new();
     for f in &flags {
-        let on_command_line = args.iter().any(|a| {
-            let a = a.to_str().unwrap_or("");
-            a.strip_prefix("--").is_some_and(|n| n == f.name || n.starts_with(&format!("{}=", f.name)))
-        });
-        if on_command_line {
+        let given_as_flag = |name: &str| {
+            args.iter().any(|a| {
+                let a = a.to_str().unwrap_or("");
+                a.strip_prefix("--").is_some_and(|n| n == name || n.starts_with(&format!("{name}=")))
+            })
+        };
+        if given_as_flag(&f.name) {
             sources.insert(f.name.clone(), Source::Flag); // flags win
             continue;
+        }
+        let other_way = SAME_SETTING.iter().find_map(|&(a, b)| match f.name.as_str() {
+            n if n == a => Some(b),
+            n if n == b => Some(a),
+            _ => None,
+        });
+        if other_way.is_some_and(given_as_flag) {
+            continue; // the flag's other form wins too
         }
         let Some((value, source)) = given.remove(&f.name) else { continue };
         let var = var_name(&f.name);
@@ -278,6 +292,10 @@ mod tests {
         let (args, sources) =
             with_env(HELP, vec![], [("GEARSOCK_WORKER_TOKEN".into(), "s".into())], None).unwrap();
         assert!(print_config(HELP, &args, &sources).contains("<set>"));
+        let help = format!("{HELP}  --worker-token-file PATH   the same, from a file\n");
+        let env = [("GEARSOCK_WORKER_TOKEN".to_string(), "s".to_string())];
+        let (args, _) = with_env(&help, os(&["--worker-token-file", "/f"]), env, None).unwrap();
+        assert_eq!(args, os(&["--worker-token-file", "/f"]), "the flag's other form wins too");
     }
 
     #[test]
