@@ -159,6 +159,13 @@ pub struct Config {
     /// Open, authenticated connections per token subject (`--max-connections-per-subject`).
     /// Default 0: off.
     pub max_connections_per_subject: usize,
+    /// A second listener on the same loop for `/metrics`, `/livez`, `/readyz` and `/healthz`
+    /// only, no WebSocket (`--admin-listen`); the client port then answers those 404. Default
+    /// unset: they are on the client port, as before, for a setup that has only one.
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve the demo page at `/` on the client port (`--no-demo-page` turns it off). Default
+    /// on: the article's page is the first thing a new user opens.
+    pub demo_page: bool,
 }
 
 /// A child's seat in a group of `--processes`: which slot it serves in, and the descriptor of
@@ -228,6 +235,8 @@ impl Default for Config {
             jobs_burst: 0,
             max_connections_per_ip: 0,
             max_connections_per_subject: 0,
+            admin_listen: None,
+            demo_page: true,
         }
     }
 }
@@ -251,6 +260,10 @@ impl Config {
         if self.gearmand.is_empty() && !self.echo {
             return Err("at least one --gearmand is needed".into());
         }
+        for addr in &self.gearmand {
+            host_port("--gearmand", addr)?;
+        }
+        self.refuse_zeros()?;
         if self.worker_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             // An empty token would let anyone who sends "token": "" report results.
             return Err("--worker-token is empty".into());
@@ -286,16 +299,6 @@ impl Config {
         if self.max_message_bytes < 64 {
             return Err("--max-message-bytes must be at least 64".into());
         }
-        if self.poll_interval.is_zero()
-            || self.handshake_timeout.is_zero()
-            || self.idle_timeout.is_zero()
-            || self.gearmand_timeout.is_zero()
-        {
-            return Err("intervals and timeouts must be above zero".into());
-        }
-        if self.message_timeout.is_zero() {
-            return Err("--message-timeout-ms must be above zero".into());
-        }
         // One client may hold a full input buffer plus a whole message inside tungstenite.
         let one_client = self.client_in_limit_bytes.saturating_add(self.max_message_bytes);
         if self.client_in_total_bytes < one_client {
@@ -312,7 +315,11 @@ impl Config {
         if self.client_out_soft_bytes > self.client_out_hard_bytes
             || self.client_out_hard_bytes > self.client_out_total_bytes
         {
-            return Err("client output limits must be soft <= hard <= total".into());
+            return Err(format!(
+                "--client-out-soft-bytes {} / --client-out-hard-bytes {} / --client-out-total-bytes {}: \
+                 expected soft <= hard <= total (a reader above the hard limit is dropped at once)",
+                self.client_out_soft_bytes, self.client_out_hard_bytes, self.client_out_total_bytes
+            ));
         }
         if self.max_job_bytes > u32::MAX as usize {
             return Err("--max-job-bytes is at most 4294967295 (Gearman's size field)".into());
@@ -338,6 +345,33 @@ impl Config {
         Ok(())
     }
 
+    /// Zero where zero means nothing (no time to finish, no byte allowed): refused by name
+    /// rather than left to drop every client or spin.
+    fn refuse_zeros(&self) -> Result<(), String> {
+        let ms = |d: Duration| d.as_millis() as usize;
+        let must_be_positive = [
+            ("--max-jobs-per-connection", self.max_jobs_per_connection),
+            ("--max-frame-bytes", self.max_frame_bytes),
+            ("--max-job-bytes", self.max_job_bytes),
+            ("--max-stored-bytes", self.max_stored_bytes),
+            ("--client-out-soft-bytes", self.client_out_soft_bytes),
+            ("--client-out-hard-bytes", self.client_out_hard_bytes),
+            ("--client-out-total-bytes", self.client_out_total_bytes),
+            ("--poll-interval-ms", ms(self.poll_interval)),
+            ("--handshake-timeout-ms", ms(self.handshake_timeout)),
+            ("--idle-timeout-ms", ms(self.idle_timeout)),
+            ("--gearmand-timeout-ms", ms(self.gearmand_timeout)),
+            ("--message-timeout-ms", ms(self.message_timeout)),
+            ("--client-out-soft-ms", ms(self.client_out_soft_time)),
+            ("--value-ttl-ms", ms(self.value_ttl)),
+            ("--queue-timeout-ms", ms(self.queue_timeout)),
+        ];
+        match must_be_positive.iter().find(|(_, n)| *n == 0) {
+            Some((flag, _)) => Err(format!("{flag} 0: expected at least 1 (zero would allow nothing)")),
+            None => Ok(()),
+        }
+    }
+
     /// In echo mode every message comes back whole, so the output limits must hold what a
     /// client that reads its echoes can have queued: the soft limit at least one echoed
     /// message, and the hard limit at least the soft one plus what one pass can add (the rest
@@ -354,6 +388,30 @@ impl Config {
             self.client_out_hard_bytes.max(self.client_out_soft_bytes.saturating_add(pass));
         self.client_out_total_bytes = self.client_out_total_bytes.max(self.client_out_hard_bytes);
     }
+}
+
+/// `HOST:PORT` with a port 1 to 65535 and a host (`[::1]` for IPv6): what `--gearmand` takes.
+/// Only the syntax: the name is looked up later, off the loop, and retried as gearmand may be.
+pub(crate) fn host_port(flag: &str, text: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{flag} {text:?}: expected HOST:PORT with a port 1 to 65535 (127.0.0.1:4730, gear.example:4730, [::1]:4730)"
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']').is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => is_host(host),
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+/// A host name or IPv4 address: letters, digits, `-` and `.`, not empty.
+pub(crate) fn is_host(host: &str) -> bool {
+    !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// `scheme://host[:port]` as a browser sends it in `Origin`: http or https, a host, nothing after.

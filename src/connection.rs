@@ -351,9 +351,10 @@ impl Connection {
             && limits.hold_reading_over.is_some_and(|n| self.ws.output_len() > n)
     }
 
-    /// Answers a plain HTTP request; the connection ends once the answer is written.
-    pub fn respond(&mut self, status: u16, reason: &str, content_type: &str, body: &[u8], now: Instant) {
-        self.ws.respond(status, reason, content_type, body);
+    /// Answers a plain HTTP request with a response `http` wrote whole (`Response::encode`);
+    /// the connection ends once the answer is written.
+    pub fn respond_raw(&mut self, response: &[u8], now: Instant) {
+        self.ws.respond(response);
         self.finish(CloseReason::HttpDone, now, true);
     }
 
@@ -404,7 +405,10 @@ impl Connection {
     pub fn handle_timeout(&mut self, limits: &ConnLimits, now: Instant) {
         match self.phase {
             Phase::Handshaking { deadline } if now >= deadline => {
-                self.ws.respond(408, "Request Timeout", "text/plain", b"request not received in time\n");
+                let mut answer = Vec::new();
+                let body = b"request not received in time\n";
+                crate::ws::write_http(&mut answer, 408, "Request Timeout", "text/plain", body);
+                self.ws.respond(&answer);
                 self.finish(CloseReason::HandshakeTimeout, now, true);
             }
             Phase::Open { last_seen, pinged, over_soft_since, message } => {
@@ -737,7 +741,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         feed(&mut c, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", true, t0);
         let got = events(&mut c, t0);
         assert_eq!(got, vec![ConnEvent::Http { method: "GET".into(), path: "/healthz".into() }]);
-        c.respond(200, "OK", "text/plain", b"ok\n", t0);
+        c.respond_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n", t0);
         assert_eq!(events(&mut c, t0), vec![closed(CloseReason::HttpDone, true)]);
         assert!(c.output().starts_with(b"HTTP/1.1 200 OK"));
         assert_eq!(write_all(&mut c, t0), AfterWrite::Continue, "the peer is gone: no need to shut");

@@ -1,6 +1,7 @@
-//! Plain HTTP on the WebSocket port, sans-IO: which page a request gets, and the bodies of
-//! `/healthz` and `/metrics`. The shell hands over the parsed request and a snapshot of the
-//! state these pages report on; it never decides a status code itself.
+//! Plain HTTP on the WebSocket port and the admin port, sans-IO: which page a request gets on
+//! which port, and the bodies of `/livez`, `/readyz`, `/healthz` and `/metrics`. The shell
+//! hands over the parsed request and a snapshot of the state these pages report on; it never
+//! decides a status code itself.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
@@ -50,11 +51,28 @@ pub(crate) struct Response {
     pub content_type: &'static str,
     /// The body.
     pub body: Vec<u8>,
+    /// A 405 names the methods the page has (RFC 9110 15.5.6).
+    pub allow: Option<&'static str>,
 }
 
 impl Response {
     fn new(status: u16, reason: &'static str, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, reason, content_type, body: body.into() }
+        Response { status, reason, content_type, body: body.into(), allow: None }
+    }
+
+    /// The response on the wire; `head_only` (a `HEAD` request): the same head, its
+    /// `Content-Length` included, without the body (RFC 9110 9.3.2).
+    pub fn encode(&self, head_only: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.body.len());
+        let allow: &[(&str, &str)] = match self.allow {
+            Some(methods) => &[("Allow", methods)],
+            None => &[],
+        };
+        crate::ws::write_http_with(&mut out, self.status, self.reason, self.content_type, allow, &self.body);
+        if head_only {
+            out.truncate(out.len() - self.body.len());
+        }
+        out
     }
 }
 
@@ -65,37 +83,89 @@ const TEXT: &str = "text/plain; charset=utf-8";
 pub(crate) enum Page {
     /// `GET /`: the demo page (a short text in echo mode).
     Demo,
-    /// `GET /healthz`.
+    /// `GET /healthz`: `/readyz` with the details, as JSON (its meaning before `/readyz`).
     Health,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /livez`: 200 whenever the loop answers at all.
+    Live,
+    /// `GET /readyz`: 200 when jobs can be taken, 503 and the reason otherwise.
+    Ready,
 }
 
-/// Which page `method` `path` asks for (query ignored), or the answer that says there is none
-/// (404, or 405 for another method on a known path).
-pub(crate) fn page(method: &str, path: &str) -> Result<Page, Response> {
+/// Which pages a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pages {
+    /// `/` (off with `--no-demo-page`).
+    pub demo: bool,
+    /// `/metrics`, `/livez`, `/readyz`, `/healthz` (off on the client port when
+    /// `--admin-listen` gives them a port of their own).
+    pub admin: bool,
+}
+
+impl Pages {
+    /// The client port's pages, and the admin port's (`None` without `--admin-listen`).
+    pub fn of(demo: bool, admin_listener: bool) -> (Pages, Option<Pages>) {
+        let admin_port = Pages { demo: false, admin: true };
+        (Pages { demo, admin: !admin_listener }, admin_listener.then_some(admin_port))
+    }
+}
+
+/// Which page `method` `path` asks for (query ignored) among `pages`, or the answer that says
+/// there is none (404, or 405 for a method other than GET and HEAD on a page).
+pub(crate) fn page(method: &str, path: &str, pages: Pages) -> Result<Page, Response> {
     let page = match path.split('?').next().unwrap_or("") {
-        "/" => Page::Demo,
-        "/healthz" => Page::Health,
-        "/metrics" => Page::Metrics,
+        "/" if pages.demo => Page::Demo,
+        "/healthz" if pages.admin => Page::Health,
+        "/metrics" if pages.admin => Page::Metrics,
+        "/livez" if pages.admin => Page::Live,
+        "/readyz" if pages.admin => Page::Ready,
         _ => return Err(Response::new(404, "Not Found", TEXT, "not found\n")),
     };
-    if method != "GET" {
-        return Err(Response::new(405, "Method Not Allowed", TEXT, "only GET\n"));
+    if method != "GET" && method != "HEAD" {
+        let mut refusal = Response::new(405, "Method Not Allowed", TEXT, "only GET and HEAD\n");
+        refusal.allow = Some("GET, HEAD");
+        return Err(refusal);
     }
     Ok(page)
 }
 
-/// Answers `method` `path` (query ignored); `echo`: the server runs in echo mode. `snapshot`
-/// is called only for the pages that report state.
+/// `GET /livez`: the loop turned to answer this, which is all liveness means here (gearmand
+/// being down is readiness's business, so a liveness probe never restarts us for it).
+pub(crate) fn livez() -> Response {
+    Response::new(200, "OK", TEXT, "live\n")
+}
+
+/// `GET /readyz`: `Ok` 200, or 503 with `why` (for a load balancer and a human alike).
+pub(crate) fn readyz(why_not: Option<String>) -> Response {
+    match why_not {
+        None => Response::new(200, "OK", TEXT, "ready\n"),
+        Some(why) => Response::new(503, "Service Unavailable", TEXT, format!("not ready: {why}\n")),
+    }
+}
+
+/// Why a process with these links cannot take jobs, if it cannot.
+pub(crate) fn not_ready(echo: bool, links: &[LinkView]) -> Option<String> {
+    if links_ok(echo, links) {
+        return None;
+    }
+    let each: Vec<String> = links.iter().map(|l| format!("{} {}", l.addr, l.state.name())).collect();
+    Some(format!("no gearmand connected ({})", each.join(", ")))
+}
+
+/// Answers `method` `path` (query ignored) among `pages`; `echo`: the server runs in echo
+/// mode. `snapshot` is called only for the pages that report state.
 pub(crate) fn route<'a>(
     method: &str,
     path: &str,
+    pages: Pages,
     echo: bool,
     snapshot: impl FnOnce() -> Snapshot<'a>,
 ) -> Response {
-    match page(method, path) {
+    match page(method, path, pages) {
         Err(refusal) => refusal,
+        Ok(Page::Live) => livez(),
+        Ok(Page::Ready) => readyz(not_ready(echo, &snapshot().links)),
         Ok(Page::Health) => healthz(echo, &snapshot()),
         Ok(Page::Metrics) => {
             let s = snapshot();
@@ -191,6 +261,12 @@ mod tests {
         Snapshot { instance: "t1", links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
     }
 
+    const ALL: Pages = Pages { demo: true, admin: true };
+
+    fn route<'a>(method: &str, path: &str, echo: bool, s: impl FnOnce() -> Snapshot<'a>) -> Response {
+        super::route(method, path, ALL, echo, s)
+    }
+
     #[test]
     fn paths_methods_and_pages() {
         let m = Metrics::default();
@@ -200,7 +276,9 @@ mod tests {
             route("GET", "/", true, || unreachable!("no snapshot for a page")).body,
             ECHO_PAGE.as_bytes()
         );
-        assert_eq!(route("POST", "/healthz", false, || unreachable!("no snapshot for a 405")).status, 405);
+        let refused = route("POST", "/healthz", false, || unreachable!("no snapshot for a 405"));
+        assert_eq!((refused.status, refused.allow), (405, Some("GET, HEAD")));
+        assert!(String::from_utf8_lossy(&refused.encode(false)).contains("\r\nAllow: GET, HEAD\r\n"));
         assert_eq!(route("GET", "/nope", false, || unreachable!("no snapshot for a 404")).status, 404);
         let metrics = route("GET", "/metrics", false, || snapshot(&m, &["connected"]));
         assert!(String::from_utf8_lossy(&metrics.body).contains("gearsock_connections_open 3"));
@@ -220,5 +298,36 @@ mod tests {
         );
         let echo = route("GET", "/healthz", true, || snapshot(&m, &[]));
         assert_eq!(echo.status, 200, "echo mode depends on no gearmand");
+    }
+
+    #[test]
+    fn live_is_not_ready_and_head_has_no_body() {
+        let m = Metrics::default();
+        assert_eq!(route("GET", "/livez", false, || unreachable!("liveness reads no state")).status, 200);
+        let down = route("HEAD", "/readyz", false, || snapshot(&m, &["disconnected"]));
+        assert_eq!(down.status, 503);
+        assert!(
+            String::from_utf8_lossy(&down.body)
+                .contains("no gearmand connected (127.0.0.1:4730 disconnected)")
+        );
+        let wire = String::from_utf8(down.encode(true)).unwrap();
+        assert!(wire.ends_with("\r\n\r\n") && wire.contains(&format!("Content-Length: {}", down.body.len())));
+        assert_eq!(route("GET", "/readyz", false, || snapshot(&m, &["connected"])).status, 200);
+    }
+
+    #[test]
+    fn each_port_serves_its_own_pages() {
+        let m = Metrics::default();
+        let (client, admin) = Pages::of(false, true);
+        let admin = admin.expect("an admin port");
+        for path in ["/metrics", "/livez", "/readyz", "/healthz", "/"] {
+            let on_client = super::route("GET", path, client, false, || snapshot(&m, &["connected"]));
+            assert_eq!(on_client.status, 404, "{path} on the client port");
+        }
+        for path in ["/metrics", "/livez", "/readyz", "/healthz"] {
+            assert_eq!(super::route("GET", path, admin, false, || snapshot(&m, &["connected"])).status, 200);
+        }
+        assert_eq!(super::route("GET", "/", admin, false, || unreachable!("no demo")).status, 404);
+        assert_eq!(Pages::of(true, false), (ALL, None));
     }
 }

@@ -42,7 +42,6 @@ enum Msg {
 }
 
 struct Sink {
-    level: LevelFilter,
     queue: SyncSender<Msg>,
     /// Written before the message: `p1 ` in the second process of a group, `group ` in its
     /// supervisor, empty when the process serves alone.
@@ -67,15 +66,20 @@ pub fn init_as(level: LevelFilter, who: &str) {
     let writer_prefix = prefix.clone();
     let spawned = std::thread::Builder::new()
         .name("gearsock-log".into())
-        .spawn(move || write_lines(rx, writer(level), &writer_prefix));
+        .spawn(move || write_lines(rx, writer(LevelFilter::Trace), &writer_prefix));
     if spawned.is_err() {
         return; // no thread, no log: the server still runs
     }
-    let sink = Sink { level, queue: tx.clone(), prefix };
+    let sink = Sink { queue: tx.clone(), prefix };
     if log::set_logger(Box::leak(Box::new(sink))).is_ok() {
         log::set_max_level(level);
         let _ = QUEUE.set(tx);
     }
+}
+
+/// Changes the level of a running process (SIGHUP): lines above it are no longer queued.
+pub fn set_level(level: LevelFilter) {
+    log::set_max_level(level);
 }
 
 /// The writer's formatter. Features (Cargo.toml): `timestamps` in UTC with milliseconds, since
@@ -118,7 +122,8 @@ fn write_line(logger: &SimpleLogger, level: Level, target: &str, text: std::fmt:
 
 impl Log for Sink {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= self.level
+        // `log::max_level()`, not the level at start: SIGHUP may change it (`set_level`).
+        metadata.level() <= log::max_level()
     }
 
     fn log(&self, record: &Record) {

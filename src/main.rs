@@ -29,6 +29,11 @@ fn main() -> ExitCode {
             gearsock::logging::init_as(cfg.log_level, &who);
             gearsock::server::Server::bind(&cfg)
                 .and_then(|mut server| {
+                    // SIGHUP reads the settings again the way they were read now.
+                    server.set_reload(move || match parse_args(args.clone())? {
+                        Command::Serve(cfg) => Ok(*cfg),
+                        _ => Err("the command line no longer names serve".into()),
+                    });
                     println!("listening on ws://{}", server.local_addr());
                     let _ = std::io::stdout().flush();
                     server.run()

@@ -99,8 +99,6 @@ labels! {
         BadRequest = "bad_request",
         /// A `type` nobody knows.
         UnknownType = "unknown_type",
-        /// Over a size limit.
-        TooLarge = "too_large",
         /// Over `--max-jobs-per-connection`.
         TooManyJobs = "too_many_jobs",
         /// No gearmand takes work and the wait queue is full or timed out.
@@ -209,6 +207,19 @@ labels! {
         Done = "done",
     }
 }
+
+/// The outcomes a job of each mode can end with, the only `jobs_finished_total` series exported.
+/// Stream jobs hear WORK_* (complete, failed, exception) and a lost link fails them; background
+/// jobs and pings are polled, so they end complete (a ping: done) or lost. Any job can be
+/// rejected by gearmand, never submitted, abandoned by its client, or lost at shutdown.
+pub const FINISHED: &[(Mode, &[Outcome])] = {
+    use Outcome::*;
+    &[
+        (Mode::Stream, &[Complete, Failed, Exception, Lost, Rejected, Unavailable, Abandoned]),
+        (Mode::Background, &[Complete, Lost, Rejected, Unavailable, Abandoned]),
+        (Mode::Ping, &[Done, Lost, Rejected, Unavailable, Abandoned]),
+    ]
+};
 
 /// What the IO shell saw, handed on to be counted: the shell reports, `Metrics` counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,8 +436,8 @@ impl Metrics {
             let _ = writeln!(o, "gearsock_jobs_submitted_total{{mode=\"{}\"}} {n}", mode.name());
         }
         family(&mut o, "jobs_finished_total", "counter", "Jobs ended, by mode and outcome.");
-        for &mode in Mode::ALL {
-            for &outcome in Outcome::ALL {
+        for &(mode, outcomes) in FINISHED {
+            for &outcome in outcomes {
                 let n = self.jobs_finished[mode as usize][outcome as usize];
                 let (mode, outcome) = (mode.name(), outcome.name());
                 let _ =

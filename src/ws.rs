@@ -689,9 +689,9 @@ impl Ws {
         }
     }
 
-    /// Answers a plain HTTP request; the connection ends once it is written.
-    pub fn respond(&mut self, status: u16, reason: &str, content_type: &str, body: &[u8]) {
-        write_http(&mut self.out_queue_mut().bytes, status, reason, content_type, body);
+    /// Answers a plain HTTP request with a whole response ([`write_http`]), then ends.
+    pub fn respond(&mut self, response: &[u8]) {
+        self.out_queue_mut().bytes.extend_from_slice(response);
         self.finish();
     }
 }
@@ -1257,7 +1257,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
         // An HTTP answer is raw bytes: never cut, nothing appended.
         let mut ws = Ws::new();
         feed(&mut ws, b"GET /healthz HTTP/1.1\r\n\r\n", &limits());
-        ws.respond(200, "OK", "text/plain", b"ok\n");
+        ws.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
         ws.consume_output(5);
         let pending = ws.output().to_vec();
         assert!(!ws.abort(1008, "slow"));

@@ -91,9 +91,9 @@ impl Drop for TempDir {
 /// The repo's site file with its two deployment-specific values replaced: `listen 80;` by
 /// `listen 127.0.0.1:PORT;` and gearsock's address `127.0.0.1:8080` by `upstream`. Each must
 /// sit on exactly one uncommented line, so the file under test is the file as shipped.
-fn site_for_test(port: u16, upstream: SocketAddr) -> String {
+fn site_for_test(port: u16, upstream: SocketAddr, admin: SocketAddr) -> String {
     let site = std::fs::read_to_string(SITE).expect("read deploy/nginx-gearsock.conf");
-    let (mut listens, mut upstreams) = (0, 0);
+    let (mut listens, mut upstreams, mut admins) = (0, 0, 0);
     let mut out = String::new();
     for line in site.lines() {
         let code = line.split('#').next().unwrap_or("");
@@ -103,6 +103,9 @@ fn site_for_test(port: u16, upstream: SocketAddr) -> String {
         } else if code.contains("127.0.0.1:8080") {
             upstreams += 1;
             line.replace("127.0.0.1:8080", &upstream.to_string())
+        } else if code.contains("127.0.0.1:8081") {
+            admins += 1;
+            line.replace("127.0.0.1:8081", &admin.to_string())
         } else {
             line.to_string()
         };
@@ -115,9 +118,9 @@ fn site_for_test(port: u16, upstream: SocketAddr) -> String {
         out.push('\n');
     }
     assert_eq!(
-        (listens, upstreams),
-        (1, 1),
-        "the site file must have one `listen 80;` and one 127.0.0.1:8080"
+        (listens, upstreams, admins),
+        (1, 1, 1),
+        "the site file must have one `listen 80;`, one 127.0.0.1:8080 and one 127.0.0.1:8081"
     );
     out
 }
@@ -133,11 +136,11 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(upstream: SocketAddr) -> Nginx {
+    fn start(upstream: SocketAddr, admin: SocketAddr) -> Nginx {
         ensure_nginx();
         let mut why = String::new();
         for _ in 0..5 {
-            match Self::try_start(upstream, free_port()) {
+            match Self::try_start(upstream, admin, free_port()) {
                 Ok(nginx) => return nginx,
                 Err(e) => why = e, // most likely someone took the port: try another
             }
@@ -145,8 +148,8 @@ impl Nginx {
         panic!("nginx did not start on any of 5 free ports; last time:\n{why}");
     }
 
-    fn try_start(upstream: SocketAddr, port: u16) -> Result<Nginx, String> {
-        let site = site_for_test(port, upstream);
+    fn try_start(upstream: SocketAddr, admin: SocketAddr, port: u16) -> Result<Nginx, String> {
+        let site = site_for_test(port, upstream, admin);
         let dir = TempDir::new("nginx");
         let d = dir.0.display();
         std::fs::write(dir.0.join("gearsock.conf"), site).expect("write site");
@@ -246,8 +249,8 @@ fn unit_value(key: &str) -> String {
 
 /// `gearsock serve` exactly as the unit's ExecStart runs it, with what systemd would put in:
 /// the token file as a credential, and the unit's LimitNOFILE. Only the addresses are
-/// moved to this test's free port and gearmand.
-fn serve_as_the_unit_does(gearmand: &str) -> Server {
+/// moved to this test's free ports and gearmand. Returns the server and its admin address.
+fn serve_as_the_unit_does(gearmand: &str) -> (Server, SocketAddr) {
     let exec = unit_value("ExecStart");
     assert!(!exec.contains(['"', '\'']), "the test splits ExecStart on spaces: {exec}");
     let mut words: Vec<String> = exec.split_whitespace().map(String::from).collect();
@@ -261,9 +264,16 @@ fn serve_as_the_unit_does(gearmand: &str) -> Server {
                 words[i] = "127.0.0.1:0".into();
             }
             "--gearmand" => words[i] = gearmand.into(),
+            "--admin-listen" => {
+                assert!(words[i].starts_with("127.0.0.1:"), "the admin port must be on loopback: {exec}");
+                words[i] = format!("127.0.0.1:{}", free_port());
+            }
             _ => {}
         }
     }
+    let admin_at = words.iter().position(|w| w == "--admin-listen").expect("ExecStart passes --admin-listen");
+    let admin: SocketAddr = words[admin_at + 1].parse().expect("an admin address");
+    assert!(words.iter().any(|w| w == "--no-demo-page"), "the unit serves no demo page: {exec}");
     let token_at =
         words.iter().position(|w| w == "--worker-token-file").expect("ExecStart passes --worker-token-file");
     assert_eq!(words[token_at + 1], "${CREDENTIALS_DIRECTORY}/worker-token", "the token is a credential");
@@ -318,7 +328,7 @@ fn serve_as_the_unit_does(gearmand: &str) -> Server {
     };
     // Keep reading whatever else comes on standard output.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    Server { addr, proc: Proc { child, stdout: None } }
+    (Server { addr, proc: Proc { child, stdout: None } }, admin)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,16 +418,25 @@ fn background_result(ws: &mut Ws) -> Value {
 struct Deployment {
     gearmand: Gearmand,
     gearsock: Server,
+    /// gearsock's admin listener (`--admin-listen`).
+    admin: SocketAddr,
     nginx: Nginx,
 }
 
 impl Deployment {
     fn start() -> Deployment {
         let gearmand = Gearmand::start();
-        let gearsock = serve_as_the_unit_does(&gearmand.addr());
-        gearsock.wait_healthy();
-        let nginx = Nginx::start(gearsock.addr);
-        Deployment { gearmand, gearsock, nginx }
+        let (gearsock, admin) = serve_as_the_unit_does(&gearmand.addr());
+        wait_for("gearsock ready", LIMIT, || get(admin, "/readyz").status == 200);
+        let nginx = Nginx::start(gearsock.addr, admin);
+        Deployment { gearmand, gearsock, admin, nginx }
+    }
+
+    /// A figure of gearsock's `/metrics`, from its admin port.
+    fn metric(&self, name: &str) -> f64 {
+        let body = get(self.admin, "/metrics").body;
+        let line = body.lines().find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no metric {name}"))
     }
 }
 
@@ -425,16 +444,21 @@ impl Deployment {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
-/// The page, /healthz and /metrics through nginx on one port; /metrics only from 127.0.0.1.
+/// No demo page, and the admin pages from gearsock's admin port through nginx, to 127.0.0.1
+/// only; the client port has none of them.
 #[test]
 fn demo_page_health_and_metrics_through_nginx() {
     let d = Deployment::start();
 
     let page = get(d.nginx.addr, "/");
-    assert_eq!(page.status, 200, "{}", page.head);
-    assert!(header(&page, "Content-Type").is_some_and(|t| t.starts_with("text/html")), "{}", page.head);
-    assert!(page.body.contains("<title>gearsock"), "the demo page: {:.200}", page.body);
-    assert_eq!(page.body, get(d.gearsock.addr, "/").body, "nginx passes the page unchanged");
+    assert_eq!(page.status, 404, "--no-demo-page: {}", page.head);
+    for path in ["/", "/metrics", "/healthz", "/livez", "/readyz"] {
+        assert_eq!(get(d.gearsock.addr, path).status, 404, "{path} on the client port");
+    }
+    for path in ["/livez", "/readyz"] {
+        assert_eq!(get(d.nginx.addr, path).status, 200, "{path}");
+        assert_eq!(get_from(Ipv4Addr::new(127, 0, 0, 2), d.nginx.addr, path).status, 403, "{path}");
+    }
 
     let health = get(d.nginx.addr, "/healthz");
     assert_eq!(health.status, 200, "{}", health.head);
@@ -445,12 +469,15 @@ fn demo_page_health_and_metrics_through_nginx() {
     let metrics = get(d.nginx.addr, "/metrics");
     assert_eq!(metrics.status, 200, "{}", metrics.head);
     assert!(metrics.body.contains("gearsock_connections_open "), "{}", metrics.body);
+    assert!(
+        header(&metrics, "Content-Type").is_some_and(|t| t.starts_with("text/plain")),
+        "{}",
+        metrics.head
+    );
     // Another address of this machine is not 127.0.0.1: the site file keeps /metrics local.
     let outside = get_from(Ipv4Addr::new(127, 0, 0, 2), d.nginx.addr, "/metrics");
     assert_eq!(outside.status, 403, "{}", outside.head);
     assert!(!outside.body.contains("gearsock_"), "{}", outside.body);
-    // ... while the page is for everyone.
-    assert_eq!(get_from(Ipv4Addr::new(127, 0, 0, 2), d.nginx.addr, "/").status, 200);
 }
 
 /// The article's ping, by a client and a worker that both reach gearsock through nginx; the
@@ -520,7 +547,7 @@ fn proxied_reports_are_taken_only_with_the_token() {
     // taken, the same report through nginx is not.
     let open = Server::start(&d.gearmand.addr(), &["--poll-interval-ms", "20"]);
     open.wait_healthy();
-    let nginx = Nginx::start(open.addr);
+    let nginx = Nginx::start(open.addr, open.addr); // no --admin-listen: its pages on one port
     let mut client = connect(&nginx.url());
     submit_background(&mut client, f);
     let job = held.must_grab(LIMIT);
@@ -542,9 +569,9 @@ fn proxied_reports_are_taken_only_with_the_token() {
 #[test]
 fn closes_pass_through_nginx_both_ways() {
     let mut d = Deployment::start();
-    let open = |d: &Deployment| d.gearsock.metric("gearsock_connections_open");
+    let open = |d: &Deployment| d.metric("gearsock_connections_open");
     let before = open(&d);
-    let closed_before = d.gearsock.metric("gearsock_connections_closed_total");
+    let closed_before = d.metric("gearsock_connections_closed_total");
 
     // A clean close (close frame, answered).
     let mut ws = connect(&d.nginx.url());
@@ -558,7 +585,7 @@ fn closes_pass_through_nginx_both_ways() {
         }
     }
     wait_for("gearsock to see the clean close", LIMIT, || open(&d) == before);
-    assert!(d.gearsock.metric("gearsock_connections_closed_total") > closed_before);
+    assert!(d.metric("gearsock_connections_closed_total") > closed_before);
 
     // A client that vanishes (a closed tab, a dead network): the socket to nginx just closes.
     let ws = connect(&d.nginx.url());

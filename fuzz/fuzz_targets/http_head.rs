@@ -60,7 +60,7 @@ fn run(reads: &[&[u8]], limits: &WsLimits) -> (Vec<WsEvent>, Vec<u8>) {
             while let Some(event) = ws.poll_event(limits) {
                 if let WsEvent::Http { .. } = event {
                     assert!(ws.output().is_empty(), "answered before the shell did");
-                    ws.respond(200, "OK", "text/plain", b"ok\n");
+                    ws.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
                 }
                 events.push(event);
             }

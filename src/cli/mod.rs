@@ -14,6 +14,8 @@ use crate::worker::WorkerOptions;
 
 #[cfg(feature = "bench")]
 mod bench;
+mod check;
+mod env;
 mod token;
 
 /// What `gearsock` was asked to do.
@@ -39,8 +41,10 @@ gearsock serve: WebSocket clients run jobs on Gearman workers and watch them liv
 
 usage: gearsock [serve] [flags]
 
-  --listen ADDR              listen here (127.0.0.1:8080; port 0 picks one)
+  --listen ADDR              listen here (127.0.0.1:8080; :PORT is every address, port 0 picks one)
   --gearmand HOST:PORT       a gearmand server, repeatable (127.0.0.1:4730)
+  --admin-listen ADDR        serve /metrics, /livez, /readyz, /healthz here only (none: on --listen)
+  --no-demo-page             no demo page at / on --listen
   --poll-interval-ms N       background job status poll (100)
   --worker-token T           worker.complete must carry \"token\": T (default: loopback peers only)
   --worker-token-file PATH   the same, read from a file (keeps it off the command line)
@@ -73,6 +77,9 @@ usage: gearsock [serve] [flags]
   --shared-uniques           pass clients' unique ids through unchanged (coalesce across clients)
   --max-stored-bytes N       total bytes of unclaimed worker.complete values (8388608)
   --log-level LEVEL          off, error, warn, info, debug, trace (info)
+  --env-file PATH            GEARSOCK_* settings, one KEY=VALUE a line, read at start and on SIGHUP
+                             (below flags, above the environment; every flag is also GEARSOCK_FLAG)
+  --print-config             print every setting in effect and where it came from, then exit
   --echo                     echo mode: send every text and binary message back as it came; no
                              job protocol, no gearmand (cannot be combined with --gearmand); the
                              output limits grow to hold at least one echoed message
@@ -138,7 +145,7 @@ commands:
   worker    the article's ping worker
   submit    submit a job to gearmand directly (the article's client)
   token     print a signed client token (development, tests, curl)
-  bench     load generator: connect, roundtrip, jobs
+  bench     load generator: connect, roundtrip, jobs, mixed, churn, flood
 
 `gearsock COMMAND --help` lists each command's flags; `gearsock --version` the version.
 ";
@@ -146,18 +153,34 @@ commands:
 /// `--version`: the program and its version.
 pub(crate) const VERSION: &str = concat!("gearsock ", env!("CARGO_PKG_VERSION"), "\n");
 
-/// Turns `std::env::args_os()` (without the program name) into a [`Command`].
+/// Turns `std::env::args_os()` (without the program name) into a [`Command`], with `serve`'s
+/// settings also from the environment (`GEARSOCK_*`) and `--env-file`.
 pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
+    parse_args_env(args, std::env::vars().collect())
+}
+
+/// [`parse_args`] with this environment.
+pub fn parse_args_env(args: Vec<std::ffi::OsString>, vars: Vec<(String, String)>) -> Result<Command, String> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (name, rest) = match first {
         "serve" | "worker" | "submit" | "token" | "bench" => (first.to_string(), args[1..].to_vec()),
         "-h" | "--help" | "help" => return Ok(Command::Help(TOP_HELP.into())),
         "-V" | "--version" => return Ok(Command::Help(VERSION.into())),
-        _ => ("serve".to_string(), args),
+        // Flags alone (or nothing) mean `serve`; a word that names no command is a typo, not
+        // an argument of `serve`.
+        _ if first.is_empty() || first.starts_with('-') => ("serve".to_string(), args),
+        other => {
+            return Err(format!(
+                "gearsock: unknown command {other:?}: expected serve, worker, submit, token or bench \
+                 (gearsock --help)"
+            ));
+        }
     };
+    if name == "serve" {
+        return serve_with_env(rest, vars).map_err(|e| format!("gearsock serve: {e}"));
+    }
     let mut parser = lexopt::Parser::from_args(rest);
     match name.as_str() {
-        "serve" => parse_serve(&mut parser),
         "worker" => parse_worker(&mut parser),
         "submit" => parse_submit(&mut parser),
         "token" => token::parse_token(&mut parser),
@@ -171,6 +194,29 @@ pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Command, String> {
     .map_err(|e| format!("gearsock {name}: {e}"))
 }
 
+/// `serve`: the environment and `--env-file` turned into flags before the command line's, then
+/// one parse; `--print-config` lists the result instead of serving.
+fn serve_with_env(mut args: Vec<std::ffi::OsString>, vars: Vec<(String, String)>) -> Result<Command, String> {
+    let print = args.iter().any(|a| a == "--print-config");
+    args.retain(|a| a != "--print-config");
+    let env_file = env::flag_value(&args, "env-file")
+        .or_else(|| vars.iter().find(|(k, _)| k == "GEARSOCK_ENV_FILE").map(|(_, v)| v.clone()));
+    if let Some(at) = args.iter().position(|a| a == "--env-file") {
+        args.drain(at..(at + 2).min(args.len()));
+    }
+    args.retain(|a| !a.to_str().is_some_and(|a| a.starts_with("--env-file=")));
+    let file = match &env_file {
+        Some(path) => Some((path.as_str(), env::read_env_file(path)?)),
+        None => None,
+    };
+    let (args, sources) = env::with_env(SERVE_HELP, args, vars, file)?;
+    let command = parse_serve(&mut lexopt::Parser::from_args(args.clone()))?;
+    match command {
+        Command::Serve(_) if print => Ok(Command::Help(env::print_config(SERVE_HELP, &args, &sources))),
+        other => Ok(other),
+    }
+}
+
 /// Parses the value of the current flag.
 pub(crate) fn value<T: std::str::FromStr>(parser: &mut lexopt::Parser) -> Result<T, String>
 where
@@ -178,7 +224,37 @@ where
 {
     let raw = parser.value().map_err(|e| e.to_string())?;
     let text = raw.to_str().ok_or("flag value is not UTF-8")?;
-    text.parse::<T>().map_err(|e| format!("bad value {text:?}: {e}"))
+    text.parse::<T>().map_err(|e| format!("{text:?}: {e}; expected {}", expected::<T>()))
+}
+
+/// What a flag of type `T` takes, for its error.
+fn expected<T>() -> &'static str {
+    match std::any::type_name::<T>() {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number",
+        "f64" | "f32" => "a number",
+        "bool" => "true or false",
+        _ => "a valid value",
+    }
+}
+
+/// The flag an error during its parsing is about (`--name`, `-x`), empty for a positional.
+fn flag_name(arg: &lexopt::Arg) -> String {
+    match arg {
+        lexopt::Arg::Long(name) => format!("--{name}"),
+        lexopt::Arg::Short(c) => format!("-{c}"),
+        lexopt::Arg::Value(_) => String::new(),
+    }
+}
+
+/// Runs `parse` and names in its error the flag being parsed when it failed, unless the error
+/// names its flags itself (checks after the last flag, which start with `--`).
+fn naming_flag(
+    parser: &mut lexopt::Parser,
+    parse: impl FnOnce(&mut lexopt::Parser, &mut String) -> Result<Command, String>,
+) -> Result<Command, String> {
+    let mut flag = String::new();
+    parse(parser, &mut flag)
+        .map_err(|e| if flag.is_empty() || e.starts_with("--") { e } else { format!("{flag} {e}") })
 }
 
 /// A token read from the file named by the flag's value, without its trailing newline (as
@@ -208,17 +284,28 @@ fn millis(parser: &mut lexopt::Parser) -> Result<Duration, String> {
 }
 
 fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    naming_flag(parser, serve_flags)
+}
+
+fn serve_flags(parser: &mut lexopt::Parser, flag: &mut String) -> Result<Command, String> {
     use lexopt::Arg::Long;
     let mut c = Config::default();
     let mut gearmand = Vec::new();
     let (mut group_slot, mut group_board) = (None, None);
+    let (mut token_flags, mut soft_bytes) = (Vec::new(), None);
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        *flag = flag_name(&arg);
         match arg {
-            Long("listen") => c.listen = value(parser)?,
+            Long("listen") => c.listen = check::listen_addr(&value::<String>(parser)?)?,
+            Long("admin-listen") => c.admin_listen = Some(check::listen_addr(&value::<String>(parser)?)?),
+            Long("no-demo-page") => c.demo_page = false,
             Long("gearmand") => gearmand.push(value::<String>(parser)?),
             Long("poll-interval-ms") => c.poll_interval = millis(parser)?,
-            Long("worker-token") => c.worker_token = Some(value(parser)?),
-            Long("worker-token-file") => c.worker_token = Some(token_file(parser)?),
+            Long(name @ ("worker-token" | "worker-token-file")) => {
+                token_flags.push(name.to_string());
+                c.worker_token =
+                    Some(if name == "worker-token" { value(parser)? } else { token_file(parser)? });
+            }
             Long("max-connections") => c.max_connections = value(parser)?,
             Long("max-message-bytes") => c.max_message_bytes = value(parser)?,
             Long("max-frame-bytes") => c.max_frame_bytes = value(parser)?,
@@ -227,7 +314,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("client-out-limit-bytes" | "client-out-hard-bytes") => {
                 c.client_out_hard_bytes = value(parser)?
             }
-            Long("client-out-soft-bytes") => c.client_out_soft_bytes = value(parser)?,
+            Long("client-out-soft-bytes") => soft_bytes = Some(value(parser)?),
             Long("client-out-soft-ms") => c.client_out_soft_time = millis(parser)?,
             Long("client-out-total-bytes") => c.client_out_total_bytes = value(parser)?,
             Long("gearmand-timeout-ms") => c.gearmand_timeout = millis(parser)?,
@@ -244,7 +331,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             Long("queue-timeout-ms") => c.queue_timeout = millis(parser)?,
             Long("reconnect-min-ms") => c.reconnect_min = millis(parser)?,
             Long("reconnect-max-ms") => c.reconnect_max = millis(parser)?,
-            Long("log-level") => c.log_level = value(parser)?,
+            Long("log-level") => c.log_level = check::log_level(&value::<String>(parser)?)?,
             Long("echo") => c.echo = true,
             Long("instance-id") => c.instance_id = Some(value(parser)?),
             Long("processes") => c.processes = value(parser)?,
@@ -270,6 +357,13 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
+    flag.clear(); // from here on, each error names its flags
+    if token_flags.len() > 1 {
+        return Err(format!(
+            "--worker-token and --worker-token-file: give one of them, once (got {})",
+            token_flags.join(", ")
+        ));
+    }
     if c.echo && !gearmand.is_empty() {
         return Err("--echo connects to no gearmand: drop --gearmand".into());
     }
@@ -284,8 +378,9 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
     // A smaller message limit must not be undercut by the frame default.
     c.max_frame_bytes = c.max_frame_bytes.min(c.max_message_bytes);
     c.client_in_limit_bytes = c.max_frame_bytes + 14;
-    // A hard limit given alone (the old --client-out-limit-bytes) pulls the soft one down with it.
-    c.client_out_soft_bytes = c.client_out_soft_bytes.min(c.client_out_hard_bytes);
+    // A hard limit given alone (the old --client-out-limit-bytes) pulls the default soft one
+    // down with it; a soft one given above it is refused by `validate`.
+    c.client_out_soft_bytes = soft_bytes.unwrap_or(c.client_out_soft_bytes.min(c.client_out_hard_bytes));
     if c.echo {
         c.fit_output_limits_to_echo();
     }
@@ -294,22 +389,40 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, String> {
 }
 
 fn parse_worker(parser: &mut lexopt::Parser) -> Result<Command, String> {
+    naming_flag(parser, worker_flags)
+}
+
+fn worker_flags(parser: &mut lexopt::Parser, flag: &mut String) -> Result<Command, String> {
     use lexopt::Arg::Long;
     let mut o = WorkerOptions::default();
+    let mut token_flags = 0;
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        *flag = flag_name(&arg);
         match arg {
             Long("gearmand") => o.gearmand = value(parser)?,
-            Long("report") => o.report = Some(value(parser)?),
+            Long("report") => o.report = Some(check::report_url(&value::<String>(parser)?)?),
             Long("no-report") => o.report = None,
-            Long("worker-token") => o.worker_token = Some(value(parser)?),
-            Long("worker-token-file") => o.worker_token = Some(token_file(parser)?),
+            Long("worker-token") => (o.worker_token, token_flags) = (Some(value(parser)?), token_flags + 1),
+            Long("worker-token-file") => {
+                (o.worker_token, token_flags) = (Some(token_file(parser)?), token_flags + 1)
+            }
             Long("count") => o.count = value(parser)?,
             Long("interval-ms") => o.interval_ms = value(parser)?,
-            Long("concurrency") => o.concurrency = value::<u32>(parser)?.max(1),
+            Long("concurrency") => o.concurrency = value(parser)?,
             Long("function") => o.function = value(parser)?,
             Long("help") | lexopt::Arg::Short('h') => return Ok(Command::Help(WORKER_HELP.into())),
             Long("version") | lexopt::Arg::Short('V') => return Ok(Command::Help(VERSION.into())),
             other => return Err(other.unexpected().to_string()),
+        }
+    }
+    flag.clear();
+    check::host_port("--gearmand", &o.gearmand)?;
+    if token_flags > 1 {
+        return Err("--worker-token and --worker-token-file: give one of them, once".into());
+    }
+    for (name, n) in [("--concurrency", u64::from(o.concurrency)), ("--count", u64::from(o.count))] {
+        if n == 0 {
+            return Err(format!("{name} 0: runs nothing; expected at least 1"));
         }
     }
     Ok(Command::Worker(o))
@@ -350,6 +463,7 @@ fn parse_submit(parser: &mut lexopt::Parser) -> Result<Command, String> {
     if positional.next().is_some() {
         return Err("too many arguments".into());
     }
+    check::host_port("--gearmand", &o.gearmand)?;
     Ok(Command::Submit(o))
 }
 
@@ -457,6 +571,38 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(c.client_out_soft_bytes, d.client_out_soft_bytes);
+    }
+
+    #[test]
+    fn refusals_name_the_flag_the_value_and_what_is_valid() {
+        let refused = |list: &[&str], want: &[&str]| {
+            let err = parse_args(args(list)).map(|_| ()).unwrap_err();
+            assert!(want.iter().all(|w| err.contains(w)), "{list:?}: {err}");
+        };
+        refused(&["--max-connections", "abc"], &["--max-connections \"abc\"", "whole number"]);
+        refused(
+            &["--client-out-soft-bytes", "100000000", "--client-out-hard-bytes", "10"],
+            &["soft <= hard"],
+        );
+        refused(&["--worker-token", "a", "--worker-token-file", "Cargo.toml"], &["give one of them"]);
+        refused(
+            &["--log-level", "loud"],
+            &["--log-level \"loud\"", "off, error, warn, info, debug or trace"],
+        );
+        refused(&["--gearmand", "127.0.0.1:abc"], &["--gearmand \"127.0.0.1:abc\"", "HOST:PORT"]);
+        refused(&["--idle-timeout-ms", "0"], &["--idle-timeout-ms 0", "at least 1"]);
+        refused(&["nonsense"], &["unknown command \"nonsense\""]);
+        refused(&["worker", "--report", "wss://x"], &["--report \"wss://x\"", "ws://"]);
+        refused(&["worker", "--concurrency", "0"], &["--concurrency 0"]);
+        // A hard limit alone still pulls the default soft one down with it.
+        let Ok(Command::Serve(c)) = parse_args(args(&["--client-out-hard-bytes", "1000"])) else { panic!() };
+        assert_eq!(c.client_out_soft_bytes, 1000);
+        let Ok(Command::Serve(c)) = parse_args(args(&["--listen", ":0"])) else { panic!("not serve") };
+        assert_eq!(c.listen.port(), 0);
+        let Ok(Command::Help(top)) = parse_args(args(&["--help"])) else { panic!("not help") };
+        for word in ["serve", "worker", "submit", "token", "connect, roundtrip, jobs, mixed, churn, flood"] {
+            assert!(top.contains(word), "{word}");
+        }
     }
 
     #[test]

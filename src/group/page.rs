@@ -90,11 +90,24 @@ pub(crate) struct Group {
     pub members: Vec<Member>,
 }
 
-/// `route` for a process of a group: `/metrics` and `/healthz` describe the whole group.
-pub(crate) fn route(method: &str, path: &str, echo: bool, group: impl FnOnce() -> Group) -> Response {
-    match http::page(method, path) {
+/// `route` for a process of a group: `/metrics`, `/readyz` and `/healthz` describe the whole
+/// group (ready while any process can take jobs, as the port is shared).
+pub(crate) fn route(
+    method: &str,
+    path: &str,
+    pages: http::Pages,
+    echo: bool,
+    group: impl FnOnce() -> Group,
+) -> Response {
+    match http::page(method, path, pages) {
         Err(refusal) => refusal,
         Ok(Page::Demo) => http::demo(echo),
+        Ok(Page::Live) => http::livez(),
+        Ok(Page::Ready) => {
+            let health = healthz(echo, &group());
+            let ready = matches!(health["status"].as_str(), Some("ok" | "degraded"));
+            http::readyz((!ready).then(|| "no process of the group has a gearmand connected".to_string()))
+        }
         Ok(Page::Metrics) => http::metrics_page(metrics_text(&group())),
         Ok(Page::Health) => http::health_page(&healthz(echo, &group())),
     }
@@ -359,13 +372,21 @@ mod tests {
         assert_eq!(healthz(true, &no_gearmand)["status"], "ok", "echo mode depends on no gearmand");
     }
 
+    const ALL: http::Pages = http::Pages { demo: true, admin: true };
+
     #[test]
     fn pages_and_refusals() {
+        assert_eq!(
+            route("GET", "/livez", ALL, false, || unreachable!("liveness reads no state")).status,
+            200
+        );
+        let down = || group(vec![(10, 0, Some(report(10, 1, "disconnected")))]);
+        assert_eq!(route("GET", "/readyz", ALL, false, down).status, 503);
         let g = || group(vec![(10, 0, Some(report(10, 1, "connected")))]);
-        assert_eq!(route("GET", "/metrics", false, g).status, 200);
-        assert_eq!(route("GET", "/healthz?x", false, g).status, 200);
-        assert_eq!(route("POST", "/metrics", false, || unreachable!("no group for a 405")).status, 405);
-        assert_eq!(route("GET", "/x", false, || unreachable!("no group for a 404")).status, 404);
-        assert_eq!(route("GET", "/", false, || unreachable!("no group for the page")).status, 200);
+        assert_eq!(route("GET", "/metrics", ALL, false, g).status, 200);
+        assert_eq!(route("GET", "/healthz?x", ALL, false, g).status, 200);
+        assert_eq!(route("POST", "/metrics", ALL, false, || unreachable!("no group for a 405")).status, 405);
+        assert_eq!(route("GET", "/x", ALL, false, || unreachable!("no group for a 404")).status, 404);
+        assert_eq!(route("GET", "/", ALL, false, || unreachable!("no group for the page")).status, 200);
     }
 }

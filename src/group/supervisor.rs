@@ -39,7 +39,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use socket2::{Domain, Socket, Type};
 
 use super::board::Board;
@@ -74,6 +74,9 @@ pub fn run(cfg: &Config, args: &[OsString]) -> Result<i32, Box<dyn Error>> {
     for sig in [SIGINT, SIGTERM] {
         signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)?;
     }
+    // SIGHUP is each child's to act on (it re-reads its settings): passed on, never a stop.
+    let hup = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(SIGHUP, Arc::clone(&hup))?;
     let (_reservation, addr) =
         reserve(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let base = match &cfg.instance_id {
@@ -110,7 +113,7 @@ pub fn run(cfg: &Config, args: &[OsString]) -> Result<i32, Box<dyn Error>> {
             group.base,
             cfg.processes - 1
         );
-        group.supervise(&lines, &signal);
+        group.supervise(&lines, &signal, &hup);
     }
     info!("signal [{}]: stopping {} processes", signal.load(Ordering::SeqCst), cfg.processes);
     group.stop();
@@ -263,8 +266,20 @@ impl Group {
     }
 
     /// Until SIGINT or SIGTERM: children that exit are restarted with back-off.
-    fn supervise(&mut self, lines: &Receiver<Said>, signal: &AtomicUsize) {
+    fn supervise(
+        &mut self,
+        lines: &Receiver<Said>,
+        signal: &AtomicUsize,
+        hup: &std::sync::atomic::AtomicBool,
+    ) {
         while signal.load(Ordering::SeqCst) == 0 {
+            if hup.swap(false, Ordering::SeqCst) {
+                info!("SIGHUP: passed to every process");
+                for child in self.seats.iter().filter_map(|s| s.child.as_ref()) {
+                    // SAFETY: kill(2) with a pid of our own child, which is not reaped yet.
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+                }
+            }
             match lines.recv_timeout(TICK) {
                 Ok(said) => self.heard(said),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}

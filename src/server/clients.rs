@@ -18,7 +18,7 @@ use super::io::{Io, Readiness, discard, fill, shutdown_write, write_some};
 use super::{Server, TimerEvent, list};
 use crate::app::{ConnId, is_trusted_peer};
 use crate::connection::{AfterWrite, CloseReason, ConnEvent, Connection, ReadInto};
-use crate::http::{self, Response, Snapshot};
+use crate::http::{self, Snapshot};
 use crate::logging::Event;
 use crate::metrics::{Denial, Gauges, LoopEvent};
 
@@ -126,6 +126,11 @@ impl Server {
                 budget -= 1;
             }
             match event {
+                ConnEvent::Opened(_) if self.conns[key].admin => {
+                    // The admin port serves pages only; its upgrade is ended at once.
+                    let c = &mut self.conns[key].conn;
+                    c.close(1008, "no WebSocket on the admin port", CloseReason::Protocol(1008), now);
+                }
                 ConnEvent::Opened(upgrade) => {
                     if !self.per_ip.admit(self.conns[key].peer.ip()) {
                         self.app.metrics.observe(LoopEvent::Denied(Denial::PerIp));
@@ -311,13 +316,13 @@ impl Server {
     /// A plain HTTP request: `http::route` decides; this gathers what it reports on.
     fn answer_http(&mut self, key: usize, method: &str, path: &str, now: Instant) {
         self.app.metrics.observe(LoopEvent::HttpRequest);
+        let pages = if self.conns[key].admin { self.pages.1.unwrap_or(self.pages.0) } else { self.pages.0 };
         let response = if self.group.is_some() {
-            self.answer_group(method, path, now) // the pages describe the whole group
+            self.answer_group(method, path, pages, now) // the pages describe the whole group
         } else {
-            http::route(method, path, self.cfg.echo, || self.snapshot(now))
+            http::route(method, path, pages, self.cfg.echo, || self.snapshot(now))
         };
-        let Response { status, reason, content_type, body } = response;
-        self.conns[key].conn.respond(status, reason, content_type, &body, now);
+        self.conns[key].conn.respond_raw(&response.encode(method == "HEAD"), now);
     }
 
     /// What `/healthz` and `/metrics` report on (and a member of a group publishes).

@@ -52,12 +52,14 @@ pub(crate) struct Conn {
     pub timer: Option<Armed>,
     /// Lists it is on this pass.
     pub listed: Listed,
+    /// Accepted on the admin listener: its pages only, never a WebSocket.
+    pub admin: bool,
 }
 
 impl Conn {
     /// A freshly accepted connection, registered as `io` says.
     pub fn new(sock: TcpStream, generation: u32, peer: SocketAddr, conn: Connection, io: Readiness) -> Self {
-        Conn { sock, generation, peer, conn, io, timer: None, listed: Listed::default() }
+        Conn { sock, generation, peer, conn, io, timer: None, listed: Listed::default(), admin: false }
     }
 
     /// This connection's id.

@@ -14,7 +14,7 @@ use super::Server;
 use crate::config::GroupChild;
 use crate::group::board::{Board, TooLarge};
 use crate::group::page::{self, Group, Member, Report};
-use crate::http::Response;
+use crate::http::{Pages, Response};
 
 /// How often a member publishes its figures (the other processes' pages are at most this old).
 pub(crate) const PUBLISH_PERIOD: Duration = Duration::from_secs(1);
@@ -91,9 +91,9 @@ impl Server {
 
     /// `/metrics` and `/healthz` of the whole group (the other pages as a lone process has
     /// them). This process's own figures are published first, so they are current.
-    pub(super) fn answer_group(&mut self, method: &str, path: &str, now: Instant) -> Response {
+    pub(super) fn answer_group(&mut self, method: &str, path: &str, pages: Pages, now: Instant) -> Response {
         let echo = self.cfg.echo;
-        page::route(method, path, echo, || {
+        page::route(method, path, pages, echo, || {
             let Some(pid) = self.group.as_ref().map(|m| m.pid) else {
                 return Group { me: 0, members: Vec::new() };
             };

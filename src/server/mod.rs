@@ -11,6 +11,7 @@
 //! pass; a client's life is in `clients`, the gearmand links' in `links` (which owns them), and
 //! every socket call in `io`. It must not hold protocol state, nor read an `io::ErrorKind`.
 
+mod admin;
 mod clients;
 mod conn;
 mod gearman_link;
@@ -19,6 +20,7 @@ mod link_down;
 mod links;
 mod member;
 mod peers;
+mod reload;
 mod resolver;
 pub mod settings;
 mod start;
@@ -37,6 +39,7 @@ use slab::Slab;
 use crate::app::{App, AppTimer, ConnId, Effect};
 use crate::config::Config;
 use crate::connection::ConnLimits;
+use crate::http::Pages;
 use crate::logging::{Event, SUMMARY_PERIOD, Tally};
 use crate::metrics::LoopEvent;
 use crate::wheel::TimerWheel;
@@ -113,6 +116,11 @@ pub struct Server {
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
+    /// `--admin-listen`'s listener, and whether it has connections to accept.
+    admin: Option<TcpListener>,
+    admin_ready: bool,
+    /// The pages of the client port and of the admin port (none without one).
+    pages: (Pages, Option<Pages>),
     signals: Signals,
     tokens: Tokens,
     conns: Slab<Conn>,
@@ -143,6 +151,10 @@ pub struct Server {
     accept_paused: bool,
     /// SIGINT or SIGTERM arrived.
     signalled: bool,
+    /// Reads the settings again, for SIGHUP (see `reload`); none: SIGHUP is only logged.
+    reload: Option<reload::Reader>,
+    /// SIGHUP arrived.
+    reload_asked: bool,
     shutting_down: bool,
     stop: bool,
     scratch: Vec<u8>,
@@ -173,7 +185,7 @@ impl Server {
             // last apply) means: do not sleep.
             let leftover = !self.ready.is_empty()
                 || !self.dirty.is_empty()
-                || self.accept_ready && !self.accept_paused
+                || (self.accept_ready || self.admin_ready) && !self.accept_paused
                 || self.app.has_effects()
                 || self.links.has_unread();
             let timeout = if leftover {
@@ -186,6 +198,9 @@ impl Server {
             self.app.metrics.observe(LoopEvent::Pass);
             for event in events.iter() {
                 self.note_readiness(event); // bits only, no I/O
+            }
+            if self.reload_asked {
+                self.reload(); // what may change without dropping anyone
             }
             if self.signalled && !self.shutting_down {
                 self.begin_shutdown(now); // close frames now; the loop ends when all are gone
@@ -215,8 +230,11 @@ impl Server {
         );
         match self.tokens.parse(event.token()) {
             Tok::Listener => self.accept_ready = true,
+            Tok::Admin => self.admin_ready = true,
             Tok::Signals => {
-                let caught: Vec<i32> = self.signals.pending().collect();
+                let mut caught: Vec<i32> = self.signals.pending().collect();
+                self.reload_asked |= caught.contains(&signal_hook::consts::SIGHUP);
+                caught.retain(|&s| s != signal_hook::consts::SIGHUP);
                 if !caught.is_empty() && !self.shutting_down {
                     info!("signal {caught:?}: closing every client with 1001");
                     self.signalled = true;
@@ -238,6 +256,7 @@ impl Server {
     }
 
     fn accept_clients(&mut self, now: Instant) {
+        self.accept_admin(now); // the admin port's few connections first: probes must not wait
         if !self.accept_ready || self.accept_paused {
             return;
         }
@@ -341,6 +360,7 @@ impl Server {
                 TimerEvent::AcceptResume => {
                     self.accept_paused = false;
                     self.accept_ready = true;
+                    self.admin_ready = self.admin.is_some();
                     self.accept_clients(now);
                 }
                 TimerEvent::ShutdownDeadline => {
@@ -450,7 +470,7 @@ impl Server {
 
     fn begin_shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
-        if let Some(mut listener) = self.listener.take() {
+        for mut listener in [self.listener.take(), self.admin.take()].into_iter().flatten() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         // Before any close frame: the replies already made (effects not yet applied) and the

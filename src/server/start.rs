@@ -8,17 +8,18 @@ use std::time::{Duration, Instant};
 use log::info;
 use mio::net::TcpListener;
 use mio::{Interest, Poll};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use super::links::Links;
 use super::member::{Membership, PUBLISH_PERIOD};
 use super::settings::{app_config, conn_limits, own_origins};
-use super::token::{LISTENER, SIGNALS, Tokens};
+use super::token::{ADMIN, LISTENER, SIGNALS, Tokens};
 use super::{SCRATCH_BYTES, Server, ServerError, TimerEvent, WHEEL_SLOTS, WHEEL_TICK};
 use crate::app::App;
 use crate::config::Config;
+use crate::http::Pages;
 use crate::logging::Tally;
 use crate::random::Entropy;
 use crate::wheel::TimerWheel;
@@ -60,7 +61,19 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(ServerError::Register)?;
-        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Register)?;
+        // Not shared in a group: one process answers for the group's pages (the supervisor's
+        // children each bind `--admin-listen` with SO_REUSEPORT like the client port).
+        let admin = match cfg.admin_listen {
+            Some(addr) => {
+                let mut admin = listen(addr, group.is_some()).map_err(|e| ServerError::Bind(addr, e))?;
+                poll.registry()
+                    .register(&mut admin, ADMIN, Interest::READABLE)
+                    .map_err(ServerError::Register)?;
+                Some(admin)
+            }
+            None => None,
+        };
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(ServerError::Register)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(ServerError::Register)?;
         let now = Instant::now();
         let mut entropy = Entropy::os();
@@ -83,6 +96,9 @@ impl Server {
             poll,
             listener: Some(listener),
             local_addr,
+            admin_ready: admin.is_some(),
+            pages: Pages::of(cfg.demo_page, admin.is_some()),
+            admin,
             signals,
             conns: Slab::with_capacity(1024),
             next_gen: 0,
@@ -100,6 +116,8 @@ impl Server {
             accept_ready: true,
             accept_paused: false,
             signalled: false,
+            reload: None,
+            reload_asked: false,
             shutting_down: false,
             stop: false,
             scratch: vec![0; SCRATCH_BYTES],

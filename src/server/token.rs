@@ -1,6 +1,6 @@
 //! The loop's fixed tokens and the mapping between a client's `ConnId` and its `Token`.
 //!
-//! `LISTENER`, `SIGNALS` and `RESOLVER` come first, then one token per `--gearmand` link, then clients:
+//! `LISTENER`, `SIGNALS`, `RESOLVER` and `ADMIN` come first, then one token per `--gearmand` link, then clients:
 //! a client's token is its slab key plus `first_client`. Numbers only: it knows nothing of what
 //! a link or a client is.
 
@@ -12,8 +12,10 @@ pub(crate) const LISTENER: Token = Token(0);
 pub(crate) const SIGNALS: Token = Token(1);
 /// The resolver thread's waker (a host name was looked up).
 pub(crate) const RESOLVER: Token = Token(2);
+/// The admin listener (`--admin-listen`).
+pub(crate) const ADMIN: Token = Token(3);
 /// The first gearmand link.
-const FIRST_LINK: usize = 3;
+const FIRST_LINK: usize = 4;
 
 /// What a token names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub(crate) enum Tok {
     Signals,
     /// The resolver's waker.
     Resolver,
+    /// The admin listener.
+    Admin,
     /// A gearmand link, by index.
     Link(usize),
     /// A client, by slab key.
@@ -58,6 +62,7 @@ impl Tokens {
             0 => Tok::Listener,
             1 => Tok::Signals,
             2 => Tok::Resolver,
+            3 => Tok::Admin,
             n if n < FIRST_LINK + self.links => Tok::Link(n - FIRST_LINK),
             n => Tok::Client(n - FIRST_LINK - self.links),
         }
@@ -74,6 +79,7 @@ mod tests {
         assert_eq!(t.parse(LISTENER), Tok::Listener);
         assert_eq!(t.parse(SIGNALS), Tok::Signals);
         assert_eq!(t.parse(RESOLVER), Tok::Resolver);
+        assert_eq!(t.parse(ADMIN), Tok::Admin);
         assert_eq!(t.parse(t.link(1)), Tok::Link(1));
         assert_eq!(t.parse(t.client(0)), Tok::Client(0));
         assert_eq!(t.parse(t.client(7)), Tok::Client(7));
