@@ -234,6 +234,31 @@ fn sighup_reloads_the_env_file_without_dropping_anyone_and_a_bad_file_keeps_the_
 }
 
 #[test]
+fn sighup_takes_a_new_worker_token_from_its_file_without_dropping_anyone() {
+    let path = std::env::temp_dir().join(format!("gearsock-ops-token-{}", std::process::id()));
+    let file = path.to_str().expect("UTF-8").to_string();
+    std::fs::write(&path, "first-secret-token\n").expect("write");
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let (mut s, log) = Server::start_logged(&nobody, &["--worker-token-file", &file], &[]);
+    let mut stays = connect(&s.url());
+    let report = |ws: &mut Ws, token: &str| {
+        send(ws, &format!(r#"{{"type":"worker.complete","id":"H:x:1","value":"v","token":"{token}"}}"#));
+        recv(ws)
+    };
+    assert_eq!(report(&mut stays, "first-secret-token"), "got it!");
+
+    std::fs::write(&path, "second-secret-token\n").expect("write");
+    s.proc.signal("HUP");
+    wait_for("the reload", Duration::from_secs(5), || log.count("worker token (replaced)") == 1);
+    assert_eq!(log.count("secret-token"), 0, "a token is never logged: {:?}", log.lines());
+    assert!(report(&mut stays, "first-secret-token").contains("forbidden"), "the old token is refused");
+    assert_eq!(report(&mut stays, "second-secret-token"), "got it!", "the same connection, the new token");
+    std::fs::remove_file(&path).ok();
+    s.proc.signal("TERM");
+    assert_eq!(s.proc.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
 fn a_group_passes_sighup_to_its_processes() {
     let nobody = format!("127.0.0.1:{}", free_port());
     let (mut s, log) = Server::start_logged(&nobody, &["--processes", "2"], &[]);
@@ -273,6 +298,52 @@ const SERIES: &[(&str, &str)] = &[
     ("gearsock_errors_total{code=\"binary\"}", "a binary frame in the job protocol"),
     ("gearsock_errors_total{code=\"ambiguous_job\"}", "an id-only report two gearmands gave out"),
     ("gearsock_errors_total{code=\"gearmand_error\"}", "gearmand answers a status question with ERROR"),
+    ("gearsock_messages_in_total{type=\"auth\"}", "an auth message (tests/access.rs)"),
+    (
+        "gearsock_errors_total{code=\"unauthorized\"}",
+        "a message before a token, with tokens on (tests/access.rs)",
+    ),
+    ("gearsock_errors_total{code=\"rate_limited\"}", "over --max-jobs-per-second (tests/access.rs)"),
+    ("gearsock_auth_total{outcome=\"ok\",reason=\"valid\"}", "a valid token (tests/access.rs)"),
+    ("gearsock_auth_total{outcome=\"refused\",reason=\"too_long\"}", "a token over 8 KiB (jwt.rs)"),
+    (
+        "gearsock_auth_total{outcome=\"refused\",reason=\"malformed\"}",
+        "a token that is not three base64url parts (tests/access.rs)",
+    ),
+    ("gearsock_auth_total{outcome=\"refused\",reason=\"alg\"}", "alg none (tests/access.rs)"),
+    (
+        "gearsock_auth_total{outcome=\"refused\",reason=\"bad_signature\"}",
+        "a tampered token or a wrong key (tests/access.rs)",
+    ),
+    ("gearsock_auth_total{outcome=\"refused\",reason=\"expired\"}", "a token past exp (tests/access.rs)"),
+    ("gearsock_auth_total{outcome=\"refused\",reason=\"not_yet_valid\"}", "a token before nbf (jwt.rs)"),
+    (
+        "gearsock_auth_total{outcome=\"refused\",reason=\"bad_claim\"}",
+        "a token without sub (jwt.rs); an auth to a server without tokens",
+    ),
+    (
+        "gearsock_auth_total{outcome=\"refused\",reason=\"other_subject\"}",
+        "a refresh with another sub (tests/access.rs)",
+    ),
+    (
+        "gearsock_auth_total{outcome=\"refused\",reason=\"per_subject\"}",
+        "over --max-connections-per-subject (tests/access.rs)",
+    ),
+    ("gearsock_auth_total{outcome=\"refused\",reason=\"timeout\"}", "no token by --handshake-timeout-ms"),
+    ("gearsock_access_refused_total{what=\"unauthorized\"}", "a message before a token (tests/access.rs)"),
+    (
+        "gearsock_access_refused_total{what=\"function\"}",
+        "a submit no --allow-function allows (tests/access.rs)",
+    ),
+    ("gearsock_access_refused_total{what=\"rate_limited\"}", "over --max-jobs-per-second (tests/access.rs)"),
+    (
+        "gearsock_access_refused_total{what=\"per_ip\"}",
+        "over --max-connections-per-ip: 429 (tests/access.rs)",
+    ),
+    (
+        "gearsock_access_refused_total{what=\"per_subject\"}",
+        "over --max-connections-per-subject (tests/access.rs)",
+    ),
     ("gearsock_jobs_submitted_total{mode=\"stream\"}", "a stream submit"),
     ("gearsock_jobs_submitted_total{mode=\"background\"}", "a background submit"),
     ("gearsock_jobs_submitted_total{mode=\"ping\"}", "the article's ping"),

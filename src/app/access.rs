@@ -189,6 +189,18 @@ impl Access {
         Access { cfg, patterns, sessions: HashMap::new(), subjects: HashMap::new() }
     }
 
+    /// SIGHUP: the patterns, and the token keys (rotation), change for every later message;
+    /// sessions and grants already made stand. Turning tokens on or off is not a reload (the
+    /// open connections would have no session, or a deadline for nothing): the caller keeps it
+    /// for a restart, so `keys` is applied only while tokens are on.
+    pub(super) fn reload(&mut self, allow_functions: Vec<String>, keys: Option<Keys>) {
+        self.patterns = allow_functions.iter().map(|p| Pattern::new(p)).collect();
+        self.cfg.allow_functions = allow_functions;
+        if let (Some(_), Some(keys)) = (&self.cfg.keys, keys) {
+            self.cfg.keys = Some(keys);
+        }
+    }
+
     /// Clients must present a token.
     pub(super) fn tokens_on(&self) -> bool {
         self.cfg.keys.is_some()

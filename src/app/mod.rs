@@ -49,6 +49,7 @@ use std::time::Instant;
 use log::debug;
 
 use crate::gearman::client::{JobEvent, JobMode, JobTag, Priority};
+use crate::jwt::Keys;
 use crate::metrics::{ErrorCode, Message, Metrics, Outcome};
 use crate::random::Entropy;
 
@@ -215,6 +216,14 @@ impl App {
             metrics: Metrics::default(),
             cfg,
         }
+    }
+
+    /// SIGHUP: what a running App takes anew (the server's reload decides what changed). The
+    /// worker token and the allowed functions apply to every later message; new token keys
+    /// apply while tokens are on (a rotation), to every later `auth`.
+    pub fn reload(&mut self, worker_token: Option<String>, allow_functions: Vec<String>, keys: Option<Keys>) {
+        self.cfg.worker_token = worker_token;
+        self.access.reload(allow_functions, keys);
     }
 
     /// This instance's id (`--instance-id`, or drawn at startup).

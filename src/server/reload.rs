@@ -15,6 +15,7 @@ use log::{error, info};
 
 use super::Server;
 use crate::config::Config;
+use crate::jwt::Keys;
 
 /// Reads the settings again (`main.rs`: the same parse as at start).
 pub type Reader = Box<dyn FnMut() -> Result<Config, String>>;
@@ -37,18 +38,46 @@ impl Server {
         };
         let old = self.cfg.clone();
         let mut changed = Vec::new();
-        // Each setting SIGHUP may change: compare and name it, then apply it to whoever holds
-        // it. Issue 19's client token key and allowed functions take one line each here, as
-        // `if differs(…) { self.app.set_…(new.….clone()) }`.
+        // Each setting SIGHUP may change: compare and name it (secrets by name only), then
+        // apply it to whoever holds it.
         if differs(&mut changed, "allowed origins", &old.allowed_origins, &new.allowed_origins) {
             self.limits.ws.allowed_origins = new.allowed_origins.clone(); // checked at each upgrade
         }
         let log_level = differs(&mut changed, "log level", &old.log_level, &new.log_level);
-        // The worker token lives in the App, which takes no new one yet: it needs a restart,
-        // like every setting not above (limits sized at start, listeners, gearmand links).
+        let functions =
+            differs(&mut changed, "allowed functions", &old.allow_functions, &new.allow_functions);
+        let worker_token = secret_differs(&mut changed, "worker token", &old.worker_token, &new.worker_token);
+        // New client token keys are a rotation while tokens are on; turning them on or off
+        // changes what every open connection must do, and waits for a restart.
+        let rotated = old.client_token_keys.is_some()
+            && new.client_token_keys.is_some()
+            && secret_differs(
+                &mut changed,
+                "client token keys",
+                &old.client_token_keys,
+                &new.client_token_keys,
+            );
+        let keys = match new.client_token_keys.as_deref().filter(|_| rotated).map(Keys::parse) {
+            Some(Ok(keys)) => Some(keys),
+            Some(Err(e)) => return error!("SIGHUP: client token keys: {e}; every setting in force is kept"),
+            None => None,
+        };
+        if functions || worker_token || rotated {
+            self.app.reload(new.worker_token.clone(), new.allow_functions.clone(), keys);
+        }
+        // Every setting not above needs a restart (limits sized at start, listeners, links).
         let mut kept = new.clone();
         (kept.allowed_origins, kept.log_level) = (old.allowed_origins.clone(), old.log_level);
+        (kept.allow_functions, kept.worker_token) = (old.allow_functions.clone(), old.worker_token.clone());
+        if rotated {
+            kept.client_token_keys = old.client_token_keys.clone();
+        }
         let restart = format!("{kept:?}") != format!("{old:?}");
+        self.cfg.allow_functions = new.allow_functions;
+        self.cfg.worker_token = new.worker_token;
+        if rotated {
+            self.cfg.client_token_keys = new.client_token_keys;
+        }
         self.cfg.allowed_origins = new.allowed_origins;
         self.cfg.log_level = new.log_level;
         if log_level {
@@ -74,6 +103,15 @@ impl Server {
             crate::logging::set_level(new.log_level);
         }
     }
+}
+
+/// Whether a secret changed; if so, only its name goes on `changed` (never its value).
+fn secret_differs<T: PartialEq>(changed: &mut Vec<String>, name: &str, old: &T, new: &T) -> bool {
+    if old == new {
+        return false;
+    }
+    changed.push(format!("{name} (replaced)"));
+    true
 }
 
 /// Whether `old` and `new` differ; if so, `name: old -> new` goes on `changed`.
