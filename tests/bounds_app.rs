@@ -47,17 +47,7 @@ fn connect_from(source: &str, server: SocketAddr) -> Ws {
 
 /// A masked client text frame (mask key 0, so the payload goes as it is).
 fn frame(text: &str) -> Vec<u8> {
-    let mut f = vec![0x81];
-    match text.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(text.as_bytes());
-    f
+    client_frame(0x81, text.as_bytes(), [0; 4])
 }
 
 /// A stream job submitted by a new client, served by `worker`: how long until `job.complete`.

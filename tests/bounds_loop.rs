@@ -37,22 +37,7 @@ fn raw_ws(addr: SocketAddr) -> TcpStream {
 
 /// A masked client frame: `first` is the FIN bit and the opcode.
 fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [0x11, 0x22, 0x33, 0x44];
-    let mut f = vec![first];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&key);
-    f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
-    f
+    client_frame(first, payload, [0x11, 0x22, 0x33, 0x44])
 }
 
 /// The next server frame: (first byte, payload).

@@ -49,21 +49,7 @@ fn write_raw(ws: &mut Ws, bytes: &[u8]) {
 /// A client frame (masked with a zero key, so the payload reads as it is) with first byte
 /// `first` (FIN and opcode).
 fn raw_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![first];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(payload);
-    f
+    client_frame(first, payload, [0; 4])
 }
 
 /// A 16 MiB connection on the client side too (tungstenite's client allows 16 MiB frames and

@@ -525,3 +525,24 @@ impl RawWorker {
         }
     }
 }
+
+/// A client frame as raw bytes, for tests that write the wire themselves: `first` is the FIN
+/// bit and the opcode, the payload is masked with `key` (a zero key leaves it readable), and
+/// the length takes the shortest form RFC 6455 allows.
+pub fn client_frame(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![first];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+    f
+}
