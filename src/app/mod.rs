@@ -44,6 +44,7 @@ mod stored;
 mod testkit;
 mod uniques;
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use log::debug;
@@ -99,8 +100,9 @@ pub enum AppTimer {
 /// What the shell must do.
 #[derive(Debug, PartialEq)]
 pub enum Effect {
-    /// Queue a text frame to a client.
-    Send(ConnId, String),
+    /// Queue a text frame to a client. Borrowed for the fixed replies (`got it!`), which
+    /// then cost no allocation.
+    Send(ConnId, Cow<'static, str>),
     /// Write a SUBMIT_JOB* to a gearmand link.
     Submit {
         /// Index of the gearmand link.
@@ -275,7 +277,7 @@ impl App {
     }
 
     /// Queues a reply's text (made by [`Reply::text`]) to a client.
-    fn send(&mut self, to: ConnId, text: String) {
+    fn send(&mut self, to: ConnId, text: Cow<'static, str>) {
         self.metrics.messages_out += 1;
         self.effects.push(Effect::Send(to, text));
     }

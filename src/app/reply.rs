@@ -66,15 +66,18 @@ pub(super) enum JobNews<'a> {
 }
 
 impl Reply<'_> {
-    /// The wire text.
-    pub(super) fn text(&self) -> String {
+    /// The wire text. The fixed answers are borrowed: `got it!` is the reply to every report,
+    /// and a `String` per message for it was a malloc and a free on the hot path.
+    pub(super) fn text(&self) -> Cow<'static, str> {
         match self {
-            Reply::PingAck => PING_ACK.to_string(),
-            Reply::GotIt => GOT_IT.to_string(),
-            Reply::PingJob(handle) => format!("job: {}", String::from_utf8_lossy(handle)),
-            Reply::PingValue(value) => format!("value: {}", value.unwrap_or("")),
+            Reply::PingAck => Cow::Borrowed(PING_ACK),
+            Reply::GotIt => Cow::Borrowed(GOT_IT),
+            Reply::PingJob(handle) => format!("job: {}", String::from_utf8_lossy(handle)).into(),
+            Reply::PingValue(value) => format!("value: {}", value.unwrap_or("")).into(),
             Reply::Error { .. } | Reply::Job { .. } | Reply::AuthOk { .. } | Reply::RateLimited { .. } => {
-                serde_json::to_string(&Json(self)).expect("string keys and plain values always serialize")
+                serde_json::to_string(&Json(self))
+                    .expect("string keys and plain values always serialize")
+                    .into()
             }
         }
     }
@@ -185,7 +188,7 @@ fn put_bytes<M: SerializeMap>(map: &mut M, names: [&'static str; 2], bytes: &[u8
 mod tests {
     use super::*;
 
-    fn job<'a>(news: JobNews<'a>, reference: Option<&'a Ref>) -> String {
+    fn job<'a>(news: JobNews<'a>, reference: Option<&'a Ref>) -> Cow<'static, str> {
         Reply::Job { handle: Some(b"H:vm:1"), news, reference }.text()
     }
 

@@ -40,16 +40,18 @@ impl App {
             Ok(report) => report,
             Err(refusal) => return self.error(id, refusal.code, &refusal.text, r),
         };
-        let handle = match job {
-            JobName::Unique(unique) => return self.report_by_unique(id, &unique, &value, r),
+        let mut digits = [0; 20];
+        let handle = match &job {
+            JobName::Unique(unique) => return self.report_by_unique(id, unique, &value, r),
             JobName::Handle(handle) => handle,
+            JobName::Number(n) => JobName::spell(*n, &mut digits),
         };
         match self.links.owners(handle.as_bytes()) {
             HandleOwners::None => {
                 // The article's server stores every value; a worker may report before our
                 // JOB_CREATED was read. Kept until claimed or its TTL.
                 self.send(id, Reply::GotIt.text());
-                if let Some(at) = self.stored.store(handle, value, now) {
+                if let Some(at) = self.stored.store(handle, &value, now) {
                     self.effects.push(Effect::Arm(at, AppTimer::Sweep));
                 }
             }

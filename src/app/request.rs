@@ -42,7 +42,8 @@ struct Incoming<'a> {
     mode: Option<Cow<'a, str>>,
     #[serde(borrow)]
     priority: Option<Cow<'a, str>>,
-    unique: Option<String>,
+    #[serde(borrow)]
+    unique: Option<Cow<'a, str>>,
     #[serde(rename = "ref", borrow)]
     reference: Option<Scalar<'a>>,
     job: Option<String>,
@@ -69,21 +70,40 @@ pub(super) enum Request<'a> {
     Status { handle: String },
     /// A worker's `worker.complete`. Whether the reporter may report is decided before what it
     /// reported is looked at, so the report stays unchecked until then.
-    Report { token: Option<Cow<'a, str>>, report: Result<Report, Refusal> },
+    Report { token: Option<Cow<'a, str>>, report: Result<Report<'a>, Refusal> },
 }
 
-/// A value a worker reports, and the job it names.
-pub(super) struct Report {
-    pub value: String,
-    pub job: JobName,
+/// A value a worker reports, and the job it names. Borrowed from the message where it can be:
+/// a report is the hot message, and most are answered without keeping anything.
+pub(super) struct Report<'a> {
+    pub value: Cow<'a, str>,
+    pub job: JobName<'a>,
 }
 
 /// How a report names its job.
-pub(super) enum JobName {
+pub(super) enum JobName<'a> {
     /// The unique gearmand gave the worker (GRAB_JOB_UNIQ): one gearmand job exactly.
-    Unique(String),
+    Unique(Cow<'a, str>),
     /// A job handle, which several gearmands may have given out.
-    Handle(String),
+    Handle(Cow<'a, str>),
+    /// A job handle sent as a JSON integer: spelled out by [`JobName::spell`] on the stack,
+    /// not in a `String` per message.
+    Number(u64),
+}
+
+impl JobName<'_> {
+    /// The handle of a [`JobName::Number`], spelled as serde_json spells an integer (so a
+    /// report by number names the same handle as before), in `digits`.
+    pub fn spell(n: u64, digits: &mut [u8; 20]) -> &str {
+        use std::io::Write;
+        let unused = {
+            let mut rest = &mut digits[..];
+            write!(rest, "{n}").expect("a u64 has at most 20 digits");
+            rest.len()
+        };
+        let len = digits.len() - unused;
+        std::str::from_utf8(&digits[..len]).expect("digits are ASCII")
+    }
 }
 
 /// Why a message is refused: the error code, and the text that tells the client what to fix.
@@ -139,7 +159,7 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
             msg.payload_b64,
             msg.mode.as_deref(),
             msg.priority.as_deref(),
-            msg.unique,
+            msg.unique.map(Cow::into_owned),
             max_unique_bytes,
         ),
         "status" => match msg.job {
@@ -158,9 +178,13 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
 /// A `worker.complete`: the value (any JSON; a string is taken as it is), and the job named by
 /// unique or, failing that, by handle; a unique or handle longer than gearmand gives out is
 /// refused (it names no job, and would only be stored).
-fn report(value: Option<Reported>, unique: Option<String>, id: Option<Scalar>) -> Result<Report, Refusal> {
+fn report<'a>(
+    value: Option<Reported<'a>>,
+    unique: Option<Cow<'a, str>>,
+    id: Option<Scalar<'a>>,
+) -> Result<Report<'a>, Refusal> {
     let value = match value {
-        Some(Reported(v)) => v.into_owned(),
+        Some(Reported(v)) => v,
         None => return Err(bad_request("worker.complete needs \"value\"")),
     };
     if let Some(unique) = unique {
@@ -171,8 +195,12 @@ fn report(value: Option<Reported>, unique: Option<String>, id: Option<Scalar>) -
         return Ok(Report { value, job: JobName::Unique(unique) });
     }
     let handle = match id {
-        Some(Scalar::Text(s)) => s.into_owned(),
-        Some(Scalar::Number(n)) => n.to_string(),
+        Some(Scalar::Text(s)) => s,
+        // At most 20 digits, well under the limit below.
+        Some(Scalar::Number(n)) if let Some(n) = n.as_u64() => {
+            return Ok(Report { value, job: JobName::Number(n) });
+        }
+        Some(Scalar::Number(n)) => Cow::Owned(n.to_string()),
         _ => {
             return Err(bad_request(
                 "worker.complete needs \"unique\" (from GRAB_JOB_UNIQ) or \"id\" (a job handle)",

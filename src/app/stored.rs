@@ -73,14 +73,22 @@ impl StoredValues {
 
     /// Keeps `value` for `handle`, dropping the oldest if the store is full. Returns when the
     /// sweep is due, if this value armed it.
-    pub(super) fn store(&mut self, handle: String, value: String, now: Instant) -> Option<Instant> {
+    pub(super) fn store(&mut self, handle: &str, value: &str, now: Instant) -> Option<Instant> {
         self.seq += 1;
         let seq = self.seq;
-        if let Some(s) = self.values.get_mut(handle.as_str()) {
+        if let Some(s) = self.values.get_mut(handle) {
             // Replaced in place and moved to the back with its new time; if that pushes the
             // store over its bytes, the oldest go below.
             self.bytes = self.bytes - s.value.len() + value.len();
-            *s = Stored { value, at: now, seq };
+            // A worker that reports one handle again reuses the old value's allocation, unless
+            // that would keep more than twice the bytes the store counts for it.
+            if s.value.capacity() <= 2 * value.len().max(16) {
+                s.value.clear();
+                s.value.push_str(value);
+            } else {
+                s.value = value.to_owned();
+            }
+            (s.at, s.seq) = (now, seq);
             match self.order.back_mut() {
                 // Already the newest: it stays at the back with its new seq (no stale entry).
                 Some((key, last)) if **key == *handle => *last = seq,
@@ -102,7 +110,7 @@ impl StoredValues {
         let key: Box<str> = handle.into();
         self.order.push_back((key.clone(), seq));
         self.bytes += cost;
-        self.values.insert(key, Stored { value, at: now, seq });
+        self.values.insert(key, Stored { value: value.to_owned(), at: now, seq });
         self.compact_order();
         if self.sweep_armed {
             return None;
@@ -185,22 +193,22 @@ mod tests {
         // A trusted reporter whose values are all claimed: the order list must not grow.
         for i in 0..100_000 {
             let handle = format!("H:{}", i % 7);
-            app.stored.store(handle.clone(), "v".into(), t0);
+            app.stored.store(&handle, "v", t0);
             assert!(app.stored.take(&handle).is_some());
         }
         assert!(app.stored.order.len() <= 64, "{} stale keys kept", app.stored.order.len());
         // Stored, claimed, stored again: the old entry must not evict the new value.
-        app.stored.store("H:a".into(), "old".into(), t0);
+        app.stored.store("H:a", "old", t0);
         app.stored.take("H:a");
-        app.stored.store("H:b".into(), "b".into(), t0);
-        app.stored.store("H:a".into(), "new".into(), t0);
-        app.stored.store("H:c".into(), "c".into(), t0); // the store holds three (cfg)
-        app.stored.store("H:d".into(), "d".into(), t0);
+        app.stored.store("H:b", "b", t0);
+        app.stored.store("H:a", "new", t0);
+        app.stored.store("H:c", "c", t0); // the store holds three (cfg)
+        app.stored.store("H:d", "d", t0);
         assert!(app.stored.values.contains_key("H:a"), "the newest H:a outlives the older H:b");
         assert!(!app.stored.values.contains_key("H:b"));
         // Overwriting moves a value to the back, for the TTL as for eviction.
         let ttl = app.cfg.value_ttl;
-        app.stored.store("H:c".into(), "c2".into(), t0 + ttl / 2);
+        app.stored.store("H:c", "c2", t0 + ttl / 2);
         app.stored.sweep(t0 + ttl);
         assert_eq!(app.stored.values.keys().map(|k| &**k).collect::<Vec<_>>(), ["H:c"]);
     }

@@ -43,7 +43,7 @@ pub(super) fn effects(app: &mut App) -> Vec<Effect> {
 pub(super) fn sent(effects: &[Effect]) -> Vec<(ConnId, &str)> {
     effects
         .iter()
-        .filter_map(|e| if let Effect::Send(c, t) = e { Some((*c, t.as_str())) } else { None })
+        .filter_map(|e| if let Effect::Send(c, t) = e { Some((*c, t.as_ref())) } else { None })
         .collect()
 }
 
