@@ -6,8 +6,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use gearsock::app::{App, ConnId, Effect};
-use gearsock::config::Config;
+mod common;
+
+use common::{client_frame, open_client};
+use gearsock::app::{App, Effect};
 use gearsock::ws::{Ws, WsEvent};
 
 /// Counts calls that hand out memory (alloc, and realloc, which may move).
@@ -38,32 +40,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// A masked client text frame, as in `micro.rs`.
-fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut f = vec![0x81, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 fn main() {
-    let cfg = Config::default();
-    let limits = gearsock::server::settings::ws_limits(&cfg);
-    let mut ws = Ws::new();
-    ws.input().expect("handshaking").extend(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    );
-    assert!(matches!(ws.poll_event(&limits), Some(WsEvent::Opened(_))));
-    ws.consume_output(ws.output_len());
-    let mut app = App::new(
-        gearsock::server::settings::app_config(&cfg, "bench".into()),
-        1,
-        gearsock::random::Entropy::counter(),
-    );
-    let id = ConnId { key: 0, generation: 1 };
-    app.handle_client_open(id, true);
+    let (mut ws, limits, mut app, id) = open_client();
     let (now, mut effects) = (Instant::now(), Vec::new());
     for (name, msg, reply) in [
         (

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-use gearsock::app::{App, ConnId, Effect};
+mod common;
+
+use common::{client_frame, open_client};
+use gearsock::app::Effect;
 use gearsock::buf::InBuf;
-use gearsock::config::Config;
 use gearsock::gearman::client::{ClientSession, JobEvent, JobMode, JobTag, Priority};
 use gearsock::gearman::packet::{PacketType, encode_response};
 use gearsock::wheel::TimerWheel;
-use gearsock::ws::{Ws, WsEvent};
+use gearsock::ws::WsEvent;
 
 fn codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("gearman");
@@ -87,38 +89,8 @@ fn codec(c: &mut Criterion) {
     g.finish();
 }
 
-/// A masked client text frame (a fixed mask, as a load generator would send).
-fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut f = vec![0x81];
-    if payload.len() < 126 {
-        f.push(0x80 | payload.len() as u8);
-    } else {
-        f.push(0x80 | 126);
-        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 fn message_path(c: &mut Criterion) {
-    let cfg = Config::default();
-    let limits = gearsock::server::settings::ws_limits(&cfg);
-    let mut ws = Ws::new();
-    ws.input().expect("handshaking").extend(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    );
-    assert!(matches!(ws.poll_event(&limits), Some(WsEvent::Opened(_))));
-    ws.consume_output(ws.output_len());
-    let mut app = App::new(
-        gearsock::server::settings::app_config(&cfg, "bench".into()),
-        1,
-        gearsock::random::Entropy::counter(),
-    );
-    let id = ConnId { key: 0, generation: 1 };
-    app.handle_client_open(id, true);
+    let (mut ws, limits, mut app, id) = open_client();
     let frame = client_frame(br#"{"type":"worker.complete","id":1,"value":"done"}"#);
     let now = Instant::now();
     let mut effects = Vec::new();
