@@ -12,9 +12,7 @@ use common::*;
 
 /// The article's round trip, which needs no gearmand: the loop is serving.
 fn round_trip(s: &Server) {
-    let mut ws = connect(&s.url());
-    send(&mut ws, r#"{"type":"worker.complete","id":"H:x:1","value":"done"}"#);
-    assert_eq!(recv(&mut ws), "got it!");
+    report_round_trip(&mut connect(&s.url()));
 }
 
 /// The first gearmand's state as `/healthz` shows it.

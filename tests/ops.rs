@@ -182,12 +182,6 @@ fn settings_come_from_flags_then_the_env_file_then_the_environment() {
     std::fs::remove_file(&dir).expect("remove the env file");
 }
 
-/// The article's round trip on `ws`, which needs no gearmand.
-fn round_trip(ws: &mut Ws) {
-    send(ws, r#"{"type":"worker.complete","id":"H:x:1","value":"done"}"#);
-    assert_eq!(recv(ws), "got it!");
-}
-
 #[test]
 fn sighup_reloads_the_env_file_without_dropping_anyone_and_a_bad_file_keeps_the_old() {
     let path = std::env::temp_dir().join(format!("gearsock-ops-hup-{}", std::process::id()));
@@ -196,7 +190,7 @@ fn sighup_reloads_the_env_file_without_dropping_anyone_and_a_bad_file_keeps_the_
     let nobody = format!("127.0.0.1:{}", free_port());
     let (mut s, log) = Server::start_logged(&nobody, &["--env-file", &file], &[]);
     let mut stays = connect(&s.url());
-    round_trip(&mut stays);
+    report_round_trip(&mut stays);
     let from = |origin: &str| try_connect_with(&s.url(), &[("Origin", origin)], Duration::from_secs(5));
     assert!(from("https://old.example").is_ok());
     assert!(from("https://new.example").is_err());
@@ -214,20 +208,20 @@ fn sighup_reloads_the_env_file_without_dropping_anyone_and_a_bad_file_keeps_the_
     );
     assert!(said.contains("log level Info -> Debug"), "{said}");
     assert!(from("https://new.example").is_ok() && from("https://old.example").is_err());
-    round_trip(&mut stays); // not dropped
+    report_round_trip(&mut stays); // not dropped
     wait_for("debug lines", Duration::from_secs(5), || log.count("DEBUG") > 0);
 
     std::fs::write(&path, "this is not KEY=VALUE\nnonsense\n").expect("write");
     s.proc.signal("HUP");
     wait_for("the refusal", Duration::from_secs(5), || log.count("every setting in force is kept") == 1);
     assert!(from("https://new.example").is_ok(), "the old settings stay");
-    round_trip(&mut stays);
+    report_round_trip(&mut stays);
     std::fs::remove_file(&path).expect("remove");
     s.proc.signal("HUP");
     wait_for("the second refusal", Duration::from_secs(5), || {
         log.count("every setting in force is kept") == 2
     });
-    round_trip(&mut stays);
+    report_round_trip(&mut stays);
     assert_eq!(s.proc.wait_exit(Duration::from_millis(200)), None, "SIGHUP is no stop");
     s.proc.signal("TERM");
     assert_eq!(s.proc.wait_exit(Duration::from_secs(5)), Some(0), "SIGTERM still is");
@@ -267,7 +261,7 @@ fn a_group_passes_sighup_to_its_processes() {
         log.count("SIGHUP: settings read again") == 2
     });
     let mut ws = connect(&s.url());
-    round_trip(&mut ws);
+    report_round_trip(&mut ws);
     assert_eq!(s.proc.wait_exit(Duration::from_millis(200)), None, "the group still runs");
 }
 

@@ -546,3 +546,9 @@ pub fn client_frame(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
     f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
     f
 }
+
+/// The article's report and its answer on `ws`, which needs no gearmand: the loop is serving.
+pub fn report_round_trip(ws: &mut Ws) {
+    send(ws, r#"{"type":"worker.complete","id":"H:x:1","value":"done"}"#);
+    assert_eq!(recv(ws), "got it!");
+}
