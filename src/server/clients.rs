@@ -13,7 +13,7 @@ use std::time::Instant;
 use log::{debug, warn};
 use mio::net::TcpStream;
 
-use super::conn::{Armed, Conn};
+use super::conn::{Armed, Conn, Listed};
 use super::io::{Io, Readiness, discard, fill, shutdown_write, write_some};
 use super::{Server, TimerEvent, list};
 use crate::app::{ConnId, is_trusted_peer};
@@ -259,57 +259,65 @@ impl Server {
         self.backlog.iter().filter_map(|&k| self.conns.get(k)).map(|c| c.conn.output_len()).sum()
     }
 
-    /// Drops clients with the largest backlogs until the total is at most `limit`.
-    pub(super) fn drop_largest_backlogs(&mut self, mut total: usize, limit: usize, now: Instant) {
-        let mut largest: Vec<(usize, usize)> =
-            self.backlog.iter().map(|&k| (self.conns[k].conn.output_len(), k)).collect();
-        largest.sort_unstable_by(|a, b| b.cmp(a));
-        for (bytes, key) in largest {
-            if total <= limit {
-                break;
-            }
-            if self.conns[key].conn.is_open() {
-                debug!("conn={key} dropped: largest backlog while all clients' output is over its total");
-                self.with_conn(key, now, |s| s.conns[key].conn.drop_slow_reader(now));
-                total -= bytes.saturating_sub(self.conns[key].conn.output_len());
-            }
-        }
+    /// Keeps the output of all clients together under `client_out_total_bytes`, dropping the
+    /// largest backlogs first (1008, as slow readers). Only connections whose last write left
+    /// bytes are looked at.
+    pub(super) fn limit_backlog(&mut self, now: Instant) {
+        self.limit_total(Held::Output, self.cfg.client_out_total_bytes, now);
     }
 
     /// Keeps the unfinished input of all clients together under `client_in_total_bytes`,
-    /// dropping the largest holders first (1008), as `limit_backlog` does for output. Only
-    /// clients that held input after their last input are looked at. It runs every pass right
-    /// before `reap_closed`, so a client that is about to be reaped (holding nothing) has left
-    /// the list before its slab key can be reused.
+    /// dropping the largest holders first (1008). Only clients that held input after their last
+    /// input are looked at. It runs every pass right before `reap_closed`, so a client that is
+    /// about to be reaped (holding nothing) has left the list before its slab key can be reused.
     pub(super) fn limit_input(&mut self, now: Instant) {
+        self.limit_total(Held::Input, self.cfg.client_in_total_bytes, now);
+    }
+
+    /// One mechanism for both totals: the listed clients that no longer hold any of `held`
+    /// leave the list; past `limit`, the largest holders are dropped first, each drop taking
+    /// off what it freed, until the total is at most `limit`.
+    fn limit_total(&mut self, held: Held, limit: usize, now: Instant) {
         let (conns, mut total) = (&mut self.conns, 0usize);
-        self.held.retain(|&k| match conns.get_mut(k) {
-            Some(c) if c.conn.held_input_bytes() > 0 => {
-                total = total.saturating_add(c.conn.held_input_bytes());
+        let list = match held {
+            Held::Output => &mut self.backlog,
+            Held::Input => &mut self.held,
+        };
+        list.retain(|&k| match conns.get_mut(k) {
+            Some(c) if held.counts(&c.conn) => {
+                total = total.saturating_add(held.bytes(&c.conn));
                 true
             }
             Some(c) => {
-                c.listed.held = false;
+                *held.listed(&mut c.listed) = false;
                 false
             }
             None => false,
         });
-        let limit = self.cfg.client_in_total_bytes;
         if total <= limit {
             return;
         }
         let mut largest: Vec<(usize, usize)> =
-            self.held.iter().map(|&k| (self.conns[k].conn.held_input_bytes(), k)).collect();
+            list.iter().map(|&k| (held.bytes(&conns[k].conn), k)).collect();
         largest.sort_unstable_by(|a, b| b.cmp(a));
         for (bytes, key) in largest {
             if total <= limit {
                 break;
             }
-            debug!(
-                "conn={key} dropped: most unfinished input ({bytes} bytes) while all clients hold over the total"
-            );
-            self.with_conn(key, now, |s| s.conns[key].conn.drop_for_input_total(now));
-            total -= bytes.saturating_sub(self.conns[key].conn.held_input_bytes());
+            match held {
+                Held::Output if !self.conns[key].conn.is_open() => continue, // already ending
+                Held::Output => {
+                    debug!("conn={key} dropped: largest backlog while all clients' output is over its total");
+                    self.with_conn(key, now, |s| s.conns[key].conn.drop_slow_reader(now));
+                }
+                Held::Input => {
+                    debug!(
+                        "conn={key} dropped: most unfinished input ({bytes} bytes) while all clients hold over the total"
+                    );
+                    self.with_conn(key, now, |s| s.conns[key].conn.drop_for_input_total(now));
+                }
+            }
+            total -= bytes.saturating_sub(held.bytes(&self.conns[key].conn));
         }
     }
 
@@ -342,6 +350,39 @@ impl Server {
             },
             links,
             metrics: &self.app.metrics,
+        }
+    }
+}
+
+/// What all clients together may hold, each under a total of its own.
+#[derive(Clone, Copy)]
+enum Held {
+    /// Replies queued and not yet taken by the socket (`--client-out-total-bytes`).
+    Output,
+    /// Input read but not yet a whole message (`--client-in-total-bytes`).
+    Input,
+}
+
+impl Held {
+    /// How many bytes of it the connection holds.
+    fn bytes(self, c: &Connection) -> usize {
+        match self {
+            Held::Output => c.output_len(),
+            Held::Input => c.held_input_bytes(),
+        }
+    }
+
+    /// Whether the connection stays listed for this total (a closed one's output is no
+    /// backlog: it is about to be reaped).
+    fn counts(self, c: &Connection) -> bool {
+        self.bytes(c) > 0 && !(matches!(self, Held::Output) && c.is_closed())
+    }
+
+    /// The connection's flag for this kind's list.
+    fn listed(self, l: &mut Listed) -> &mut bool {
+        match self {
+            Held::Output => &mut l.backlog,
+            Held::Input => &mut l.held,
         }
     }
 }

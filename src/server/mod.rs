@@ -450,24 +450,6 @@ impl Server {
         self.dirty = dirty;
     }
 
-    /// Keeps the output of all clients together under `client_out_total_bytes`, dropping the
-    /// largest backlogs first. Only connections whose last write left bytes are looked at.
-    fn limit_backlog(&mut self, now: Instant) {
-        let conns = &mut self.conns;
-        self.backlog.retain(|&k| match conns.get_mut(k) {
-            Some(c) if !c.conn.is_closed() && c.conn.output_len() > 0 => true,
-            Some(c) => {
-                c.listed.backlog = false;
-                false
-            }
-            None => false,
-        });
-        let total = self.backlog_bytes();
-        if total > self.cfg.client_out_total_bytes {
-            self.drop_largest_backlogs(total, self.cfg.client_out_total_bytes, now);
-        }
-    }
-
     fn begin_shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
         for mut listener in [self.listener.take(), self.admin.take()].into_iter().flatten() {
