@@ -38,7 +38,8 @@ fn submit(ws: &mut Ws, function: &str) -> Value {
 }
 
 fn attach(ws: &mut Ws, created: &Value, after: u64) {
-    let msg = json!({"type":"attach","job":created["job"],"resume":created["resume"],"after":after,"ref":"a"});
+    let msg =
+        json!({"type":"attach","job":created["job"],"resume":created["resume"],"after":after,"ref":"a"});
     send(ws, &msg.to_string());
 }
 
@@ -208,4 +209,72 @@ fn events_trimmed_from_a_small_log_come_back_as_a_gap() {
     assert_eq!(seqs, (to + 1..=N as u64 + 2).collect::<Vec<_>>());
     assert_eq!(data, expected(to as usize));
     assert_eq!(s.metric("gearsock_attaches_total{outcome=\"gap\"}"), 1.0);
+}
+
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value")
+}
+
+/// 10,000 stream jobs whose clients left, each then sent more events than its log keeps: the
+/// logs stay within `--job-log-total-bytes` (the oldest detached jobs are given up for it),
+/// and the server's memory within that plus a bounded overhead per job, which is printed
+/// (docs/RELIABILITY.md).
+#[test]
+fn ten_thousand_detached_jobs_stay_within_the_log_total() {
+    const JOBS: usize = 10_000;
+    const PER_CLIENT: usize = 200;
+    const TOTAL: usize = 12 << 20;
+    let g = Gearmand::start();
+    let total = TOTAL.to_string();
+    let flags =
+        ["--job-log-bytes", "2048", "--job-log-total-bytes", &total, "--max-jobs-per-connection", "200"];
+    let s = Server::start(&g.addr(), &flags);
+    s.wait_healthy();
+    let pid = s.proc.pid();
+    let base = rss_kib(pid);
+    for _ in 0..JOBS / PER_CLIENT {
+        let mut ws = connect(&s.url());
+        for _ in 0..PER_CLIENT {
+            send(&mut ws, r#"{"type":"submit","function":"held","payload":"p"}"#);
+        }
+        for _ in 0..PER_CLIENT {
+            assert_eq!(recv_json(&mut ws)["type"], "job.created");
+        }
+    }
+    wait_for("every job detached", Duration::from_secs(30), || {
+        s.metric("gearsock_jobs_detached") == JOBS as f64
+    });
+    let detached = rss_kib(pid);
+    let logged = s.metric("gearsock_job_log_bytes");
+    // Each log is then filled past --job-log-bytes: two events of 900 bytes after job.created.
+    let mut worker = RawWorker::connect(&g.addr(), "held");
+    let piece = vec![b'x'; 900];
+    for _ in 0..JOBS {
+        let job = worker.must_grab(Duration::from_secs(10));
+        worker.data(&job.handle, &piece);
+        worker.data(&job.handle, &piece);
+    }
+    let mut last = -1.0;
+    wait_for("the logs to settle", Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = s.metric("gearsock_events_replayed_total") + s.metric("gearsock_job_log_bytes");
+        std::mem::replace(&mut last, now) == now
+    });
+    let held = s.metric("gearsock_job_log_bytes");
+    let full = rss_kib(pid);
+    let given_up = s.metric("gearsock_detached_abandoned_total{reason=\"log_total\"}");
+    let per_job = (detached.saturating_sub(base) * 1024) as f64 / JOBS as f64;
+    println!(
+        "10,000 detached jobs: RSS {base} KiB at start, {detached} KiB detached ({per_job:.0} B/job, \
+         logs {logged} B), {full} KiB with full logs (logs {held} B of {TOTAL}; {given_up} jobs given up)"
+    );
+    assert!(held <= TOTAL as f64, "{held}");
+    assert!(given_up > 0.0, "the total was reached");
+    // What memory grew by: the logs' total, plus an overhead per job (the job, its journal,
+    // its timer, gearmand's link bookkeeping), well under 2 KiB each.
+    let grown = (full.saturating_sub(base) * 1024) as usize;
+    assert!(grown <= TOTAL + JOBS * 2048, "grew {grown} bytes");
 }
