@@ -314,7 +314,8 @@ var Gearsock = (function () {
       msg._job = job;
       if (!this._sendOrQueue(msg)) {
         const ev = { type: "error", code: "queue_full", ref, message: "disconnected, and the send queue is full" };
-        job._finish("error", ev);
+        // Later, so that handlers added right after `submit` hear it.
+        Promise.resolve().then(() => job._finish("error", ev));
       }
       return job;
     }
