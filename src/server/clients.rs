@@ -176,7 +176,7 @@ impl Server {
                     if let Some(event) = reason.event(handshaking) {
                         self.note(event, now);
                     }
-                    self.app.handle_client_closed(id);
+                    self.app.handle_client_closed(id, now);
                 }
             }
         }
@@ -346,6 +346,8 @@ impl Server {
                 stored_values: self.app.stored_values(),
                 stored_bytes: self.app.stored_bytes(),
                 client_output_bytes: self.backlog_bytes(),
+                jobs_detached: self.app.jobs_detached(),
+                job_log_bytes: self.app.job_log_bytes(),
                 links: links.iter().map(|l| (l.addr.clone(), l.state)).collect(),
             },
             links,
