@@ -502,7 +502,12 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_job_log_bytes {}", g.job_log_bytes);
         family(&mut o, "attaches_total", "counter", "Attaches, by outcome.");
         for &a in AttachOutcome::ALL {
-            let _ = writeln!(o, "gearsock_attaches_total{{outcome=\"{}\"}} {}", a.name(), self.attaches[a as usize]);
+            let _ = writeln!(
+                o,
+                "gearsock_attaches_total{{outcome=\"{}\"}} {}",
+                a.name(),
+                self.attaches[a as usize]
+            );
         }
         family(&mut o, "events_replayed_total", "counter", "Job events sent again by attaches.");
         let _ = writeln!(o, "gearsock_events_replayed_total {}", self.events_replayed);

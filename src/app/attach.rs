@@ -15,8 +15,8 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use super::fields::Ref;
-use super::jobs::Kind;
 use super::joblog::{Journal, Log, Owner, Replayed, SECRET_CHARS};
+use super::jobs::Kind;
 use super::reply::{JobNews, Reply};
 use super::{App, AppTimer, ConnId, Effect};
 use crate::gearman::client::JobTag;

@@ -87,11 +87,9 @@ impl Reply<'_> {
             | Reply::RateLimited { .. }
             | Reply::Attached { .. }
             | Reply::Gap { .. }
-            | Reply::Detached { .. } => {
-                serde_json::to_string(&Json(self))
-                    .expect("string keys and plain values always serialize")
-                    .into()
-            }
+            | Reply::Detached { .. } => serde_json::to_string(&Json(self))
+                .expect("string keys and plain values always serialize")
+                .into(),
         }
     }
 }
@@ -253,7 +251,10 @@ mod tests {
                 Reply::Job { handle: None, news: JobNews::Failed("no"), reference: None, seq: None }.text(),
                 r#"{"job":null,"reason":"no","type":"job.failed"}"#,
             ),
-            (job(JobNews::Created(None), Some(&text("r1"))), r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#),
+            (
+                job(JobNews::Created(None), Some(&text("r1"))),
+                r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#,
+            ),
             (
                 job(JobNews::Status(status), Some(&number(7.into()))),
                 r#"{"denominator":3,"job":"H:vm:1","known":true,"numerator":1,"ref":7,"running":false,"type":"job.status"}"#,
@@ -289,8 +290,13 @@ mod tests {
                 r#"{"job":"H:vm:1","ref":"r","resume":"a1.1.Xq","seq":1,"type":"job.created"}"#,
             ),
             (
-                Reply::Job { handle: Some(b"H:vm:1"), news: JobNews::Data(b"d"), reference: None, seq: Some(2) }
-                    .text(),
+                Reply::Job {
+                    handle: Some(b"H:vm:1"),
+                    news: JobNews::Data(b"d"),
+                    reference: None,
+                    seq: Some(2),
+                }
+                .text(),
                 r#"{"data":"d","job":"H:vm:1","seq":2,"type":"job.data"}"#,
             ),
             (

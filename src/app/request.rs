@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::fields::{MAX_REF_BYTES, Ref, Reported, Scalar};
 use super::attach::Attach;
+use super::fields::{MAX_REF_BYTES, Ref, Reported, Scalar};
 use super::jobs::{Kind, Submission};
 use crate::gearman::client::Priority;
 use crate::metrics::{ErrorCode, Message};
@@ -224,14 +224,20 @@ fn report<'a>(
 
 /// An `attach`: the job's handle and resume token (from its `job.created`), and the last seq
 /// the client has (none: 0, everything kept).
-fn attach<'a>(job: Option<String>, resume: Option<String>, after: Option<Scalar>) -> Result<Request<'a>, Refusal> {
+fn attach<'a>(
+    job: Option<String>,
+    resume: Option<String>,
+    after: Option<Scalar>,
+) -> Result<Request<'a>, Refusal> {
     let (Some(handle), Some(resume)) = (job, resume) else {
         return Err(bad_request("attach needs \"job\" and \"resume\" (both from the job's job.created)"));
     };
     let after = match after {
         None => 0,
         Some(Scalar::Number(n)) if let Some(n) = n.as_u64() => n,
-        Some(_) => return Err(bad_request("\"after\" must be a whole number, 0 or more (the last seq you have)")),
+        Some(_) => {
+            return Err(bad_request("\"after\" must be a whole number, 0 or more (the last seq you have)"));
+        }
     };
     Ok(Request::Attach(Attach { handle, resume, after }))
 }
