@@ -560,6 +560,12 @@ const CLIENT_UNIT: &str = r#"(async () => {
     drop() { this.onclose({ code: 1006, reason: "" }); }
   }
   const tick = (ms) => new Promise((r) => setTimeout(r, ms || 0));
+  // Timers run late on a busy machine: wait for the state, not for a time.
+  const until = async (what, cond) => {
+    for (let i = 0; i < 400 && !cond(); i++) await tick(5);
+    if (!cond()) throw new Error("timed out waiting for " + what);
+  };
+  const openOn = (n) => () => sockets.length > n && gs.state === "open";
   const gs = new Gearsock({ url: "ws://x", token: "T", WebSocket: FakeWs,
     reconnect: { minDelayMs: 1, maxDelayMs: 2 } });
   const seen = [], states = [];
@@ -569,13 +575,13 @@ const CLIENT_UNIT: &str = r#"(async () => {
   a.on("event", (m) => seen.push(m.type + ":" + (m.seq || m.from || "")));
   const iterated = [];
   const iterating = (async () => { for await (const m of a) iterated.push(m.type); })();
-  await tick(5);
+  await until("the first connection", openOn(0));
   const first = sockets[0].sent.map((m) => m.type);
   sockets[0].hear({ type: "job.created", job: "H:1", ref: 1, seq: 1, resume: "R" });
   sockets[0].hear({ type: "job.data", job: "H:1", ref: 1, seq: 2, data: "x" });
   sockets[0].drop();                     // b was sent and never named: lost
   const queuedOk = gs.send({ type: "status", job: "H:1" });
-  await tick(20);
+  await until("the second connection", openOn(1));
   const again = sockets[1].sent;
   sockets[1].hear({ type: "job.attached", job: "H:1", ref: 1, seq: 6 });
   sockets[1].hear({ type: "job.data", job: "H:1", ref: 1, seq: 2, data: "x" });   // a repeat
@@ -589,7 +595,7 @@ const CLIENT_UNIT: &str = r#"(async () => {
   const c = gs.submit({ function: "h" });
   sockets[1].hear({ type: "job.created", job: "H:2", ref: 3, seq: 1, resume: "S" });
   sockets[1].drop();
-  await tick(20);
+  await until("the third connection", openOn(2));
   sockets[2].hear({ type: "error", code: "unknown_job", ref: 3, message: "no such job" });
   const cOutcome = await c.done.then(() => "resolved", (e) => e.code + ": " + e.message);
   gs.close();
@@ -692,6 +698,7 @@ fn demo_page_reattaches_a_job_across_a_cut_connection() {
         lines.as_array().is_some_and(|l| l.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with(text))))
     };
     assert!(has("connection closed (code 1006") && has("connection open again"), "{lines}");
+    assert!(has("job #1 re-attached: "), "{lines}");
     assert_eq!(chromium.eval("document.querySelector('#state').dataset.state"), "open");
 
     chromium.eval("window.scrollTo(0, 0); document.activeElement && document.activeElement.blur()");
