@@ -243,10 +243,11 @@ var Gearsock = (function () {
         this._online = () => this.reconnectNow();
         window.addEventListener("online", this._online);
       }
-      if (o.connect !== false) this.connect();
+      // A moment later, so that handlers added right after `new` see the first `connecting`.
+      if (o.connect !== false) Promise.resolve().then(() => this.state === "idle" && this.connect());
     }
 
-    /** Opens the connection (done by the constructor unless `connect: false`). */
+    /** Opens the connection (done right after the constructor unless `connect: false`). */
     connect() {
       if (this.state === "connecting" || this.state === "open") return;
       clearTimeout(this._timer);

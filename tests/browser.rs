@@ -622,6 +622,15 @@ fn demo_page_reattaches_a_job_across_a_cut_connection() {
 
     // The library on its own first (a stand-in socket, in the same page).
     chromium.navigate(&format!("{origin}/"));
+    let module = chromium.eval(
+        "import('/gearsock.mjs').then(m => [m.default === m.Gearsock, typeof m.default.Job, \
+         typeof m.default.bytes, typeof window.Gearsock])",
+    );
+    assert_eq!(
+        module,
+        json!([true, "function", "function", "function"]),
+        "the module, and the script's global"
+    );
     let unit = chromium.eval(CLIENT_UNIT);
     assert_eq!(unit["first"], json!(["auth", "submit", "submit"]), "{unit}");
     let again = &unit["again"];
@@ -656,9 +665,17 @@ fn demo_page_reattaches_a_job_across_a_cut_connection() {
         unit["cOutcome"].as_str().is_some_and(|c| c.starts_with("lost: could not re-attach (unknown_job")),
         "{unit}"
     );
-    // (The first `connecting` came before the handler was added: `gs.state` says it.)
-    let states =
-        ["open", "reconnecting", "connecting", "open", "reconnecting", "connecting", "open", "closed"];
+    let states = [
+        "connecting",
+        "open",
+        "reconnecting",
+        "connecting",
+        "open",
+        "reconnecting",
+        "connecting",
+        "open",
+        "closed",
+    ];
     assert_eq!(unit["states"], json!(states), "{unit}");
 
     // The demo page, through the relay, runs a job of 20 data events 150 ms apart.
