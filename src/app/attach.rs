@@ -506,6 +506,27 @@ mod tests {
     }
 
     #[test]
+    fn with_client_tokens_only_the_sub_that_submitted_may_attach() {
+        use super::super::AccessConfig;
+        use super::super::access::tests::{app_with, token, tokens_on};
+        let t0 = Instant::now();
+        let access = AccessConfig { allow_functions: vec!["*".into()], ..tokens_on() };
+        let clock = access.clock;
+        let mut app = app_with(access);
+        let (alice, bob) =
+            (token(&clock, r#"{"sub":"alice","exp":EXP}"#), token(&clock, r#"{"sub":"bob","exp":EXP}"#));
+        let c = ConnId { key: 2, generation: 1 };
+        for (id, who) in [(A, &alice), (B, &bob), (c, &alice)] {
+            app.handle_client_open_from(id, false, "127.0.0.1".parse().unwrap(), Some(who), t0);
+        }
+        effects(&mut app);
+        let (_, resume) = stream_job(&mut app, A, "H:1", t0);
+        app.handle_client_closed(A, t0);
+        assert_eq!(brief(&attach(&mut app, B, "H:1", &resume, 1, t0)), ["error unknown_job"]);
+        assert_eq!(brief(&attach(&mut app, c, "H:1", &resume, 1, t0)), ["job.attached 1"]);
+    }
+
+    #[test]
     fn over_the_total_the_oldest_detached_job_is_abandoned_first() {
         let t0 = Instant::now();
         let cfg = AppConfig { job_log_total_bytes: 1100, max_jobs_per_connection: 8, ..cfg() };
