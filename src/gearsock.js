@@ -366,8 +366,7 @@ var Gearsock = (function () {
           if (token) this._write({ type: "auth", token });
           for (const job of this._jobs.values()) {
             if (job.handle === null || job.finished || job._resume === null) continue;
-            job.attaching = true;
-            this._write({ type: "attach", job: job.handle, resume: job._resume, after: job.seq, ref: job.ref });
+            this._attach(job);
           }
           const queued = this._queue.splice(0);
           for (const msg of queued) this._write(msg);
@@ -376,6 +375,21 @@ var Gearsock = (function () {
           this._setState("open");
           this._emit("open", { reconnected });
         });
+    }
+
+    // The `attach` that takes `job` back on this connection.
+    _attach(job) {
+      job.attaching = true;
+      this._write({ type: "attach", job: job.handle, resume: job._resume, after: job.seq, ref: job.ref });
+    }
+
+    // The attach again after `ms`, if this connection is still the one (a new connection
+    // re-attaches by itself).
+    _reattachLater(job, ms) {
+      const ws = this._ws;
+      setTimeout(() => {
+        if (ws === this._ws && this._ready && job.attaching && !job.finished) this._attach(job);
+      }, ms);
     }
 
     _sendOrQueue(msg) {
@@ -490,7 +504,10 @@ var Gearsock = (function () {
           job._finish("detached", Object.assign({ reason: "another connection attached this job" }, msg));
           return;
         case "error":
-          if (job.attaching) {
+          if (job.attaching && msg.code === "rate_limited") {
+            // An attach draws from the job rate like a submit: ask again when told.
+            this._reattachLater(job, Number(msg.retry_after_ms) || 500);
+          } else if (job.attaching) {
             // The server no longer has the job (expired, restarted) or will not attach it.
             const reason = "could not re-attach (" + msg.code + ": " + (msg.message || "") + ")";
             job._finish("lost", { type: "job.lost", job: job.handle, ref: job.ref, local: true, reason, error: msg });

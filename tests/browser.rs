@@ -596,6 +596,8 @@ const CLIENT_UNIT: &str = r#"(async () => {
   sockets[1].hear({ type: "job.created", job: "H:2", ref: 3, seq: 1, resume: "S" });
   sockets[1].drop();
   await until("the third connection", openOn(2));
+  sockets[2].hear({ type: "error", code: "rate_limited", ref: 3, message: "slow down", retry_after_ms: 10 });
+  await until("the attach again", () => sockets[2].sent.filter((m) => m.type === "attach").length === 2);
   sockets[2].hear({ type: "error", code: "unknown_job", ref: 3, message: "no such job" });
   const cOutcome = await c.done.then(() => "resolved", (e) => e.code + ": " + e.message);
   gs.close();
