@@ -609,10 +609,25 @@ const CLIENT_UNIT: &str = r#"(async () => {
 fn demo_page_reattaches_a_job_across_a_cut_connection() {
     let started = Instant::now();
     let g = Gearmand::start();
-    // The page comes from the relay, so its origin is the relay's: the only one allowed.
+    // The page comes from the relay, so its origin is the relay's: the only one allowed. Client
+    // tokens are on, so that every connection must authenticate before it may re-attach.
     let (listener, relay_addr) = Relay::bind();
     let origin = format!("http://{relay_addr}");
-    let s = Server::start_bare(&g.addr(), &["--allow-function", "slow", "--allowed-origin", &origin]);
+    let dir = std::env::temp_dir().join(format!("gearsock-browser-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key_file = dir.join("keys");
+    std::fs::write(&key_file, "a-browser-test-secret-of-at-least-32-bytes\n").expect("key file");
+    let key_path = key_file.to_str().expect("UTF-8 path");
+    let minted = Command::new(BIN)
+        .args(["token", "--key-file", key_path, "--sub", "page-user", "--ttl", "10m"])
+        .output()
+        .expect("run gearsock token");
+    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    let token = String::from_utf8(minted.stdout).expect("UTF-8").trim().to_string();
+    let s = Server::start_bare(
+        &g.addr(),
+        &["--allow-function", "slow", "--allowed-origin", &origin, "--client-token-key-file", key_path],
+    );
     s.wait_healthy();
     let relay = Relay::start(listener, s.addr);
     let (gearmand, url) = (g.addr(), s.url());
@@ -685,6 +700,13 @@ fn demo_page_reattaches_a_job_across_a_cut_connection() {
     chromium.wait_until("the connection to open", "document.querySelector('#state').dataset.state", |v| {
         v == "open"
     });
+    chromium.type_into("#token", &token);
+    chromium.click("#auth");
+    chromium.wait_until("the token to be taken", LOG_LINES, |v| {
+        v.as_array().is_some_and(|l| {
+            l.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("authenticated as page-user")))
+        })
+    });
     chromium.type_into("#function", "slow");
     chromium.type_into("#payload", "noop");
     chromium.choose("#mode", "stream");
@@ -718,6 +740,10 @@ fn demo_page_reattaches_a_job_across_a_cut_connection() {
     };
     assert!(has("connection closed (code 1006") && has("connection open again"), "{lines}");
     assert!(has("job #1 re-attached: "), "{lines}");
+    let authenticated = lines.as_array().map_or(0, |l| {
+        l.iter().filter(|l| l.as_str().is_some_and(|l| l.starts_with("authenticated as page-user"))).count()
+    });
+    assert_eq!(authenticated, 2, "the page's click, then gearsock.js on the new connection: {lines}");
     assert_eq!(chromium.eval("document.querySelector('#state').dataset.state"), "open");
 
     chromium.eval("window.scrollTo(0, 0); document.activeElement && document.activeElement.blur()");
@@ -727,5 +753,6 @@ fn demo_page_reattaches_a_job_across_a_cut_connection() {
     drop(chromium);
     drop(relay);
     drop(worker);
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
