@@ -10,6 +10,13 @@ use crate::metrics::{Gauges, LinkStatus, Metrics};
 
 /// The demo page, built into the binary.
 const DEMO_PAGE: &str = include_str!("demo.html");
+/// The browser client as a classic script: it defines the global `Gearsock`.
+const CLIENT_SCRIPT: &str = include_str!("gearsock.js");
+/// The same client as an ES module: the script's text, then its exports.
+const CLIENT_MODULE: &str =
+    concat!(include_str!("gearsock.js"), "\nexport { Gearsock };\nexport default Gearsock;\n");
+/// `Content-Type` of both (RFC 9239).
+const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
 /// `GET /` in echo mode: the demo page speaks the job protocol, which echo mode does not.
 const ECHO_PAGE: &str =
     "gearsock echo server: every WebSocket text or binary message is sent back as it came\n";
@@ -53,22 +60,34 @@ pub(crate) struct Response {
     pub body: Vec<u8>,
     /// A 405 names the methods the page has (RFC 9110 15.5.6).
     pub allow: Option<&'static str>,
+    /// `Access-Control-Allow-Origin: *`: a page of another origin may load it as a module.
+    pub any_origin: bool,
 }
 
 impl Response {
     fn new(status: u16, reason: &'static str, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, reason, content_type, body: body.into(), allow: None }
+        Response { status, reason, content_type, body: body.into(), allow: None, any_origin: false }
     }
 
     /// The response on the wire; `head_only` (a `HEAD` request): the same head, its
     /// `Content-Length` included, without the body (RFC 9110 9.3.2).
     pub fn encode(&self, head_only: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(256 + self.body.len());
-        let allow: &[(&str, &str)] = match self.allow {
-            Some(methods) => &[("Allow", methods)],
-            None => &[],
-        };
-        crate::ws::write_http_with(&mut out, self.status, self.reason, self.content_type, allow, &self.body);
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(methods) = self.allow {
+            headers.push(("Allow", methods));
+        }
+        if self.any_origin {
+            headers.push(("Access-Control-Allow-Origin", "*"));
+        }
+        crate::ws::write_http_with(
+            &mut out,
+            self.status,
+            self.reason,
+            self.content_type,
+            &headers,
+            &self.body,
+        );
         if head_only {
             out.truncate(out.len() - self.body.len());
         }
@@ -83,6 +102,10 @@ const TEXT: &str = "text/plain; charset=utf-8";
 pub(crate) enum Page {
     /// `GET /`: the demo page (a short text in echo mode).
     Demo,
+    /// `GET /gearsock.js`: the browser client as a classic script.
+    Script,
+    /// `GET /gearsock.mjs`: the browser client as an ES module.
+    Module,
     /// `GET /healthz`: `/readyz` with the details, as JSON (its meaning before `/readyz`).
     Health,
     /// `GET /metrics`.
@@ -96,8 +119,11 @@ pub(crate) enum Page {
 /// Which pages a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Pages {
-    /// `/` (off with `--no-demo-page`).
+    /// `/` (off with `--no-demo-page`). The browser client (`/gearsock.js`, `/gearsock.mjs`)
+    /// is not the demo: applications load it, so the client port always serves it.
     pub demo: bool,
+    /// `/gearsock.js` and `/gearsock.mjs`: the client port's, never the admin port's.
+    pub client: bool,
     /// `/metrics`, `/livez`, `/readyz`, `/healthz` (off on the client port when
     /// `--admin-listen` gives them a port of their own).
     pub admin: bool,
@@ -106,8 +132,8 @@ pub(crate) struct Pages {
 impl Pages {
     /// The client port's pages, and the admin port's (`None` without `--admin-listen`).
     pub fn of(demo: bool, admin_listener: bool) -> (Pages, Option<Pages>) {
-        let admin_port = Pages { demo: false, admin: true };
-        (Pages { demo, admin: !admin_listener }, admin_listener.then_some(admin_port))
+        let admin_port = Pages { demo: false, client: false, admin: true };
+        (Pages { demo, client: true, admin: !admin_listener }, admin_listener.then_some(admin_port))
     }
 }
 
@@ -116,6 +142,8 @@ impl Pages {
 pub(crate) fn page(method: &str, path: &str, pages: Pages) -> Result<Page, Response> {
     let page = match path.split('?').next().unwrap_or("") {
         "/" if pages.demo => Page::Demo,
+        "/gearsock.js" if pages.client => Page::Script,
+        "/gearsock.mjs" if pages.client => Page::Module,
         "/healthz" if pages.admin => Page::Health,
         "/metrics" if pages.admin => Page::Metrics,
         "/livez" if pages.admin => Page::Live,
@@ -172,7 +200,18 @@ pub(crate) fn route<'a>(
             metrics_page(s.metrics.render(&s.gauges))
         }
         Ok(Page::Demo) => demo(echo),
+        Ok(Page::Script) => client_script(false),
+        Ok(Page::Module) => client_script(true),
     }
+}
+
+/// `GET /gearsock.js`, or `/gearsock.mjs` (`module`): a static file any page may load, so any
+/// origin may (a module from another origin needs the CORS header; a classic script does not).
+pub(crate) fn client_script(module: bool) -> Response {
+    let text = if module { CLIENT_MODULE } else { CLIENT_SCRIPT };
+    let mut page = Response::new(200, "OK", JAVASCRIPT, text);
+    page.any_origin = true;
+    page
 }
 
 /// `GET /`: the demo page speaks the job protocol, which echo mode does not.
@@ -261,7 +300,7 @@ mod tests {
         Snapshot { instance: "t1", links, gauges: Gauges { connections: 3, ..Gauges::default() }, metrics }
     }
 
-    const ALL: Pages = Pages { demo: true, admin: true };
+    const ALL: Pages = Pages { demo: true, client: true, admin: true };
 
     fn route<'a>(method: &str, path: &str, echo: bool, s: impl FnOnce() -> Snapshot<'a>) -> Response {
         super::route(method, path, ALL, echo, s)
@@ -280,6 +319,15 @@ mod tests {
         assert_eq!((refused.status, refused.allow), (405, Some("GET, HEAD")));
         assert!(String::from_utf8_lossy(&refused.encode(false)).contains("\r\nAllow: GET, HEAD\r\n"));
         assert_eq!(route("GET", "/nope", false, || unreachable!("no snapshot for a 404")).status, 404);
+        for path in ["/gearsock.js", "/gearsock.mjs?v=1"] {
+            let script = route("GET", path, false, || unreachable!("no snapshot for a script"));
+            assert_eq!((script.status, script.content_type), (200, JAVASCRIPT), "{path}");
+            let wire = String::from_utf8_lossy(&script.encode(false)).into_owned();
+            assert!(wire.contains("\r\nAccess-Control-Allow-Origin: *\r\n"), "{path}");
+            assert!(wire.contains("var Gearsock = (function () {"), "{path}");
+        }
+        let module = route("GET", "/gearsock.mjs", false, || unreachable!("no snapshot for a script"));
+        assert!(String::from_utf8_lossy(&module.body).ends_with("export default Gearsock;\n"));
         let metrics = route("GET", "/metrics", false, || snapshot(&m, &["connected"]));
         assert!(String::from_utf8_lossy(&metrics.body).contains("gearsock_connections_open 3"));
     }
@@ -328,6 +376,12 @@ mod tests {
             assert_eq!(super::route("GET", path, admin, false, || snapshot(&m, &["connected"])).status, 200);
         }
         assert_eq!(super::route("GET", "/", admin, false, || unreachable!("no demo")).status, 404);
+        assert_eq!(
+            super::route("GET", "/gearsock.js", admin, false, || unreachable!("no script")).status,
+            404
+        );
+        let script = super::route("GET", "/gearsock.js", client, false, || unreachable!("no snapshot"));
+        assert_eq!(script.status, 200, "the client port serves the script without the demo page");
         assert_eq!(Pages::of(true, false), (ALL, None));
     }
 }

@@ -102,6 +102,8 @@ pub(crate) fn route(
     match http::page(method, path, pages) {
         Err(refusal) => refusal,
         Ok(Page::Demo) => http::demo(echo),
+        Ok(Page::Script) => http::client_script(false),
+        Ok(Page::Module) => http::client_script(true),
         Ok(Page::Live) => http::livez(),
         Ok(Page::Ready) => {
             let health = healthz(echo, &group());
@@ -372,7 +374,7 @@ mod tests {
         assert_eq!(healthz(true, &no_gearmand)["status"], "ok", "echo mode depends on no gearmand");
     }
 
-    const ALL: http::Pages = http::Pages { demo: true, admin: true };
+    const ALL: http::Pages = http::Pages { demo: true, client: true, admin: true };
 
     #[test]
     fn pages_and_refusals() {
