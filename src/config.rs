@@ -96,6 +96,16 @@ pub struct Config {
     pub shared_uniques: bool,
     /// Total bytes of stored `worker.complete` values nobody has claimed yet. Default 8 MiB.
     pub max_stored_bytes: usize,
+    /// How long a submitted job whose client left keeps running with its events logged, and
+    /// how long a job that ended meanwhile keeps its log, for an `attach`; then it is
+    /// abandoned as before (zero: at once). Default 30 s.
+    pub detach_grace: Duration,
+    /// Bytes of events one job's log keeps for an `attach` (the oldest are trimmed; the latest
+    /// status and the terminal event never are). Default 256 KiB.
+    pub job_log_bytes: usize,
+    /// Bytes of events all job logs keep together: past it the oldest detached jobs are
+    /// abandoned, then the oldest logs trimmed. Default 256 MiB.
+    pub job_log_total_bytes: usize,
     /// After a server-initiated close, how long to wait for the peer to hang up. Default 2 s.
     pub close_timeout: Duration,
     /// Log level (`--log-level`). Default `info`.
@@ -217,6 +227,9 @@ impl Default for Config {
             max_background_per_peer: 1024,
             shared_uniques: false,
             max_stored_bytes: 8 * 1024 * 1024,
+            detach_grace: Duration::from_secs(30),
+            job_log_bytes: 256 * 1024,
+            job_log_total_bytes: 256 * 1024 * 1024,
             close_timeout: Duration::from_secs(2),
             log_level: log::LevelFilter::Info,
             echo: false,

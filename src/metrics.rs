@@ -42,6 +42,8 @@ labels! {
         Status = "status",
         /// A client token (`auth`).
         Auth = "auth",
+        /// Following a job again (`attach`).
+        Attach = "attach",
         /// Not JSON, or no known type.
         Invalid = "invalid",
         /// A binary frame.
@@ -87,6 +89,21 @@ impl Message {
             .copied()
             .find(|m| m.name() == name && *m != Message::Invalid)
             .unwrap_or(Message::Invalid)
+    }
+}
+
+labels! {
+    /// What an `attach` came to, for `gearsock_attaches_total{outcome=…}`: each is counted
+    /// once (a takeover with a gap is `taken_over`).
+    AttachOutcome {
+        /// Replayed from where the client asked, nothing missing.
+        Ok = "ok",
+        /// Refused: a wrong resume token, an unknown or expired job (`unknown_job`).
+        Unknown = "unknown",
+        /// Some events the client asked for had been trimmed (`job.gap`).
+        Gap = "gap",
+        /// Taken from another connection (which got `job.detached`).
+        TakenOver = "taken_over",
     }
 }
 
@@ -313,6 +330,13 @@ pub struct Metrics {
     /// Who may run what: authentications by `AuthReason`, refusals by `Denial`.
     auth: [u64; AuthReason::ALL.len()],
     denied: [u64; Denial::ALL.len()],
+    /// Attaches by `AttachOutcome`.
+    attaches: [u64; AttachOutcome::ALL.len()],
+    /// Job events sent again by an attach.
+    events_replayed: u64,
+    /// Detached jobs abandoned: at the end of their grace, and to keep the job logs within
+    /// their total.
+    detached_abandoned: [u64; 2],
 }
 
 /// Live values read when `/metrics` is asked for (and published to the group, without
@@ -338,6 +362,10 @@ pub struct Gauges {
     pub relays_requested: usize,
     /// This instance's jobs attached from other instances (their texts relayed there).
     pub relays_served: usize,
+    /// Jobs whose client left, kept for an `attach`.
+    pub jobs_detached: usize,
+    /// Bytes the job logs hold.
+    pub job_log_bytes: usize,
     /// gearmand links and how each is shown.
     #[serde(skip)]
     pub links: Vec<(String, LinkStatus)>,
@@ -386,6 +414,22 @@ impl Metrics {
     /// Counts a refusal of who-may-run-what.
     pub fn count_denial(&mut self, denial: Denial) {
         self.denied[denial as usize] += 1;
+    }
+
+    /// Counts an attach's outcome.
+    pub fn count_attach(&mut self, outcome: AttachOutcome) {
+        self.attaches[outcome as usize] += 1;
+    }
+
+    /// Counts job events an attach sent again.
+    pub fn count_replayed(&mut self, events: u64) {
+        self.events_replayed += events;
+    }
+
+    /// Counts a detached job abandoned: `over_total` to keep the job logs within their total,
+    /// otherwise at the end of its grace.
+    pub fn count_detached_abandoned(&mut self, over_total: bool) {
+        self.detached_abandoned[usize::from(over_total)] += 1;
     }
 
     /// Counts what the shell saw.
@@ -460,6 +504,25 @@ impl Metrics {
         let _ = writeln!(o, "gearsock_stored_values {}", g.stored_values);
         family(&mut o, "stored_value_bytes", "gauge", "Bytes of worker.complete values not yet claimed.");
         let _ = writeln!(o, "gearsock_stored_value_bytes {}", g.stored_bytes);
+        family(&mut o, "jobs_detached", "gauge", "Jobs whose client left, kept for an attach.");
+        let _ = writeln!(o, "gearsock_jobs_detached {}", g.jobs_detached);
+        family(&mut o, "job_log_bytes", "gauge", "Bytes of job events kept for attaches.");
+        let _ = writeln!(o, "gearsock_job_log_bytes {}", g.job_log_bytes);
+        family(&mut o, "attaches_total", "counter", "Attaches, by outcome.");
+        for &a in AttachOutcome::ALL {
+            let _ = writeln!(
+                o,
+                "gearsock_attaches_total{{outcome=\"{}\"}} {}",
+                a.name(),
+                self.attaches[a as usize]
+            );
+        }
+        family(&mut o, "events_replayed_total", "counter", "Job events sent again by attaches.");
+        let _ = writeln!(o, "gearsock_events_replayed_total {}", self.events_replayed);
+        family(&mut o, "detached_abandoned_total", "counter", "Detached jobs abandoned, by reason.");
+        let [grace, total] = self.detached_abandoned;
+        let _ = writeln!(o, "gearsock_detached_abandoned_total{{reason=\"grace\"}} {grace}");
+        let _ = writeln!(o, "gearsock_detached_abandoned_total{{reason=\"log_total\"}} {total}");
         family(&mut o, "client_output_bytes", "gauge", "Bytes queued for all clients.");
         let _ = writeln!(o, "gearsock_client_output_bytes {}", g.client_output_bytes);
         family(&mut o, "slow_readers_dropped_total", "counter", "Clients dropped for not reading.");

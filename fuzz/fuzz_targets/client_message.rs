@@ -50,6 +50,10 @@ fn config(control: u8) -> AppConfig {
         instance_id: "f1".into(),
         link_out_high_bytes: 4096,
         link_out_low_bytes: 1024,
+        // Jobs end with their client, as the checks below expect.
+        detach_grace: Duration::ZERO,
+        job_log_bytes: 1 << 10,
+        job_log_total_bytes: 1 << 12,
     }
 }
 
@@ -95,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(metrics.messages(Message::Binary), binaries, "{metrics:?}");
 
     // Everyone leaves; after the TTL nothing may be left behind.
-    sim.app.handle_client_closed(sim.client);
+    sim.app.handle_client_closed(sim.client, sim.now);
     sim.settle();
     assert_eq!((sim.app.jobs_in_flight(), sim.app.jobs_queued()), (0, 0), "jobs outlive their client");
     for _ in 0..4 {
@@ -155,7 +159,7 @@ impl Sim {
     }
 
     fn reconnect_client(&mut self) {
-        self.app.handle_client_closed(self.client);
+        self.app.handle_client_closed(self.client, self.now);
         self.settle();
         // The slot is reused with a new generation, as the server's slab does.
         self.client.generation += 1;
@@ -165,7 +169,7 @@ impl Sim {
     fn drop_link(&mut self) {
         let Some(link) = (0..LINKS).find(|&l| self.up[l]) else { return };
         self.up[link] = false;
-        self.app.handle_link_down(link);
+        self.app.handle_link_down(link, self.now);
         self.settle();
         self.link_up(link);
     }

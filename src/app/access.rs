@@ -129,6 +129,17 @@ struct Grant {
     max_jobs: Option<usize>,
 }
 
+/// What a job message asks for, as far as who may run what is concerned.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum JobAsk<'a> {
+    /// The article's ping.
+    Ping,
+    /// A `submit` of this function.
+    Submit(&'a [u8]),
+    /// An `attach` (its function was allowed when it was submitted).
+    Attach,
+}
+
 /// One connection's standing: its token (None: not yet), refusals so far, and its own bucket
 /// when the rate is per connection.
 #[derive(Debug, Default)]
@@ -294,14 +305,13 @@ impl Access {
         AuthOutcome::Ok { sub, exp }
     }
 
-    /// May this client start a job now: `function` (None: the article's ping)? Counts it
-    /// against the rate when it may.
-    pub(super) fn check_job(
-        &mut self,
-        id: ConnId,
-        function: Option<&[u8]>,
-        now: Instant,
-    ) -> Result<(), Denied> {
+    /// The token subject of client `id`, once it authenticated.
+    pub(super) fn sub(&self, id: ConnId) -> Option<&str> {
+        self.sessions.get(&id).and_then(|s| s.grant.as_ref()).map(|g| g.sub.as_str())
+    }
+
+    /// May this client start (or attach) a job now? Counts it against the rate when it may.
+    pub(super) fn check_job(&mut self, id: ConnId, ask: JobAsk<'_>, now: Instant) -> Result<(), Denied> {
         let grant = match self.tokens_on() {
             false => None,
             true => match grant(&self.sessions, id)? {
@@ -311,12 +321,12 @@ impl Access {
                 g => Some(g),
             },
         };
-        match function {
-            None if !self.cfg.ping => {
+        match ask {
+            JobAsk::Ping if !self.cfg.ping => {
                 return Err(Denied::Forbidden("the ping is turned off on this server (--no-ping)".into()));
             }
-            None => {}
-            Some(f) => self.check_function(f, grant)?,
+            JobAsk::Ping | JobAsk::Attach => {}
+            JobAsk::Submit(f) => self.check_function(f, grant)?,
         }
         let Some((rate, burst)) = self.rate() else { return Ok(()) };
         // A bucket starts full at its first job.
@@ -542,7 +552,7 @@ pub(super) mod tests {
         app.handle_client_text(A, &format!(r#"{{"type":"auth","token":"{good}"}}"#), late);
         assert!(sent(&effects(&mut app))[0].1.contains("token expired"), "the old token is no refresh");
         assert_eq!(app.access.subjects.len(), 1);
-        app.handle_client_closed(A);
+        app.handle_client_closed(A, t0);
         assert_eq!(app.access.subjects.len(), 0, "a subject dies with its last connection");
     }
 

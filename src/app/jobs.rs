@@ -100,6 +100,9 @@ pub(super) struct Job {
     /// Its client has left; it is kept, and polled, until gearmand forgets it, for its
     /// submitter's count. Nobody hears about it any more.
     detached: bool,
+    /// Its journal ([`super::joblog`]), from `job.created` on (not a ping's): where its events
+    /// go, and the log a client attaches to.
+    journal: Option<u64>,
 }
 
 impl Job {
@@ -122,6 +125,20 @@ impl Job {
     /// Its client has left (see `detached`).
     pub(super) fn detach(&mut self) {
         self.detached = true;
+    }
+
+    /// Its journal, once it has one.
+    pub(super) fn journal(&self) -> Option<u64> {
+        self.journal
+    }
+
+    pub(super) fn set_journal(&mut self, journal: Option<u64>) {
+        self.journal = journal;
+    }
+
+    /// Another connection attached the job: its unfinished jobs count it now.
+    pub(super) fn set_conn(&mut self, conn: ConnId) {
+        self.conn = conn;
     }
 
     pub(super) fn reference(&self) -> Option<&Ref> {
@@ -325,6 +342,7 @@ impl Jobs {
             accepted_at: now,
             submitter,
             detached: false,
+            journal: None,
         });
         tag
     }

@@ -16,15 +16,6 @@ use crate::gearman::client::JobTag;
 use crate::metrics::{ErrorCode, Outcome};
 
 impl App {
-    /// A job's news to its client: `job` (its handle, or null before gearmand named it), the
-    /// job's `ref` if it had one, and what happened.
-    pub(super) fn job_reply(&mut self, tag: JobTag, news: JobNews) {
-        let Some(job) = self.jobs.get(tag).filter(|j| !j.is_detached()) else { return };
-        let text = Reply::Job { handle: job.handle(), news, reference: job.reference() }.text();
-        let conn = job.conn();
-        self.send(conn, text);
-    }
-
     /// Admits a job for a client: checks its limits, then submits it to a gearmand or holds it
     /// until one takes work. Replies with an error and returns None when it cannot.
     pub(super) fn accept_job(
@@ -98,12 +89,12 @@ impl App {
     }
 
     /// A held submission has waited long enough: it ends unsubmitted.
-    pub(super) fn on_queue_timeout(&mut self, tag: JobTag) {
+    pub(super) fn on_queue_timeout(&mut self, tag: JobTag, now: Instant) {
         let Some(job) = self.jobs.get(tag).filter(|j| matches!(j.phase(), Phase::Queued(_))) else { return };
         let (conn, reference) = (job.conn(), job.reference().cloned());
         let text = "no gearmand took the job in time; it was not submitted";
         self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
-        self.end_job(tag, Outcome::Unavailable);
+        self.end_job(tag, Outcome::Unavailable, now);
     }
 
     /// gearmand named a job submitted on `link`. A polled job starts its polls, and may find
@@ -135,22 +126,22 @@ impl App {
         }
         self.links.name(link, handle, tag);
         if kind != Kind::Ping {
-            self.job_reply(tag, JobNews::Created);
+            self.open_journal(tag, now);
         }
     }
 
     /// The last event of a submission: its job ends, or, if its client has left, the orphan
     /// it left on `link` is gone from gearmand.
-    pub(super) fn end_submission(&mut self, link: usize, tag: JobTag, outcome: Outcome) {
+    pub(super) fn end_submission(&mut self, link: usize, tag: JobTag, outcome: Outcome, now: Instant) {
         if self.jobs.get(tag).is_some() {
-            return self.end_job(tag, outcome);
+            return self.end_job(tag, outcome, now);
         }
         self.links.forget_orphan(link, tag);
     }
 
     /// The last words about a polled job: `value: V` for a ping (the article's line, empty when
     /// no worker reported), `job.complete` for a background job.
-    pub(super) fn finish_polled(&mut self, tag: JobTag) {
+    pub(super) fn finish_polled(&mut self, tag: JobTag, now: Instant) {
         let Some(job) = self.jobs.get_mut(tag) else { return };
         let value = job.take_value();
         let (kind, conn) = (job.kind(), job.conn());
@@ -159,14 +150,18 @@ impl App {
         } else if kind == Kind::Ping {
             self.send(conn, Reply::PingValue(value.as_deref()).text());
         } else {
-            self.job_reply(tag, JobNews::Value(value.as_deref()));
+            self.job_reply(tag, JobNews::Value(value.as_deref()), now);
         }
-        self.end_job(tag, if kind == Kind::Ping { Outcome::Done } else { Outcome::Complete });
+        self.end_job(tag, if kind == Kind::Ping { Outcome::Done } else { Outcome::Complete }, now);
     }
 
-    /// Removes a job everywhere it is indexed.
-    pub(super) fn end_job(&mut self, tag: JobTag, outcome: Outcome) {
+    /// Removes a job everywhere it is indexed; its journal goes too, or, when the job was
+    /// detached, is kept for the grace from `now`.
+    pub(super) fn end_job(&mut self, tag: JobTag, outcome: Outcome, now: Instant) {
         let Some(job) = self.jobs.remove(tag) else { return };
+        if let Some(id) = job.journal() {
+            self.end_journal(id, now);
+        }
         if let Some(who) = job.submitter() {
             self.quota.give_back(who);
         }
@@ -191,7 +186,7 @@ impl App {
     /// that gearmand has is `job.lost` to us (it may still run, but nobody will hear how it
     /// ends); a polled job gearmand has already forgotten ends as it would after its grace,
     /// with whatever value its worker reported. Open `status` questions get `unavailable`.
-    pub fn handle_shutdown(&mut self) {
+    pub fn handle_shutdown(&mut self, now: Instant) {
         for tag in self.jobs.oldest_first() {
             let Some(job) = self.jobs.get(tag) else { continue };
             match job.phase() {
@@ -199,14 +194,14 @@ impl App {
                     let (conn, reference) = (job.conn(), job.reference().cloned());
                     let text = "the server is shutting down; the job was not submitted";
                     self.error(conn, ErrorCode::Unavailable, text, reference.as_ref());
-                    self.end_job(tag, Outcome::Unavailable);
+                    self.end_job(tag, Outcome::Unavailable, now);
                 }
                 Phase::Submitted(_) | Phase::Running(_) => {
                     let reason = "the server is shutting down; it will not hear how this job ends";
-                    self.job_reply(tag, JobNews::Lost(reason));
-                    self.end_job(tag, Outcome::Lost);
+                    self.job_reply(tag, JobNews::Lost(reason), now);
+                    self.end_job(tag, Outcome::Lost, now);
                 }
-                Phase::Grace(_) => self.finish_polled(tag),
+                Phase::Grace(_) => self.finish_polled(tag, now),
             }
         }
         for ask in self.asks.take_all() {
@@ -259,7 +254,7 @@ mod tests {
         effects(&mut app);
         assert_eq!((app.jobs_in_flight(), app.jobs_queued()), (4, 1));
 
-        app.handle_shutdown();
+        app.handle_shutdown(t0);
         let e = effects(&mut app);
         let mut replies: Vec<(u32, String)> = sent(&e)
             .iter()
@@ -284,7 +279,7 @@ mod tests {
         assert!(codes(&e).iter().all(|c| c == "unavailable"), "{e:?}");
         assert_eq!((app.jobs_in_flight(), app.jobs_queued()), (0, 0));
         // Nothing is said twice: not by a second call, not by gearmand's late news.
-        app.handle_shutdown();
+        app.handle_shutdown(t0);
         app.handle_job_event(0, JobEvent::Complete { tag: running, data: b"late".to_vec() }, t0);
         app.handle_timer(AppTimer::Grace(ping), t0 + Duration::from_secs(1));
         assert_eq!(sent(&effects(&mut app)), vec![]);

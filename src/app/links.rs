@@ -255,7 +255,7 @@ impl App {
     /// A gearmand connection was lost: every job it held ends now, with exactly one terminal
     /// reply (`job.failed` for stream jobs, `job.lost` for background ones), and every
     /// question asked on it gets an answer.
-    pub fn handle_link_down(&mut self, link: usize) {
+    pub fn handle_link_down(&mut self, link: usize, now: std::time::Instant) {
         let at = self.links.current(link);
         let l = &mut self.links.links[link];
         if !l.up {
@@ -266,16 +266,16 @@ impl App {
             let Some(job) = self.jobs.get(tag) else { continue };
             let reason = "the gearmand connection that held this job was lost";
             if job.kind() == Kind::Stream {
-                self.job_reply(tag, JobNews::Failed(reason));
-                self.end_job(tag, Outcome::Failed);
+                self.job_reply(tag, JobNews::Failed(reason), now);
+                self.end_job(tag, Outcome::Failed, now);
             } else {
-                self.job_reply(tag, JobNews::Lost(reason));
-                self.end_job(tag, Outcome::Lost);
+                self.job_reply(tag, JobNews::Lost(reason), now);
+                self.end_job(tag, Outcome::Lost, now);
             }
         }
         self.drop_questions_on(at, "the gearmand connection was lost before it answered");
         self.links.links[link] = Link { generation: at.generation, ..Link::default() };
-        self.relays_link_down(link);
+        self.relays_link_down(link, now);
     }
 }
 
@@ -300,9 +300,9 @@ mod tests {
         }
         let subs = submits(&effects(&mut app));
         assert_eq!(subs.len(), 6);
-        app.handle_client_closed(leavers[0]);
+        app.handle_client_closed(leavers[0], t0);
         assert_eq!(effects(&mut app), vec![], "2 orphans are within the bound");
-        app.handle_client_closed(leavers[1]);
+        app.handle_client_closed(leavers[1], t0);
         assert_eq!(effects(&mut app), vec![Effect::Retire(0)]);
         // The shell opened link 1 for new work; link 0 still holds A's two live jobs.
         app.handle_link_retiring(0);
@@ -346,13 +346,13 @@ mod tests {
         app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
         let e = effects(&mut app);
         assert!(sent(&e)[0].1.contains("too_many_jobs"));
-        app.handle_link_down(0);
+        app.handle_link_down(0, t0);
         let kinds: Vec<String> = sent(&effects(&mut app))
             .iter()
             .map(|(_, t)| serde_json::from_str::<Value>(t).unwrap()["type"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(kinds, ["job.failed", "job.lost"]);
-        app.handle_link_down(0);
+        app.handle_link_down(0, t0);
         assert_eq!(effects(&mut app), vec![]);
         // Down: one submission is held, the next is refused.
         app.handle_client_text(B, r#"{"type":"submit","function":"f"}"#, t0);
@@ -372,7 +372,7 @@ mod tests {
         app.handle_job_event(0, JobEvent::Created { tag, handle: b"H:1".to_vec() }, t0);
         app.handle_client_text(A, r#"{"type":"status","job":"H:1"}"#, t0);
         effects(&mut app);
-        app.handle_link_down(0);
+        app.handle_link_down(0, t0);
         let e = effects(&mut app);
         assert_eq!(codes(&e), ["unavailable"]);
         assert!(sent(&e)[0].1.contains("job.lost"));

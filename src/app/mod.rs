@@ -22,6 +22,8 @@
 //! quota      background jobs and pings per submitter (peer) that gearmand has not finished
 //! clients    open clients, their trust, namespace and jobs
 //! access     who may run what: the function allow-list, client tokens, the job rate
+//! joblog     each job's events with their seq, bounded per job and in all; gaps
+//! attach     who hears a job (its owner), detaching at a close, attach and takeover
 //! ```
 //!
 //! Jobs are keyed by a [`JobTag`] (slab key + generation) and, once gearmand names them, by the
@@ -29,8 +31,10 @@
 //! `H:host:1` again, and an old job must never answer for a new one.
 
 mod access;
+mod attach;
 mod clients;
 mod fields;
+mod joblog;
 mod jobs;
 mod lifecycle;
 mod links;
@@ -59,6 +63,7 @@ use crate::random::Entropy;
 use access::Access;
 use clients::Clients;
 use fields::Ref;
+use joblog::Journals;
 use jobs::{Jobs, Kind, Submission};
 use links::Links;
 use quota::{Quota, Submitter};
@@ -98,6 +103,8 @@ pub enum AppTimer {
     Sweep,
     /// A client that must authenticate has had `--handshake-timeout-ms` to do it.
     AuthDeadline(ConnId),
+    /// A detached job's (or its kept log's) `--detach-grace-ms` may be over.
+    Journal(u64),
 }
 
 /// What the shell must do.
@@ -185,6 +192,13 @@ pub struct AppConfig {
     pub link_out_low_bytes: usize,
     /// Who may run what: allowed functions, client tokens, the job rate.
     pub access: AccessConfig,
+    /// How long a job whose client left, or its log once it ended, is kept for an `attach`
+    /// (zero: abandoned at once).
+    pub detach_grace: std::time::Duration,
+    /// Bytes of events one job's log keeps.
+    pub job_log_bytes: usize,
+    /// Bytes of events all logs keep together.
+    pub job_log_total_bytes: usize,
 }
 
 /// Application state: the rooms, the effects not yet drained, and the metrics.
@@ -197,6 +211,8 @@ pub struct App {
     /// GET_STATUS questions gearmand has not answered yet.
     asks: Asks,
     stored: StoredValues,
+    /// Each submitted job's owner and event log, also for a while after it ended.
+    journals: Journals,
     uniques: Uniques,
     quota: Quota,
     access: Access,
@@ -215,6 +231,7 @@ impl App {
             links: Links::new(links, cfg.link_out_high_bytes, cfg.link_out_low_bytes),
             asks: Asks::default(),
             stored: StoredValues::new(cfg.max_stored_values, cfg.max_stored_bytes, cfg.value_ttl),
+            journals: Journals::new(cfg.job_log_bytes, cfg.job_log_total_bytes),
             uniques: Uniques::new(entropy, cfg.instance_id.clone(), cfg.shared_uniques),
             quota: Quota::new(cfg.max_background_per_peer),
             access: Access::new(cfg.access.clone()),
@@ -331,32 +348,19 @@ impl App {
         self.open_access(id, bearer, now);
     }
 
-    /// A client has gone: its jobs stop being watched. gearmand cannot cancel a foreground job;
-    /// it forgets a queued one only when the connection that submitted it closes. So each
-    /// unfinished stream job becomes an orphan of its gearmand connection, and a connection
-    /// with too many is retired. gearmand keeps a background job or ping it was given: that
-    /// one is kept, detached from the client, and polled until gearmand forgets it, so that it
-    /// still counts against its submitter's quota.
-    pub fn handle_client_closed(&mut self, id: ConnId) {
+    /// A client has gone at `now`. Its jobs that gearmand named (not pings) are detached: they
+    /// run on, their events logged, for `--detach-grace-ms`, so that a client can `attach`
+    /// again. The others, and those whose grace ends, are abandoned ([`App::abandon`]):
+    /// gearmand cannot cancel a foreground job, and forgets a queued one only when the
+    /// connection that submitted it closes, so each unfinished stream job becomes an orphan of
+    /// its gearmand connection, and a connection with too many is retired; a background job or
+    /// ping gearmand was given is kept, without a client, and polled until gearmand forgets it,
+    /// so that it still counts against its submitter's quota.
+    pub fn handle_client_closed(&mut self, id: ConnId, now: Instant) {
         self.access.close(id);
         self.relays_client_closed(id);
         let Some(tags) = self.clients.close(id) else { return };
-        for tag in tags {
-            let Some(job) = self.jobs.get_mut(tag) else { continue };
-            let (kind, at) = (job.kind(), job.holds_link());
-            match at {
-                Some(at) if kind == Kind::Stream => self.links.orphan(at, tag),
-                Some(_) if self.quota.detach() => {
-                    job.detach();
-                    self.metrics.count_finished(kind.mode(), Outcome::Abandoned);
-                    continue;
-                }
-                _ => {}
-            }
-            self.end_job(tag, Outcome::Abandoned);
-        }
-        let retire: Vec<usize> = self.links.over_orphaned(self.cfg.max_orphans).collect();
-        self.effects.extend(retire.into_iter().map(Effect::Retire));
+        self.detach_jobs(tags, now);
     }
 
     /// A binary message: the protocol is text only.
@@ -384,7 +388,7 @@ impl App {
                 self.on_report(id, token.as_deref(), report, reference.as_ref(), now)
             }
             Request::Ping => {
-                if let Err(denied) = self.access.check_job(id, None, now) {
+                if let Err(denied) = self.access.check_job(id, access::JobAsk::Ping, now) {
                     return self.deny(id, denied, reference.as_ref());
                 }
                 let submission = Submission {
@@ -398,12 +402,14 @@ impl App {
                 }
             }
             Request::Submit { kind, submission, unique } => {
-                if let Err(denied) = self.access.check_job(id, Some(&submission.function), now) {
+                let ask = access::JobAsk::Submit(&submission.function);
+                if let Err(denied) = self.access.check_job(id, ask, now) {
                     return self.deny(id, denied, reference.as_ref());
                 }
                 self.accept_job(id, kind, reference, submission, unique, now);
             }
             Request::Status { handle } => self.on_status(id, &handle, reference),
+            Request::Attach(ask) => self.on_attach(id, ask, reference.as_ref(), now),
         }
     }
 
@@ -411,9 +417,9 @@ impl App {
     pub fn handle_job_event(&mut self, link: usize, event: JobEvent, now: Instant) {
         match event {
             JobEvent::Forwarded { unique, value } if relay_wire::is_relay(&unique) => {
-                self.on_relay_message(link, &unique, &value)
+                self.on_relay_message(link, &unique, &value, now)
             }
-            JobEvent::Forwarded { unique, value } => self.on_forwarded(&unique, &value),
+            JobEvent::Forwarded { unique, value } => self.on_forwarded(&unique, &value, now),
             JobEvent::Created { tag: FORWARD_TAG | RELAY_TAG, .. } => {}
             JobEvent::Rejected { tag: RELAY_TAG, code, message } => {
                 debug!("gearmand refused a relay message: {code} {message}");
@@ -423,23 +429,23 @@ impl App {
                 debug!("gearmand refused a forwarded report: {code} {message}");
             }
             JobEvent::Created { tag, handle } => self.on_created(link, tag, handle, now),
-            JobEvent::Data { tag, data } => self.job_reply(tag, JobNews::Data(&data)),
-            JobEvent::Warning { tag, data } => self.job_reply(tag, JobNews::Warning(&data)),
+            JobEvent::Data { tag, data } => self.job_reply(tag, JobNews::Data(&data), now),
+            JobEvent::Warning { tag, data } => self.job_reply(tag, JobNews::Warning(&data), now),
             JobEvent::Status { tag, numerator, denominator } => {
                 let status = Status { known: true, running: true, numerator, denominator };
-                self.job_reply(tag, JobNews::Status(status));
+                self.job_reply(tag, JobNews::Status(status), now);
             }
             JobEvent::Complete { tag, data } => {
-                self.job_reply(tag, JobNews::Result(&data));
-                self.end_submission(link, tag, Outcome::Complete);
+                self.job_reply(tag, JobNews::Result(&data), now);
+                self.end_submission(link, tag, Outcome::Complete, now);
             }
             JobEvent::Failed { tag } => {
-                self.job_reply(tag, JobNews::Failed("the worker reported failure"));
-                self.end_submission(link, tag, Outcome::Failed);
+                self.job_reply(tag, JobNews::Failed("the worker reported failure"), now);
+                self.end_submission(link, tag, Outcome::Failed, now);
             }
             JobEvent::Exception { tag, data } => {
-                self.job_reply(tag, JobNews::Exception(&data));
-                self.end_submission(link, tag, Outcome::Exception);
+                self.job_reply(tag, JobNews::Exception(&data), now);
+                self.end_submission(link, tag, Outcome::Exception, now);
             }
             JobEvent::TooLarge { tag, kind, size_bytes } => {
                 let reason = format!(
@@ -447,13 +453,13 @@ impl App {
                      (--max-job-bytes); the job was dropped",
                     self.cfg.max_job_bytes
                 );
-                self.job_reply(tag, JobNews::Failed(&reason));
-                self.end_submission(link, tag, Outcome::Failed);
+                self.job_reply(tag, JobNews::Failed(&reason), now);
+                self.end_submission(link, tag, Outcome::Failed, now);
             }
             JobEvent::Rejected { tag, code, message } => {
                 let reason = format!("gearmand refused the job: {code} {message}");
-                self.job_reply(tag, JobNews::Failed(&reason));
-                self.end_submission(link, tag, Outcome::Rejected);
+                self.job_reply(tag, JobNews::Failed(&reason), now);
+                self.end_submission(link, tag, Outcome::Rejected, now);
             }
             JobEvent::StatusRes { ask, handle: _, known, running, numerator, denominator } => {
                 self.on_status_res(ask, Ok(Status { known, running, numerator, denominator }), now)
@@ -470,10 +476,11 @@ impl App {
             AppTimer::Poll(tag) => self.on_poll_timer(tag, now),
             AppTimer::Grace(tag) => {
                 if self.jobs.get(tag).is_some_and(|j| matches!(j.phase(), jobs::Phase::Grace(_))) {
-                    self.finish_polled(tag);
+                    self.finish_polled(tag, now);
                 }
             }
-            AppTimer::QueueTimeout(tag) => self.on_queue_timeout(tag),
+            AppTimer::QueueTimeout(tag) => self.on_queue_timeout(tag, now),
+            AppTimer::Journal(id) => self.on_journal_timer(id, now),
             AppTimer::AuthDeadline(id) => self.on_auth_deadline(id),
             AppTimer::Sweep => {
                 if let Some(at) = self.stored.sweep(now) {
@@ -558,10 +565,18 @@ mod tests {
                 serde_json::from_str(t).unwrap()
             })
             .collect();
-        assert_eq!(replies[0], json!({"type":"job.created","job":"H:vm:9","ref":"r1"}));
-        assert_eq!(replies[1]["numerator"], 1);
-        assert_eq!(replies[2]["data_b64"], "/wA=");
-        assert_eq!(replies[3], json!({"type":"job.complete","job":"H:vm:9","result":"cba","ref":"r1"}));
+        let resume = replies[0]["resume"].as_str().unwrap();
+        assert!(resume.starts_with("a1.1.") && resume.len() == 5 + 22, "{resume}");
+        assert_eq!(
+            replies[0],
+            json!({"type":"job.created","job":"H:vm:9","ref":"r1","resume":resume,"seq":1})
+        );
+        assert_eq!((&replies[1]["numerator"], &replies[1]["seq"]), (&json!(1), &json!(2)));
+        assert_eq!((&replies[2]["data_b64"], &replies[2]["seq"]), (&json!("/wA="), &json!(3)));
+        assert_eq!(
+            replies[3],
+            json!({"type":"job.complete","job":"H:vm:9","result":"cba","ref":"r1","seq":4})
+        );
         assert_eq!(app.jobs_in_flight(), 0);
     }
 }

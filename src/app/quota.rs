@@ -123,7 +123,7 @@ mod tests {
         assert_eq!(tags.len(), 3);
         // Named, then the client leaves: the ping is named, the background job not yet.
         app.handle_job_event(0, JobEvent::Created { tag: tags[0], handle: b"H:1".to_vec() }, t0);
-        app.handle_client_closed(a);
+        app.handle_client_closed(a, t0);
         assert_eq!(app.jobs_in_flight(), 0);
         // Another connection from the same /64: still at the cap.
         app.handle_client_open_from(b, true, "2001:db8::9".parse().unwrap(), None, t0);

@@ -20,17 +20,21 @@
 //! the job's texts are (the core's attach does), or touch a socket.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
 
 use log::debug;
 use serde::Serialize;
 
+use super::attach::{Attach, UNKNOWN_JOB};
 use super::fields::Ref;
+use super::joblog::Owner;
 use super::links::LinkRef;
 use super::relay_wire::{self, Assembler, Kind, Payload, RELAY_ID_CHARS, RelayId, RemoteAttach};
+use super::reply::Reply;
 use super::reports::DESK_PREFIX;
 use super::{App, ConnId, Effect};
 use crate::gearman::client::{JobMode, JobTag, Priority};
-use crate::metrics::ErrorCode;
+use crate::metrics::{AttachOutcome, ErrorCode};
 
 /// The tag of a relay message's desk job: no job of ours answers to it.
 pub(super) const RELAY_TAG: JobTag = JobTag(u64::MAX - 1);
@@ -283,11 +287,16 @@ impl App {
     }
 
     /// Sends the messages this pass filled (called as the effects are drained). A message
-    /// whose connection has gone is dropped: its relay was ended when the link went down.
+    /// whose connection has gone is dropped (its relay ended when the link went down), except
+    /// a relay's last, which goes out of order on another connection if one is up: a job that
+    /// ended with its gearmand connection still tells its requester how.
     pub(super) fn flush_relays(&mut self) {
-        for o in std::mem::take(&mut self.relays.outbox) {
+        for mut o in std::mem::take(&mut self.relays.outbox) {
             if self.links.is_live(o.link) {
                 self.submit_relay(o.link.index, &o.to, &o.relay, o.n, o.payload.into_bytes());
+            } else if let (true, Some(other)) = (o.payload.is_last(), self.links.pick()) {
+                o.payload.set_kind(Kind::Abort);
+                self.submit_relay(other, &o.to, &o.relay, u64::MAX, o.payload.into_bytes());
             } else {
                 debug!("relay message for {} dropped: its gearmand connection is gone", o.to);
             }
@@ -296,7 +305,7 @@ impl App {
 
     /// A relay message reached this instance's desk on `link` (a desk job whose unique starts
     /// with `@`).
-    pub(super) fn on_relay_message(&mut self, link: usize, unique: &[u8], payload: &[u8]) {
+    pub(super) fn on_relay_message(&mut self, link: usize, unique: &[u8], payload: &[u8], now: Instant) {
         let (Some(addr), Ok((kind, records))) =
             (relay_wire::parse_unique(unique), relay_wire::parse(payload))
         else {
@@ -312,7 +321,7 @@ impl App {
                 }
                 None => debug!("malformed relayed attach from {} dropped", addr.sender),
             },
-            Kind::Detach => self.on_remote_detach(&key),
+            Kind::Detach => self.on_remote_detach(&key, now),
             Kind::Texts | Kind::Last | Kind::Abort => self.on_relayed(key, addr.n, kind, payload),
         }
     }
@@ -426,7 +435,7 @@ impl App {
     /// gearmand connection `link` was lost. Our relays pinned to it break (their clients
     /// attach again). Jobs we serve through it are detached, as if their client had left, and
     /// the requester hears so on another connection, if one is up.
-    pub(super) fn relays_link_down(&mut self, link: usize) {
+    pub(super) fn relays_link_down(&mut self, link: usize, now: Instant) {
         let broken: Vec<RelayId> =
             self.relays.asked.iter().filter(|(_, a)| a.link.index == link).map(|(r, _)| *r).collect();
         for relay in broken {
@@ -440,7 +449,7 @@ impl App {
             let why = "the gearmand connection the relay went through was lost";
             let text = served.tag.map(|tag| self.broken_text_for(tag, why));
             if let Some(tag) = served.tag {
-                self.remote_owner_left(tag);
+                self.remote_owner_left(id, tag, now);
             }
             // Earlier messages went through the lost connection: this one says so out of order.
             let (Some(other), Some(text)) = (self.links.pick(), text) else { continue };
@@ -460,12 +469,12 @@ impl App {
     }
 
     /// Owner side: the requester of relay `key` has nobody to send to any more.
-    fn on_remote_detach(&mut self, key: &RemoteKey) {
+    fn on_remote_detach(&mut self, key: &RemoteKey, now: Instant) {
         let Some(&id) = self.relays.serving.get(key) else { return };
         let Some(served) = self.relays.close_served(id) else { return };
         self.relays.outbox.retain(|o| o.served != id);
         if let Some(tag) = served.tag {
-            self.remote_owner_left(tag);
+            self.remote_owner_left(id, tag, now);
         }
     }
 
@@ -500,23 +509,42 @@ impl Relays {
 }
 
 impl App {
-    /// Owner side: runs the core's attach for a requester on another instance.
-    // TODO(relay): wire to the core's attach once `resume` lands; until then no job is found.
+    /// Owner side: the core's attach for a requester on another instance ([`App::find_journal`],
+    /// [`App::attach_job`]), its texts relayed; a job that has ended is replayed and the relay
+    /// ends with it. A refusal is the same `unknown_job` a local client would hear.
     fn attach_for_remote(&mut self, id: u64, attach: RemoteAttach) {
-        let text = super::reply::Reply::Error {
-            code: ErrorCode::UnknownJob,
-            message: "no unfinished job with that handle and resume token",
-            reference: attach.reference.as_ref(),
+        let RemoteAttach { job, resume, after, reference, sub } = attach;
+        let ask = Attach { handle: job, resume, after };
+        let Some(journal) = self.find_journal(&ask, sub.as_deref()) else {
+            self.metrics.count_attach(AttachOutcome::Unknown);
+            self.metrics.count_error(ErrorCode::UnknownJob);
+            let text = Reply::Error {
+                code: ErrorCode::UnknownJob,
+                message: UNKNOWN_JOB,
+                reference: reference.as_ref(),
+            };
+            return self.relay_last(id, &text.text());
+        };
+        if let Some(tag) = self.journals.get(journal).and_then(|j| j.job) {
+            self.relays.serve(id, tag);
         }
-        .text();
-        self.metrics.count_error(ErrorCode::UnknownJob);
-        self.relay_last(id, &text);
+        for text in self.attach_job(journal, Owner::Remote(id), ask.after, reference.as_ref()) {
+            self.relay_text(id, &text);
+        }
+        if self.journals.get(journal).is_none() {
+            // The job had ended: its replay was all there was to say.
+            self.relay_end(id);
+        }
     }
 
-    /// Owner side: the remote owner of job `tag` has left; the job waits detached.
-    // TODO(relay): the core's detach (grace) once `resume` lands.
-    fn remote_owner_left(&mut self, tag: JobTag) {
-        let _ = tag;
+    /// Owner side: the requester of served relay `id`, owner of job `tag`, has gone: the job is
+    /// detached, as if a local client had left (its grace starts at `now`).
+    fn remote_owner_left(&mut self, id: u64, tag: JobTag, now: Instant) {
+        let owner =
+            self.jobs.get(tag).and_then(|j| j.journal()).and_then(|j| self.journals.get(j)).map(|j| j.owner);
+        if owner == Some(Owner::Remote(id)) {
+            self.detach_jobs(vec![tag], now);
+        }
     }
 
     /// The `unavailable` text for job `tag`'s requester when its relay broke.

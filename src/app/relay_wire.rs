@@ -136,6 +136,7 @@ impl Payload {
         self.bytes[0] = kind.byte();
     }
 
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.bytes.len()
     }
@@ -157,6 +158,11 @@ impl Payload {
         self.bytes.extend_from_slice(&rest[..take]);
         *from += take;
         whole
+    }
+
+    /// Whether it is its relay's last message.
+    pub(super) fn is_last(&self) -> bool {
+        self.bytes[0] == Kind::Last.byte()
     }
 
     pub(super) fn into_bytes(self) -> Vec<u8> {

@@ -38,15 +38,22 @@ pub(super) enum Reply<'a> {
     AuthOk { sub: &'a str, exp: u64 },
     /// `{"type":"error","code":"rate_limited"}`, with when to try again.
     RateLimited { retry_after_ms: u64, reference: Option<&'a Ref> },
-    /// `{"type":"job.…"}`: news about a job. `handle` is null until gearmand named the job.
-    Job { handle: Option<&'a [u8]>, news: JobNews<'a>, reference: Option<&'a Ref> },
+    /// `{"type":"job.…"}`: news about a job. `handle` is null until gearmand named the job;
+    /// `seq` is its place among the job's events (none for a ping's, or a status answer).
+    Job { handle: Option<&'a [u8]>, news: JobNews<'a>, reference: Option<&'a Ref>, seq: Option<u64> },
+    /// `{"type":"job.attached"}`: an `attach` was taken; `seq` is the job's last so far.
+    Attached { handle: &'a [u8], seq: u64, reference: Option<&'a Ref> },
+    /// `{"type":"job.gap"}`: the job's events `from..=to` were trimmed and will not come.
+    Gap { handle: &'a [u8], from: u64, to: u64 },
+    /// `{"type":"job.detached"}`: another connection attached the job; no more of it here.
+    Detached { handle: &'a [u8] },
 }
 
 /// What a `job.*` reply says.
 #[derive(Debug)]
 pub(super) enum JobNews<'a> {
-    /// `job.created`: gearmand named the job.
-    Created,
+    /// `job.created`: gearmand named the job; `resume` attaches to it again (none for a ping).
+    Created(Option<&'a str>),
     /// `job.status`.
     Status(Status),
     /// `job.data`: a stream job's WORK_DATA.
@@ -74,11 +81,15 @@ impl Reply<'_> {
             Reply::GotIt => Cow::Borrowed(GOT_IT),
             Reply::PingJob(handle) => format!("job: {}", String::from_utf8_lossy(handle)).into(),
             Reply::PingValue(value) => format!("value: {}", value.unwrap_or("")).into(),
-            Reply::Error { .. } | Reply::Job { .. } | Reply::AuthOk { .. } | Reply::RateLimited { .. } => {
-                serde_json::to_string(&Json(self))
-                    .expect("string keys and plain values always serialize")
-                    .into()
-            }
+            Reply::Error { .. }
+            | Reply::Job { .. }
+            | Reply::AuthOk { .. }
+            | Reply::RateLimited { .. }
+            | Reply::Attached { .. }
+            | Reply::Gap { .. }
+            | Reply::Detached { .. } => serde_json::to_string(&Json(self))
+                .expect("string keys and plain values always serialize")
+                .into(),
         }
     }
 }
@@ -109,12 +120,31 @@ impl Serialize for Json<'_, '_> {
                 map.serialize_entry("retry_after_ms", retry_after_ms)?;
                 map.serialize_entry("type", "error")?;
             }
-            Reply::Job { handle, news, reference } => {
+            Reply::Attached { handle, seq, reference } => {
+                map.serialize_entry("job", &String::from_utf8_lossy(handle))?;
+                put_ref(&mut map, *reference)?;
+                map.serialize_entry("seq", seq)?;
+                map.serialize_entry("type", "job.attached")?;
+            }
+            Reply::Gap { handle, from, to } => {
+                map.serialize_entry("from", from)?;
+                map.serialize_entry("job", &String::from_utf8_lossy(handle))?;
+                map.serialize_entry("to", to)?;
+                map.serialize_entry("type", "job.gap")?;
+            }
+            Reply::Detached { handle } => {
+                map.serialize_entry("job", &String::from_utf8_lossy(handle))?;
+                map.serialize_entry("type", "job.detached")?;
+            }
+            Reply::Job { handle, news, reference, seq } => {
                 let job = handle.map(String::from_utf8_lossy);
                 let kind = match news {
-                    JobNews::Created => {
+                    JobNews::Created(resume) => {
                         map.serialize_entry("job", &job)?;
                         put_ref(&mut map, *reference)?;
+                        if let Some(resume) = resume {
+                            map.serialize_entry("resume", resume)?;
+                        }
                         "job.created"
                     }
                     JobNews::Status(Status { known, running, numerator, denominator }) => {
@@ -155,6 +185,10 @@ impl Serialize for Json<'_, '_> {
                         if matches!(news, JobNews::Failed(_)) { "job.failed" } else { "job.lost" }
                     }
                 };
+                // Every key above sorts before "seq", and "seq" before "type".
+                if let Some(seq) = seq {
+                    map.serialize_entry("seq", seq)?;
+                }
                 map.serialize_entry("type", kind)?;
             }
             Reply::PingAck | Reply::GotIt | Reply::PingJob(_) | Reply::PingValue(_) => {
@@ -189,7 +223,7 @@ mod tests {
     use super::*;
 
     fn job<'a>(news: JobNews<'a>, reference: Option<&'a Ref>) -> Cow<'static, str> {
-        Reply::Job { handle: Some(b"H:vm:1"), news, reference }.text()
+        Reply::Job { handle: Some(b"H:vm:1"), news, reference, seq: None }.text()
     }
 
     /// The wire text of every reply, byte for byte, as the first server wrote it.
@@ -214,10 +248,13 @@ mod tests {
                 r#"{"code":"unavailable","message":"m","ref":"a \"q\"","type":"error"}"#,
             ),
             (
-                Reply::Job { handle: None, news: JobNews::Failed("no"), reference: None }.text(),
+                Reply::Job { handle: None, news: JobNews::Failed("no"), reference: None, seq: None }.text(),
                 r#"{"job":null,"reason":"no","type":"job.failed"}"#,
             ),
-            (job(JobNews::Created, Some(&text("r1"))), r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#),
+            (
+                job(JobNews::Created(None), Some(&text("r1"))),
+                r#"{"job":"H:vm:1","ref":"r1","type":"job.created"}"#,
+            ),
             (
                 job(JobNews::Status(status), Some(&number(7.into()))),
                 r#"{"denominator":3,"job":"H:vm:1","known":true,"numerator":1,"ref":7,"running":false,"type":"job.status"}"#,
@@ -242,6 +279,35 @@ mod tests {
                 job(JobNews::Lost("gone"), Some(&text("bg"))),
                 r#"{"job":"H:vm:1","reason":"gone","ref":"bg","type":"job.lost"}"#,
             ),
+            (
+                Reply::Job {
+                    handle: Some(b"H:vm:1"),
+                    news: JobNews::Created(Some("a1.1.Xq")),
+                    reference: Some(&text("r")),
+                    seq: Some(1),
+                }
+                .text(),
+                r#"{"job":"H:vm:1","ref":"r","resume":"a1.1.Xq","seq":1,"type":"job.created"}"#,
+            ),
+            (
+                Reply::Job {
+                    handle: Some(b"H:vm:1"),
+                    news: JobNews::Data(b"d"),
+                    reference: None,
+                    seq: Some(2),
+                }
+                .text(),
+                r#"{"data":"d","job":"H:vm:1","seq":2,"type":"job.data"}"#,
+            ),
+            (
+                Reply::Attached { handle: b"H:vm:1", seq: 9, reference: Some(&text("x")) }.text(),
+                r#"{"job":"H:vm:1","ref":"x","seq":9,"type":"job.attached"}"#,
+            ),
+            (
+                Reply::Gap { handle: b"H:vm:1", from: 2, to: 5 }.text(),
+                r#"{"from":2,"job":"H:vm:1","to":5,"type":"job.gap"}"#,
+            ),
+            (Reply::Detached { handle: b"H:vm:1" }.text(), r#"{"job":"H:vm:1","type":"job.detached"}"#),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);

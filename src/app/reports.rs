@@ -42,7 +42,7 @@ impl App {
         };
         let mut digits = [0; 20];
         let handle = match &job {
-            JobName::Unique(unique) => return self.report_by_unique(id, unique, &value, r),
+            JobName::Unique(unique) => return self.report_by_unique(id, unique, &value, r, now),
             JobName::Handle(handle) => handle,
             JobName::Number(n) => JobName::spell(*n, &mut digits),
         };
@@ -57,7 +57,7 @@ impl App {
             }
             HandleOwners::One(tags) => {
                 self.send(id, Reply::GotIt.text());
-                self.deliver_value(&tags, &value);
+                self.deliver_value(&tags, &value, now);
             }
             HandleOwners::Several => {
                 let text = "several gearmand servers gave out this handle; report with \"unique\" \
@@ -84,11 +84,11 @@ impl App {
     /// A report that names its job by unique: the unique names one gearmand job exactly (or
     /// the submissions of one client that coalesced into it), so no other job can take the
     /// value. A job of another instance gets it through that instance's desk.
-    fn report_by_unique(&mut self, id: ConnId, unique: &str, value: &str, r: Option<&Ref>) {
+    fn report_by_unique(&mut self, id: ConnId, unique: &str, value: &str, r: Option<&Ref>, now: Instant) {
         let takers = self.jobs.with_unique(unique.as_bytes());
         if !takers.is_empty() {
             self.send(id, Reply::GotIt.text());
-            return self.deliver_value(&takers, value);
+            return self.deliver_value(&takers, value, now);
         }
         match self.uniques.owner_elsewhere(unique) {
             Some(owner) => self.forward_report(id, owner, unique, value, r),
@@ -126,20 +126,20 @@ impl App {
 
     /// A report another instance forwarded to this one's desk: delivered exactly as a local
     /// report with that unique would be (a unique no live job has is dropped: its job ended).
-    pub(super) fn on_forwarded(&mut self, unique: &[u8], value: &[u8]) {
+    pub(super) fn on_forwarded(&mut self, unique: &[u8], value: &[u8], now: Instant) {
         let takers = self.jobs.with_unique(unique);
         self.metrics.count_report_received(!takers.is_empty());
         if takers.is_empty() {
             return debug!("forwarded report for unique {:?}: no live job", unique.escape_ascii());
         }
-        self.deliver_value(&takers, &String::from_utf8_lossy(value));
+        self.deliver_value(&takers, &String::from_utf8_lossy(value), now);
     }
 
     /// Gives a reported value to `takers` (stream jobs have their own result and ignore it).
-    fn deliver_value(&mut self, takers: &[JobTag], value: &str) {
+    fn deliver_value(&mut self, takers: &[JobTag], value: &str, now: Instant) {
         for &tag in takers {
             if self.jobs.get_mut(tag).is_some_and(|job| job.offer_value(value)) {
-                self.finish_polled(tag);
+                self.finish_polled(tag, now);
             }
         }
     }
@@ -147,7 +147,7 @@ impl App {
 
 /// Compares a secret without an early exit, so the time taken does not reveal how many
 /// leading bytes of a guess were right.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+pub(super) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     let mut diff = given.len() ^ expected.len();
     for (i, &b) in expected.iter().enumerate() {
         diff |= usize::from(b ^ given.get(i).copied().unwrap_or(!b));
@@ -290,7 +290,7 @@ mod tests {
             assert_eq!(codes(&effects(&mut app)), ["unknown_job"], "{unique}");
         }
         // No gearmand up: the reporter hears that it was not forwarded.
-        app.handle_link_down(0);
+        app.handle_link_down(0, t0);
         effects(&mut app);
         app.handle_client_text(A, &report("b2.XYZ"), t0);
         assert_eq!(codes(&effects(&mut app)), ["unavailable"]);

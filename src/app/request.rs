@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use base64::Engine;
 use serde::Deserialize;
 
+use super::attach::Attach;
 use super::fields::{MAX_REF_BYTES, Ref, Reported, Scalar};
 use super::jobs::{Kind, Submission};
 use crate::gearman::client::Priority;
@@ -47,6 +48,9 @@ struct Incoming<'a> {
     #[serde(rename = "ref", borrow)]
     reference: Option<Scalar<'a>>,
     job: Option<String>,
+    resume: Option<String>,
+    #[serde(borrow)]
+    after: Option<Scalar<'a>>,
 }
 
 /// A message, parsed as far as it goes.
@@ -68,6 +72,8 @@ pub(super) enum Request<'a> {
     Submit { kind: Kind, submission: Submission, unique: Option<String> },
     /// The status of a job of this connection, by handle.
     Status { handle: String },
+    /// A job to follow on this connection, from a seq on.
+    Attach(Attach),
     /// A worker's `worker.complete`. Whether the reporter may report is decided before what it
     /// reported is looked at, so the report stays unchecked until then.
     Report { token: Option<Cow<'a, str>>, report: Result<Report<'a>, Refusal> },
@@ -166,9 +172,11 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
             Some(handle) => Ok(Request::Status { handle }),
             None => Err(bad_request("status needs \"job\" (a handle this connection got)")),
         },
+        "attach" => attach(msg.job, msg.resume, msg.after),
         "" if msg.kind.is_none() => Err(bad_request("missing \"type\"")),
         other => {
-            let text = format!("unknown type {other:?}; known: ping, worker.complete, submit, status, auth");
+            let text =
+                format!("unknown type {other:?}; known: ping, worker.complete, submit, status, auth, attach");
             Err(Refusal { code: ErrorCode::UnknownType, text: text.into() })
         }
     };
@@ -212,6 +220,26 @@ fn report<'a>(
         return Err(bad_request(text));
     }
     Ok(Report { value, job: JobName::Handle(handle) })
+}
+
+/// An `attach`: the job's handle and resume token (from its `job.created`), and the last seq
+/// the client has (none: 0, everything kept).
+fn attach<'a>(
+    job: Option<String>,
+    resume: Option<String>,
+    after: Option<Scalar>,
+) -> Result<Request<'a>, Refusal> {
+    let (Some(handle), Some(resume)) = (job, resume) else {
+        return Err(bad_request("attach needs \"job\" and \"resume\" (both from the job's job.created)"));
+    };
+    let after = match after {
+        None => 0,
+        Some(Scalar::Number(n)) if let Some(n) = n.as_u64() => n,
+        Some(_) => {
+            return Err(bad_request("\"after\" must be a whole number, 0 or more (the last seq you have)"));
+        }
+    };
+    Ok(Request::Attach(Attach { handle, resume, after }))
 }
 
 /// A `submit`, checked field by field in the order the errors have always come.

@@ -255,7 +255,8 @@ impl App {
             match &answer {
                 Ok(status) => {
                     let (reference, news) = (reference.as_ref(), JobNews::Status(*status));
-                    self.send(*conn, Reply::Job { handle: Some(&ask.handle), news, reference }.text());
+                    let handle = Some(&ask.handle[..]);
+                    self.send(*conn, Reply::Job { handle, news, reference, seq: None }.text());
                 }
                 Err(why) => {
                     let text = format!("gearmand answered the status request with ERROR {why}");
@@ -278,8 +279,8 @@ impl App {
                 debug!("status poll of {:?} failed: {why}", ask.handle.escape_ascii());
                 if job.kind() == Kind::Background {
                     let reason = format!("gearmand answered the status poll with ERROR {why}");
-                    self.job_reply(tag, JobNews::Lost(&reason));
-                    return self.end_job(tag, Outcome::Lost);
+                    self.job_reply(tag, JobNews::Lost(&reason), now);
+                    return self.end_job(tag, Outcome::Lost, now);
                 }
                 Status::UNKNOWN
             }
@@ -291,7 +292,7 @@ impl App {
             let at = job.next_poll_after(interval, now);
             self.effects.push(Effect::Arm(at, AppTimer::Poll(tag)));
             if changed && kind == Kind::Background {
-                self.job_reply(tag, JobNews::Status(status));
+                self.job_reply(tag, JobNews::Status(status), now);
             }
             return;
         }
@@ -299,7 +300,7 @@ impl App {
         // longer needs its connection.
         if job.is_detached() {
             // An abandoned job gearmand has forgotten: no more to count, nobody to tell.
-            return self.end_job(tag, Outcome::Abandoned);
+            return self.end_job(tag, Outcome::Abandoned, now);
         }
         let conn = job.conn();
         let has_value = job.has_value();
@@ -308,10 +309,10 @@ impl App {
         if kind == Kind::Ping {
             self.send(conn, Reply::PingJob(&ask.handle).text());
         } else if changed {
-            self.job_reply(tag, JobNews::Status(status));
+            self.job_reply(tag, JobNews::Status(status), now);
         }
         if has_value {
-            self.finish_polled(tag);
+            self.finish_polled(tag, now);
         } else {
             self.effects.push(Effect::Arm(now + self.cfg.value_grace, AppTimer::Grace(tag)));
         }

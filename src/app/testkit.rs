@@ -28,6 +28,9 @@ pub(super) fn cfg() -> AppConfig {
         link_out_high_bytes: 4096,
         link_out_low_bytes: 1024,
         access: super::access::tests::open_access(),
+        detach_grace: Duration::from_secs(30),
+        job_log_bytes: 256 * 1024,
+        job_log_total_bytes: 1 << 20,
     }
 }
 

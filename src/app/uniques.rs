@@ -46,6 +46,11 @@ impl Uniques {
         namespace
     }
 
+    /// Fills `out` with a secret (6 random bits a character, URL-safe): a resume token's.
+    pub(super) fn fill_secret(&mut self, out: &mut [u8]) {
+        self.entropy.fill_id(out);
+    }
+
     /// gearmand keeps 63 bytes of a unique; a client's namespace takes its share of them.
     pub(super) fn max_client_bytes(&self) -> usize {
         if self.shared {

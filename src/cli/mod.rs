@@ -65,6 +65,9 @@ usage: gearsock [serve] [flags]
   --client-in-total-bytes N  unfinished input of all clients; past it the largest is dropped (268435456)
   --max-jobs-per-connection N  unfinished jobs per connection (64)
   --value-grace-ms N         wait this long for a worker.complete value (500)
+  --detach-grace-ms N        keep a job whose client left, or its ended log, for an attach (30000; 0: abandon at once)
+  --job-log-bytes N          bytes of events kept per job for an attach (262144)
+  --job-log-total-bytes N    bytes of events kept for all jobs; detached ones go first (268435456)
   --value-ttl-ms N           keep unclaimed values this long (60000)
   --queue-limit N            submissions held while no gearmand is up (1024)
   --queue-timeout-ms N       how long a held submission waits (10000)
@@ -326,6 +329,9 @@ fn serve_flags(parser: &mut lexopt::Parser, flag: &mut String) -> Result<Command
             Long("allowed-origin") => c.allowed_origins.push(value(parser)?),
             Long("max-jobs-per-connection") => c.max_jobs_per_connection = value(parser)?,
             Long("value-grace-ms") => c.value_grace = millis(parser)?,
+            Long("detach-grace-ms") => c.detach_grace = millis(parser)?,
+            Long("job-log-bytes") => c.job_log_bytes = value(parser)?,
+            Long("job-log-total-bytes") => c.job_log_total_bytes = value(parser)?,
             Long("value-ttl-ms") => c.value_ttl = millis(parser)?,
             Long("queue-limit") => c.queue_limit = value(parser)?,
             Long("queue-timeout-ms") => c.queue_timeout = millis(parser)?,

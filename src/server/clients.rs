@@ -176,7 +176,7 @@ impl Server {
                     if let Some(event) = reason.event(handshaking) {
                         self.note(event, now);
                     }
-                    self.app.handle_client_closed(id);
+                    self.app.handle_client_closed(id, now);
                 }
             }
         }
@@ -348,6 +348,8 @@ impl Server {
                 client_output_bytes: self.backlog_bytes(),
                 relays_requested: self.app.relays_requested(),
                 relays_served: self.app.relays_served(),
+                jobs_detached: self.app.jobs_detached(),
+                job_log_bytes: self.app.job_log_bytes(),
                 links: links.iter().map(|l| (l.addr.clone(), l.state)).collect(),
             },
             links,

@@ -316,7 +316,7 @@ impl Server {
                 LinkChange::Output(i, bytes) => self.app.handle_link_output(i, bytes),
                 LinkChange::Retiring(i) => self.app.handle_link_retiring(i),
                 LinkChange::Down { link, was_up, attempt_failed } => {
-                    self.app.handle_link_down(link);
+                    self.app.handle_link_down(link, now);
                     if was_up {
                         self.app.metrics.observe(LoopEvent::GearmandLost);
                     }
@@ -457,7 +457,7 @@ impl Server {
         }
         // Before any close frame: the replies already made (effects not yet applied) and the
         // last word of every unfinished job, so a client can account for each job it sent.
-        self.app.handle_shutdown();
+        self.app.handle_shutdown(now);
         self.apply_effects(now);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {

@@ -29,6 +29,9 @@ pub fn app_config(c: &Config, instance_id: String) -> AppConfig {
         link_out_high_bytes: c.gearman_out_high_bytes,
         link_out_low_bytes: c.gearman_out_low_bytes,
         access: access_config(c),
+        detach_grace: c.detach_grace,
+        job_log_bytes: c.job_log_bytes,
+        job_log_total_bytes: c.job_log_total_bytes,
     }
 }
 

@@ -86,7 +86,7 @@ fn a_relay_counts_as_a_job_of_its_client() {
     assert_eq!(codes(&e), ["too_many_jobs"]);
     app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, Instant::now());
     assert_eq!(codes(&effects(&mut app)), ["too_many_jobs"]);
-    app.handle_link_down(0);
+    app.handle_link_down(0, Instant::now());
     effects(&mut app);
     app.handle_client_open(B, true);
     app.relay_attach(B, "b2", attach("H:gm:9"));
@@ -172,7 +172,7 @@ fn a_client_that_leaves_detaches_its_relay_at_the_owner() {
     let mut owner = owner_app(1 << 20);
     let id = serve(&mut owner, relay);
     owner.relay_text(id, "queued but not sent");
-    requester.handle_client_closed(A);
+    requester.handle_client_closed(A, Instant::now());
     let e = effects(&mut requester);
     let [detach] = &relayed(&e)[..] else { panic!("{e:?}") };
     assert_eq!(requester.relays_requested(), 0);
@@ -184,7 +184,7 @@ fn a_client_that_leaves_detaches_its_relay_at_the_owner() {
 #[test]
 fn a_lost_link_breaks_the_relay_with_unavailable_for_the_job() {
     let (mut requester, _) = requested();
-    requester.handle_link_down(0);
+    requester.handle_link_down(0, Instant::now());
     let e = effects(&mut requester);
     let [(c, text)] = &sent(&e)[..] else { panic!("{e:?}") };
     let v: Value = serde_json::from_str(text).unwrap();
@@ -196,7 +196,99 @@ fn a_lost_link_breaks_the_relay_with_unavailable_for_the_job() {
     let mut owner = owner_app(1 << 20);
     let id = serve(&mut owner, *b"AAAAAAAAAAAA");
     owner.relay_text(id, "lost");
-    owner.handle_link_down(0);
+    owner.handle_link_down(0, Instant::now());
     assert!(relayed(&effects(&mut owner)).is_empty());
     assert_eq!(owner.relays_served(), 0);
+}
+
+/// Carries every relay message among `e` to `to`; returns how many.
+fn carry(e: &[Effect], to: &mut App) -> usize {
+    let messages = relayed(e);
+    for m in &messages {
+        deliver(to, m);
+    }
+    messages.len()
+}
+
+#[test]
+fn a_job_attached_from_another_instance_hears_every_event_once_through_the_relay() {
+    let t0 = Instant::now();
+    let mut owner = owner_app(1 << 20);
+    owner.handle_client_text(A, r#"{"type":"submit","function":"f","payload":"p","ref":"mine"}"#, t0);
+    let tag = submitted(&effects(&mut owner))[0];
+    owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
+    let created: Value = serde_json::from_str(sent(&effects(&mut owner))[0].1).unwrap();
+    let resume = created["resume"].as_str().unwrap().to_string();
+    assert!(resume.starts_with("b2."), "{created}");
+    owner.handle_job_event(0, JobEvent::Data { tag, data: b"d1".to_vec() }, t0);
+    owner.handle_client_closed(A, t0);
+    owner.handle_job_event(0, JobEvent::Data { tag, data: b"d2".to_vec() }, t0);
+    effects(&mut owner);
+
+    // A client of a1 attaches after seq 2: the attach travels to b2's desk.
+    let mut requester = up_app();
+    let attach = serde_json::json!({"type":"attach","job":"H:gm:7","resume":resume,"after":2,"ref":"again"});
+    requester.handle_client_text(A, &attach.to_string(), t0);
+    assert_eq!(carry(&effects(&mut requester), &mut owner), 1);
+    assert_eq!(owner.relays_served(), 1);
+    // job.attached and the missed d2 come back as one message; then each live event.
+    assert_eq!(carry(&effects(&mut owner), &mut requester), 1);
+    owner.handle_job_event(0, JobEvent::Data { tag, data: b"d3".to_vec() }, t0);
+    owner.handle_job_event(0, JobEvent::Complete { tag, data: b"done".to_vec() }, t0);
+    assert_eq!(carry(&effects(&mut owner), &mut requester), 1, "one pass, one message");
+    let e = effects(&mut requester);
+    let got: Vec<Value> =
+        sent(&e).iter().map(|(c, t)| (assert_eq!(*c, A), serde_json::from_str(t).unwrap()).1).collect();
+    let kinds: Vec<&str> = got.iter().filter_map(|v| v["type"].as_str()).collect();
+    assert_eq!(kinds, ["job.attached", "job.data", "job.data", "job.complete"], "{got:?}");
+    let seqs: Vec<u64> = got[1..].iter().filter_map(|v| v["seq"].as_u64()).collect();
+    assert_eq!(seqs, [3, 4, 5]);
+    assert_eq!(got[0]["ref"], "again");
+    assert_eq!((owner.relays_served(), requester.relays_requested()), (0, 0), "the end ends the relay");
+
+    // The same token again, now that the job is gone: unknown_job, as a local attach hears.
+    requester.handle_client_text(A, &attach.to_string(), t0);
+    carry(&effects(&mut requester), &mut owner);
+    carry(&effects(&mut owner), &mut requester);
+    assert_eq!(codes(&effects(&mut requester)), ["unknown_job"]);
+}
+
+#[test]
+fn a_remote_owner_that_leaves_detaches_the_job_and_a_local_attach_takes_it_over() {
+    let t0 = Instant::now();
+    let mut owner = owner_app(1 << 20);
+    owner.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
+    let tag = submitted(&effects(&mut owner))[0];
+    owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
+    let created: Value = serde_json::from_str(sent(&effects(&mut owner))[0].1).unwrap();
+    let resume = created["resume"].as_str().unwrap().to_string();
+    owner.handle_client_closed(A, t0);
+    let attach = serde_json::json!({"type":"attach","job":"H:gm:7","resume":resume,"after":1});
+    let mut requester = up_app();
+    requester.handle_client_text(A, &attach.to_string(), t0);
+    carry(&effects(&mut requester), &mut owner);
+    carry(&effects(&mut owner), &mut requester);
+    effects(&mut requester);
+    assert_eq!(owner.jobs_detached(), 0, "attached from a1");
+    // The requester's client leaves: the job waits detached on its owner again.
+    requester.handle_client_closed(A, t0);
+    carry(&effects(&mut requester), &mut owner);
+    assert_eq!((owner.jobs_detached(), owner.relays_served()), (1, 0));
+
+    // Attached from a1 again, then taken over by a local client of b2: a1's client hears
+    // job.detached and its relay ends.
+    requester.handle_client_open(B, true);
+    requester.handle_client_text(B, &attach.to_string(), t0);
+    carry(&effects(&mut requester), &mut owner);
+    carry(&effects(&mut owner), &mut requester);
+    effects(&mut requester);
+    owner.handle_client_open(B, true);
+    owner.handle_client_text(B, &attach.to_string(), t0);
+    let e = effects(&mut owner);
+    assert!(sent(&e).iter().any(|(c, t)| *c == B && t.contains("job.attached")));
+    carry(&e, &mut requester);
+    let e = effects(&mut requester);
+    let [(c, text)] = &sent(&e)[..] else { panic!("{e:?}") };
+    assert!(*c == B && text.contains("job.detached"), "{text}");
+    assert_eq!(requester.relays.held_by(B), 0);
 }

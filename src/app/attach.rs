@@ -1,0 +1,315 @@
+//! A job outlives its connection: every job event is numbered and logged ([`super::joblog`]),
+//! a job whose client left is detached for `--detach-grace-ms`, and `attach` gives it to a
+//! connection again, replaying what it missed.
+//!
+//! Who hears a job's events is decided in one place, [`App::job_reply`] → [`App::deliver`], by
+//! the journal's [`Owner`]. [`App::find_journal`] checks an attach's credentials, and
+//! [`App::attach_job`] moves the job to its new owner and makes the replies to replay; neither
+//! assumes the asker is a local connection (only [`App::on_attach`] does: the limits, the error
+//! replies).
+//!
+//! Must not: decide how a job ends (abandoning one is today's treatment of a job whose client
+//! left, [`App::abandon`]), or read the clock.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use super::fields::Ref;
+use super::joblog::{Journal, Log, Owner, Replayed, SECRET_CHARS};
+use super::jobs::Kind;
+use super::relay_wire::RemoteAttach;
+use super::reply::{JobNews, Reply};
+use super::{App, AppTimer, ConnId, Effect};
+use crate::gearman::client::JobTag;
+use crate::metrics::{AttachOutcome, ErrorCode, Outcome};
+
+/// The longest `resume` worth reading: `<instance id>.<number>.<secret>`.
+const MAX_RESUME_BYTES: usize = 128;
+
+/// Why an attach found no job: the same words for every failure (and on every instance).
+pub(super) const UNKNOWN_JOB: &str =
+    "no job with that handle and resume token is kept here (wrong, expired, or ended)";
+
+/// An `attach` as parsed: the job's handle, its resume token, and the last seq the client has.
+pub(super) struct Attach {
+    pub handle: String,
+    pub resume: String,
+    pub after: u64,
+}
+
+impl JobNews<'_> {
+    /// The job's last event.
+    fn is_terminal(&self) -> bool {
+        !matches!(self, JobNews::Created(_) | JobNews::Status(_) | JobNews::Data(_) | JobNews::Warning(_))
+    }
+}
+
+impl App {
+    /// A job's news to whoever owns it: `job` (its handle, or null before gearmand named it),
+    /// the job's `ref` if it had one, its `seq` (not a ping's), and what happened. A job with
+    /// a journal logs it too.
+    pub(super) fn job_reply(&mut self, tag: JobTag, news: JobNews, now: Instant) {
+        let Some(job) = self.jobs.get(tag).filter(|j| !j.is_detached()) else { return };
+        let (handle, reference) = (job.handle(), job.reference());
+        let Some(id) = job.journal() else {
+            // A ping (the article's wire text), or a job that ends before job.created: its one
+            // event is its first.
+            let (seq, conn) = ((job.kind() != Kind::Ping).then_some(1), job.conn());
+            let text = Reply::Job { handle, news, reference, seq }.text();
+            return self.send(conn, text);
+        };
+        let Some(journal) = self.journals.get(id) else { return };
+        let (owner, seq) = (journal.owner, journal.log.next_seq());
+        let (status, terminal) = (matches!(news, JobNews::Status(_)), news.is_terminal());
+        let text = Reply::Job { handle, news, reference, seq: Some(seq) }.text();
+        if terminal && owner != Owner::Detached {
+            // Its owner hears the end, and the journal goes with the job: nothing to keep.
+            return self.deliver_last(owner, text);
+        }
+        let gone = self.journals.push(id, &text, status, terminal);
+        self.deliver(owner, text);
+        for journal in gone {
+            self.metrics.count_detached_abandoned(true);
+            if let Some(tag) = journal.job {
+                self.abandon(tag, now);
+            }
+        }
+        self.retire_over_orphaned();
+    }
+
+    /// The one place a job's text goes to its owner.
+    pub(super) fn deliver(&mut self, owner: Owner, text: Cow<'static, str>) {
+        match owner {
+            Owner::Conn(conn) => self.send(conn, text),
+            Owner::Remote(relay) => self.relay_text(relay, &text),
+            Owner::Detached => {}
+        }
+    }
+
+    /// An owner's last text about a job (its end, or that another took it): a relay is over
+    /// after it.
+    pub(super) fn deliver_last(&mut self, owner: Owner, text: Cow<'static, str>) {
+        match owner {
+            Owner::Remote(relay) => self.relay_last(relay, &text),
+            owner => self.deliver(owner, text),
+        }
+    }
+
+    /// gearmand named a submitted job: its journal opens, owned by its connection, and it
+    /// tells the client how to attach again (`job.created` with `resume`, seq 1).
+    pub(super) fn open_journal(&mut self, tag: JobTag, now: Instant) {
+        let Some(job) = self.jobs.get(tag) else { return };
+        let (Some(handle), false) = (job.handle(), job.is_detached()) else { return };
+        let mut secret = [0; SECRET_CHARS];
+        self.uniques.fill_secret(&mut secret);
+        let journal = Journal {
+            secret,
+            handle: handle.into(),
+            sub: self.access.sub(job.conn()).map(Into::into),
+            owner: Owner::Conn(job.conn()),
+            job: Some(tag),
+            deadline: None,
+            log: Log::default(),
+        };
+        let id = self.journals.open(journal);
+        if let Some(job) = self.jobs.get_mut(tag) {
+            job.set_journal(Some(id));
+        }
+        let resume = format!("{}.{id}.{}", self.cfg.instance_id, String::from_utf8_lossy(&secret));
+        self.job_reply(tag, JobNews::Created(Some(&resume)), now);
+    }
+
+    /// A job ended: an owned journal goes with it; a detached one keeps its log for the grace,
+    /// counted from now.
+    pub(super) fn end_journal(&mut self, id: u64, now: Instant) {
+        let grace = self.cfg.detach_grace;
+        let Some(journal) = self.journals.get_mut(id) else { return };
+        journal.job = None;
+        if journal.owner != Owner::Detached || grace.is_zero() {
+            self.journals.remove(id);
+            return;
+        }
+        journal.deadline = Some(now + grace);
+        self.effects.push(Effect::Arm(now + grace, AppTimer::Journal(id)));
+    }
+
+    /// A client left: each of its jobs that has a journal is detached for the grace (it runs
+    /// on, its events logged); the others are abandoned now, as before there were journals.
+    pub(super) fn detach_jobs(&mut self, tags: Vec<JobTag>, now: Instant) {
+        let grace = self.cfg.detach_grace;
+        for tag in tags {
+            let journal = self.jobs.get(tag).and_then(|j| j.journal());
+            match journal {
+                Some(id) if !grace.is_zero() => {
+                    self.journals.set_owner(id, Owner::Detached);
+                    if let Some(j) = self.journals.get_mut(id) {
+                        j.deadline = Some(now + grace);
+                    }
+                    self.effects.push(Effect::Arm(now + grace, AppTimer::Journal(id)));
+                }
+                _ => {
+                    if let Some(id) = journal {
+                        self.journals.remove(id);
+                    }
+                    self.abandon(tag, now);
+                }
+            }
+        }
+        self.retire_over_orphaned();
+    }
+
+    /// A job nobody will hear of again: gearmand cannot cancel a foreground job, so an
+    /// unfinished stream job becomes an orphan of its gearmand connection; a background job or
+    /// ping gearmand has is kept, detached, and polled until gearmand forgets it, so that it
+    /// still counts against its submitter's quota; any other ends now.
+    pub(super) fn abandon(&mut self, tag: JobTag, now: Instant) {
+        let Some(job) = self.jobs.get_mut(tag) else { return };
+        job.set_journal(None);
+        let (kind, at) = (job.kind(), job.holds_link());
+        match at {
+            Some(at) if kind == Kind::Stream => self.links.orphan(at, tag),
+            Some(_) if self.quota.detach() => {
+                job.detach();
+                self.metrics.count_finished(kind.mode(), Outcome::Abandoned);
+                return;
+            }
+            _ => {}
+        }
+        self.end_job(tag, Outcome::Abandoned, now);
+    }
+
+    /// Links over `--max-orphans` are retired.
+    pub(super) fn retire_over_orphaned(&mut self) {
+        let retire: Vec<usize> = self.links.over_orphaned(self.cfg.max_orphans).collect();
+        self.effects.extend(retire.into_iter().map(Effect::Retire));
+    }
+
+    /// A detached journal's grace may be over: its job is abandoned, or its kept log dropped.
+    pub(super) fn on_journal_timer(&mut self, id: u64, now: Instant) {
+        let Some(journal) = self.journals.get(id) else { return };
+        if journal.owner != Owner::Detached || journal.deadline.is_none_or(|at| at > now) {
+            return; // attached since, or detached again later
+        }
+        let Some(journal) = self.journals.remove(id) else { return };
+        if let Some(tag) = journal.job {
+            self.metrics.count_detached_abandoned(false);
+            self.abandon(tag, now);
+            self.retire_over_orphaned();
+        }
+    }
+
+    /// `attach` on connection `id`: the job's replies from `after` on, then its live events.
+    pub(super) fn on_attach(&mut self, id: ConnId, ask: Attach, reference: Option<&Ref>, now: Instant) {
+        if let Err(denied) = self.access.check_job(id, super::access::JobAsk::Attach, now) {
+            return self.deny(id, denied, reference);
+        }
+        let sub = self.access.sub(id).map(str::to_string);
+        if let Some(owner) = self.uniques.owner_elsewhere(&ask.resume).map(str::to_string) {
+            // The job lives on another instance: the attach goes there ([`super::relay`]).
+            let Attach { handle: job, resume, after } = ask;
+            let attach = RemoteAttach { job, resume, after, reference: reference.cloned(), sub };
+            return self.relay_attach(id, &owner, attach);
+        }
+        let Some(journal) = self.find_journal(&ask, sub.as_deref()) else {
+            self.metrics.count_attach(AttachOutcome::Unknown);
+            return self.error(id, ErrorCode::UnknownJob, UNKNOWN_JOB, reference);
+        };
+        let owner = Owner::Conn(id);
+        let Some(mine) = self.clients.jobs(id).map(<[JobTag]>::len) else { return };
+        let mine = mine + self.relays.held_by(id);
+        let max_jobs = self.access.max_jobs(id, self.cfg.max_jobs_per_connection);
+        if self.journals.get(journal).is_some_and(|j| j.owner != owner) && mine >= max_jobs {
+            let text = format!("at most {max_jobs} unfinished jobs per connection");
+            return self.error(id, ErrorCode::TooManyJobs, &text, reference);
+        }
+        for text in self.attach_job(journal, owner, ask.after, reference) {
+            self.deliver(owner, text);
+        }
+    }
+
+    /// The journal an attach names, if its credentials hold: the token names this instance and
+    /// a journal kept here, for the same handle, with the same secret (compared in constant
+    /// time) and, with client tokens, submitted by the same `sub`. Every failure is the same
+    /// None.
+    pub(super) fn find_journal(&self, ask: &Attach, sub: Option<&str>) -> Option<u64> {
+        if ask.resume.len() > MAX_RESUME_BYTES {
+            return None;
+        }
+        let mut parts = ask.resume.splitn(3, '.');
+        let (instance, number, secret) = (parts.next()?, parts.next()?, parts.next()?);
+        let id: u64 = number.parse().ok()?;
+        let journal = self.journals.get(id);
+        // The secret is compared whatever else failed, so every refusal takes the same path.
+        let expected = journal.map_or(&[0u8; SECRET_CHARS][..], |j| &j.secret[..]);
+        let same = super::reports::same_secret(secret.as_bytes(), expected);
+        let journal = journal.filter(|_| same && instance == self.cfg.instance_id)?;
+        (journal.handle[..] == *ask.handle.as_bytes() && journal.sub.as_deref() == sub).then_some(id)
+    }
+
+    /// Gives journal `id` to `to` and returns what to send it: `job.attached` (with the attach's
+    /// `ref`), then, after seq `after`, each kept event as first sent and a `job.gap` for each
+    /// run of trimmed ones. A previous owner hears `job.detached`. A job that has ended is
+    /// forgotten once replayed.
+    pub(super) fn attach_job(
+        &mut self,
+        id: u64,
+        to: Owner,
+        after: u64,
+        reference: Option<&Ref>,
+    ) -> Vec<Cow<'static, str>> {
+        let Some(journal) = self.journals.get(id) else { return Vec::new() };
+        let (from, live, handle) = (journal.owner, journal.job, journal.handle.clone());
+        let taken = from != Owner::Detached && from != to;
+        if taken {
+            self.deliver_last(from, Reply::Detached { handle: &handle }.text());
+        }
+        if let (Some(tag), Owner::Conn(old)) = (live, from) {
+            self.clients.forget_job(old, tag);
+        }
+        if let (Some(tag), Owner::Conn(new)) = (live, to)
+            && let Some(job) = self.jobs.get_mut(tag)
+        {
+            job.set_conn(new);
+            if from != to {
+                self.clients.add_job(new, tag);
+            }
+        }
+        self.journals.set_owner(id, to);
+        let Some(journal) = self.journals.get(id) else { return Vec::new() };
+        let log = &journal.log;
+        let mut out = vec![Reply::Attached { handle: &handle, seq: log.last(), reference }.text()];
+        let (mut gaps, mut events) = (0, 0);
+        for item in log.replay(after) {
+            out.push(match item {
+                Replayed::Gap(from, to) => {
+                    gaps += 1;
+                    Reply::Gap { handle: &handle, from, to }.text()
+                }
+                Replayed::Event(text) => {
+                    events += 1;
+                    Cow::Owned(text.to_string())
+                }
+            });
+        }
+        self.metrics.count_replayed(events);
+        self.metrics.count_attach(match (taken, gaps) {
+            (true, _) => AttachOutcome::TakenOver,
+            (false, 0) => AttachOutcome::Ok,
+            (false, _) => AttachOutcome::Gap,
+        });
+        if live.is_none() {
+            self.journals.remove(id);
+        }
+        out
+    }
+
+    /// Jobs whose client left and that are kept for the grace, now.
+    pub fn jobs_detached(&self) -> usize {
+        self.journals.detached_live()
+    }
+
+    /// Bytes the job logs hold.
+    pub fn job_log_bytes(&self) -> usize {
+        self.journals.bytes()
+    }
+}
