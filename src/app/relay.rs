@@ -25,16 +25,13 @@ use std::time::Instant;
 use log::debug;
 use serde::Serialize;
 
-use super::attach::{Attach, UNKNOWN_JOB};
 use super::fields::Ref;
-use super::joblog::Owner;
 use super::links::LinkRef;
 use super::relay_wire::{self, Assembler, Kind, Payload, RELAY_ID_CHARS, RelayId, RemoteAttach};
-use super::reply::Reply;
 use super::reports::DESK_PREFIX;
 use super::{App, ConnId, Effect};
 use crate::gearman::client::{JobMode, JobTag, Priority};
-use crate::metrics::{AttachOutcome, ErrorCode};
+use crate::metrics::ErrorCode;
 
 /// The tag of a relay message's desk job: no job of ours answers to it.
 pub(super) const RELAY_TAG: JobTag = JobTag(u64::MAX - 1);
@@ -137,81 +134,6 @@ impl Relays {
 
     pub(super) fn has_outbox(&self) -> bool {
         !self.outbox.is_empty()
-    }
-
-    /// Opens the owner's side of relay `key`, pinned to connection `link`: its served id
-    /// (None: it is open already, a duplicate attach).
-    fn open_served(&mut self, key: RemoteKey, link: LinkRef) -> Option<u64> {
-        if self.serving.contains_key(&key) {
-            return None;
-        }
-        let id = self.next_served;
-        self.next_served += 1;
-        self.serving.insert(key.clone(), id);
-        self.served.insert(id, Served { key, tag: None, link, next_out: 0 });
-        Some(id)
-    }
-
-    fn close_served(&mut self, id: u64) -> Option<Served> {
-        let served = self.served.remove(&id)?;
-        self.serving.remove(&served.key);
-        Some(served)
-    }
-
-    /// Queues `text` for served relay `id`; `end` (`Last`) ends the relay after it. False when
-    /// the relay is not open (any more).
-    fn queue(&mut self, id: u64, text: &[u8], end: Kind) -> bool {
-        let max = self.max_payload;
-        let Some(served) = self.served.get_mut(&id) else { return false };
-        let mut at = 0;
-        loop {
-            let open = self.outbox.iter().rposition(|o| !o.sealed && o.served == id);
-            let i = open.unwrap_or_else(|| {
-                self.outbox.push(Outgoing {
-                    served: id,
-                    to: served.key.instance.clone(),
-                    relay: served.key.relay,
-                    n: served.next_out,
-                    link: served.link,
-                    payload: Payload::new(Kind::Texts),
-                    sealed: false,
-                });
-                served.next_out += 1;
-                self.outbox.len() - 1
-            });
-            let o = &mut self.outbox[i];
-            if o.payload.push(text, &mut at, max) {
-                if end != Kind::Texts {
-                    o.payload.set_kind(end);
-                    o.sealed = true;
-                    self.close_served(id);
-                }
-                return true;
-            }
-            // Full: the rest of the text goes in the next message.
-            o.sealed = true;
-        }
-    }
-
-    /// Ends served relay `id` with no more text (after whatever was queued this pass).
-    fn end(&mut self, id: u64) -> bool {
-        let Some(served) = self.close_served(id) else { return false };
-        match self.outbox.iter_mut().rev().find(|o| !o.sealed && o.served == id) {
-            Some(o) => {
-                o.payload.set_kind(Kind::Last);
-                o.sealed = true;
-            }
-            None => self.outbox.push(Outgoing {
-                served: id,
-                to: served.key.instance,
-                relay: served.key.relay,
-                n: served.next_out,
-                link: served.link,
-                payload: Payload::new(Kind::Last),
-                sealed: true,
-            }),
-        }
-        true
     }
 }
 
@@ -441,124 +363,150 @@ impl App {
         for relay in broken {
             self.break_relay(relay, "the gearmand connection the relay went through was lost");
         }
-        let lost: Vec<u64> =
-            self.relays.served.iter().filter(|(_, s)| s.link.index == link).map(|(id, _)| *id).collect();
-        for id in lost {
-            let Some(served) = self.relays.close_served(id) else { continue };
-            self.relays.outbox.retain(|o| o.served != id);
-            let why = "the gearmand connection the relay went through was lost";
-            let text = served.tag.map(|tag| self.broken_text_for(tag, why));
-            if let Some(tag) = served.tag {
-                self.remote_owner_left(id, tag, now);
-            }
-            // Earlier messages went through the lost connection: this one says so out of order.
-            let (Some(other), Some(text)) = (self.links.pick(), text) else { continue };
-            let mut payload = Payload::new(Kind::Abort);
-            payload.push(text.as_bytes(), &mut 0, usize::MAX);
-            self.submit_relay(other, &served.key.instance, &served.key.relay, u64::MAX, payload.into_bytes());
-        }
-    }
-
-    /// Owner side: another instance asks to attach one of our jobs for its relay `key`; its
-    /// messages came on connection `at`, where the relay's texts go back.
-    fn on_remote_attach(&mut self, at: LinkRef, key: RemoteKey, attach: RemoteAttach) {
-        let Some(id) = self.relays.open_served(key, at) else {
-            return debug!("duplicate relayed attach dropped");
-        };
-        self.attach_for_remote(id, attach);
-    }
-
-    /// Owner side: the requester of relay `key` has nobody to send to any more.
-    fn on_remote_detach(&mut self, key: &RemoteKey, now: Instant) {
-        let Some(&id) = self.relays.serving.get(key) else { return };
-        let Some(served) = self.relays.close_served(id) else { return };
-        self.relays.outbox.retain(|o| o.served != id);
-        if let Some(tag) = served.tag {
-            self.remote_owner_left(id, tag, now);
-        }
-    }
-
-    /// Owner side: queues one reply text for served relay `id`.
-    pub(super) fn relay_text(&mut self, id: u64, text: &str) {
-        if self.relays.queue(id, text.as_bytes(), Kind::Texts) {
-            self.metrics.relay_events[0] += 1;
-        }
-    }
-
-    /// Owner side: the last text served relay `id` carries (the job's terminal event,
-    /// `job.detached` after a takeover, or a refusal); the relay is over.
-    pub(super) fn relay_last(&mut self, id: u64, text: &str) {
-        if self.relays.queue(id, text.as_bytes(), Kind::Last) {
-            self.metrics.relay_events[0] += 1;
-        }
-    }
-
-    /// Owner side: served relay `id` is over, with nothing more to say.
-    pub(super) fn relay_end(&mut self, id: u64) {
-        self.relays.end(id);
+        self.served_link_down(link, now);
     }
 }
 
-impl Relays {
-    /// Owner side: the core found the job served relay `id` attaches; its texts now go there.
-    pub(super) fn serve(&mut self, id: u64, tag: JobTag) {
-        if let Some(served) = self.served.get_mut(&id) {
-            served.tag = Some(tag);
-        }
-    }
-}
-
-impl App {
-    /// Owner side: the core's attach for a requester on another instance ([`App::find_journal`],
-    /// [`App::attach_job`]), its texts relayed; a job that has ended is replayed and the relay
-    /// ends with it. A refusal is the same `unknown_job` a local client would hear.
-    fn attach_for_remote(&mut self, id: u64, attach: RemoteAttach) {
-        let RemoteAttach { job, resume, after, reference, sub } = attach;
-        let ask = Attach { handle: job, resume, after };
-        let Some(journal) = self.find_journal(&ask, sub.as_deref()) else {
-            self.metrics.count_attach(AttachOutcome::Unknown);
-            self.metrics.count_error(ErrorCode::UnknownJob);
-            let text = Reply::Error {
-                code: ErrorCode::UnknownJob,
-                message: UNKNOWN_JOB,
-                reference: reference.as_ref(),
-            };
-            return self.relay_last(id, &text.text());
-        };
-        if let Some(tag) = self.journals.get(journal).and_then(|j| j.job) {
-            self.relays.serve(id, tag);
-        }
-        for text in self.attach_job(journal, Owner::Remote(id), ask.after, reference.as_ref()) {
-            self.relay_text(id, &text);
-        }
-        if self.journals.get(journal).is_none() {
-            // The job had ended: its replay was all there was to say.
-            self.relay_end(id);
-        }
-    }
-
-    /// Owner side: the requester of served relay `id`, owner of job `tag`, has gone: the job is
-    /// detached, as if a local client had left (its grace starts at `now`).
-    fn remote_owner_left(&mut self, id: u64, tag: JobTag, now: Instant) {
-        let owner =
-            self.jobs.get(tag).and_then(|j| j.journal()).and_then(|j| self.journals.get(j)).map(|j| j.owner);
-        if owner == Some(Owner::Remote(id)) {
-            self.detach_jobs(vec![tag], now);
-        }
-    }
-
-    /// The `unavailable` text for job `tag`'s requester when its relay broke.
-    fn broken_text_for(&self, tag: JobTag, why: &str) -> String {
-        let Some(job) = self.jobs.get(tag) else { return Broken::text("", why, None) };
-        let handle = match job.phase() {
-            super::jobs::Phase::Running(named) | super::jobs::Phase::Grace(named) => {
-                String::from_utf8_lossy(&named.handle).into_owned()
-            }
-            _ => String::new(),
-        };
-        Broken::text(&handle, why, job.reference())
-    }
-}
-
+mod owner;
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::super::testkit::*;
+    use super::super::*;
+    use super::Kind;
+    use super::*;
+
+    /// An owner instance `b2` beside the testkit's `a1`, with its gearmand link up.
+    pub(super) fn owner_app(max_job_bytes: usize) -> App {
+        let mut app =
+            App::new(AppConfig { instance_id: "b2".into(), max_job_bytes, ..cfg() }, 1, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_client_open(A, true);
+        app
+    }
+
+    pub(super) fn attach(job: &str) -> RemoteAttach {
+        let reference = Some(Ref::Text("x".into()));
+        RemoteAttach { job: job.into(), resume: "b2.1.s".into(), after: 0, reference, sub: None }
+    }
+
+    /// The relay messages among `e`, as (desk function, unique, payload).
+    pub(super) fn relayed(e: &[Effect]) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        e.iter()
+            .filter_map(|e| match e {
+                Effect::Submit {
+                    tag: RELAY_TAG,
+                    function,
+                    unique,
+                    payload,
+                    mode: JobMode::Background,
+                    ..
+                } => Some((String::from_utf8_lossy(function).into_owned(), unique.clone(), payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(super) fn deliver(app: &mut App, message: &(String, Vec<u8>, Vec<u8>)) {
+        let event = JobEvent::Forwarded { unique: message.1.clone(), value: message.2.clone() };
+        app.handle_job_event(0, event, Instant::now());
+    }
+
+    /// A requester `a1` whose client A attached a job of `b2`, and the relay's id.
+    pub(super) fn requested() -> (App, RelayId) {
+        let mut app = up_app();
+        app.relay_attach(A, "b2", attach("H:gm:7"));
+        let e = effects(&mut app);
+        let [(function, unique, payload)] = &relayed(&e)[..] else { panic!("{e:?}") };
+        assert_eq!(function, "gearsock.report.b2");
+        let address = relay_wire::parse_unique(unique).unwrap();
+        assert_eq!((address.sender, address.n), ("a1", 0));
+        let (kind, records) = relay_wire::parse(payload).unwrap();
+        assert_eq!((kind, RemoteAttach::from_records(&records)), (Kind::Attach, Some(attach("H:gm:7"))));
+        assert_eq!(app.relays_requested(), 1);
+        (app, address.relay)
+    }
+
+    #[test]
+    fn an_attach_for_another_instances_job_goes_to_its_desk_and_its_answer_comes_back() {
+        let (mut requester, _) = requested();
+        let mut owner = owner_app(1 << 20);
+        let e = effects(&mut requester);
+        assert!(e.is_empty());
+        requester.relay_attach(A, "b2", attach("H:gm:8"));
+        let e = effects(&mut requester);
+        deliver(&mut owner, &relayed(&e)[0]);
+        let answer = relayed(&effects(&mut owner));
+        let [(function, unique, _)] = &answer[..] else { panic!("{answer:?}") };
+        assert_eq!(function, "gearsock.report.a1");
+        assert!(unique.starts_with(b"@b2."));
+        assert_eq!(owner.relays_served(), 0, "a refusal ends the relay");
+        deliver(&mut requester, &answer[0]);
+        let e = effects(&mut requester);
+        assert_eq!(codes(&e), ["unknown_job"]);
+        assert!(sent(&e)[0].1.contains(r#""ref":"x""#));
+        assert_eq!(
+            (requester.relays_requested(), requester.relays.held_by(A)),
+            (1, 1),
+            "the first relay is open"
+        );
+    }
+
+    #[test]
+    fn a_relay_counts_as_a_job_of_its_client() {
+        let (mut app, _) = requested();
+        app.relay_attach(A, "b2", attach("H:gm:8"));
+        app.relay_attach(A, "b2", attach("H:gm:9"));
+        let e = effects(&mut app);
+        assert_eq!(relayed(&e).len(), 1);
+        assert_eq!(codes(&e), ["too_many_jobs"]);
+        app.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, Instant::now());
+        assert_eq!(codes(&effects(&mut app)), ["too_many_jobs"]);
+        app.handle_link_down(0, Instant::now());
+        effects(&mut app);
+        app.handle_client_open(B, true);
+        app.relay_attach(B, "b2", attach("H:gm:9"));
+        assert_eq!(codes(&effects(&mut app)), ["unavailable"], "no gearmand to relay through");
+    }
+
+    /// The owner's side of the relay `relay` of `a1`, opened directly (the core's attach would).
+    pub(super) fn serve(owner: &mut App, relay: RelayId) -> u64 {
+        let key = RemoteKey { instance: "a1".into(), relay };
+        let at = owner.links.current(0);
+        owner.relays.open_served(key, at).unwrap()
+    }
+
+    #[test]
+    fn a_client_that_leaves_detaches_its_relay_at_the_owner() {
+        let (mut requester, relay) = requested();
+        let mut owner = owner_app(1 << 20);
+        let id = serve(&mut owner, relay);
+        owner.relay_text(id, "queued but not sent");
+        requester.handle_client_closed(A, Instant::now());
+        let e = effects(&mut requester);
+        let [detach] = &relayed(&e)[..] else { panic!("{e:?}") };
+        assert_eq!(requester.relays_requested(), 0);
+        deliver(&mut owner, detach);
+        assert_eq!(owner.relays_served(), 0);
+        assert!(relayed(&effects(&mut owner)).is_empty(), "what was queued for it is dropped");
+    }
+
+    #[test]
+    fn a_lost_link_breaks_the_relay_with_unavailable_for_the_job() {
+        let (mut requester, _) = requested();
+        requester.handle_link_down(0, Instant::now());
+        let e = effects(&mut requester);
+        let [(c, text)] = &sent(&e)[..] else { panic!("{e:?}") };
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(*c, A);
+        assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some("unavailable")));
+        assert_eq!((v["job"].as_str(), v["ref"].as_str()), (Some("H:gm:7"), Some("x")));
+        assert_eq!(requester.relays_requested(), 0);
+        // The owner's side ends too: whatever it queued for the lost link is not sent.
+        let mut owner = owner_app(1 << 20);
+        let id = serve(&mut owner, *b"AAAAAAAAAAAA");
+        owner.relay_text(id, "lost");
+        owner.handle_link_down(0, Instant::now());
+        assert!(relayed(&effects(&mut owner)).is_empty());
+        assert_eq!(owner.relays_served(), 0);
+    }
+}
