@@ -222,7 +222,9 @@ fn submit_background(ws: &mut Ws, n: usize) -> (usize, usize) {
 fn background_churn_stops_at_the_per_peer_cap() {
     let _heavy = heavy();
     let g = Gearmand::start();
-    let s = Server::start(&g.addr(), &["--max-background-per-peer", "40", "--poll-interval-ms", "50"]);
+    // Abandoned when their client leaves, with no grace for an attach (tests/resume.rs).
+    let flags = ["--max-background-per-peer", "40", "--poll-interval-ms", "50", "--detach-grace-ms", "0"];
+    let s = Server::start(&g.addr(), &flags);
     s.wait_healthy();
     let (mut created, mut refused) = (0, 0);
     for _ in 0..5 {
@@ -254,7 +256,8 @@ fn background_churn_stops_at_the_per_peer_cap() {
 fn orphans_stop_at_the_documented_bound() {
     let _heavy = heavy();
     let g = Gearmand::start();
-    let s = Server::start(&g.addr(), &["--max-orphans", "4", "--max-jobs-per-connection", "4"]);
+    let flags = ["--max-orphans", "4", "--max-jobs-per-connection", "4", "--detach-grace-ms", "0"];
+    let s = Server::start(&g.addr(), &flags);
     s.wait_healthy();
     let f = "orphans-nobody-serves";
     let submit_created = |ws: &mut Ws, n: usize| {

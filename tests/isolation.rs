@@ -676,7 +676,8 @@ fn a_client_that_never_reads_is_dropped_and_counted() {
 fn abandoned_stream_jobs_are_bounded_by_max_orphans() {
     let _heavy = heavy();
     let g = Gearmand::start();
-    let s = Server::start(&g.addr(), &[]);
+    // Abandoned when their client leaves, with no grace for an attach (tests/resume.rs).
+    let s = Server::start(&g.addr(), &["--detach-grace-ms", "0"]);
     s.wait_healthy();
     let f = "orphans-nobody-serves";
     for _ in 0..170 {

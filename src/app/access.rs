@@ -464,7 +464,7 @@ pub(super) mod tests {
 
     const KEY: &str = "0123456789abcdef0123456789abcdef";
 
-    fn app_with(access: AccessConfig) -> App {
+    pub(in super::super) fn app_with(access: AccessConfig) -> App {
         let mut c = cfg();
         c.max_jobs_per_connection = 8;
         c.access = access;
@@ -477,12 +477,12 @@ pub(super) mod tests {
         app.handle_client_open_from(id, false, "127.0.0.1".parse().unwrap(), None, t0);
     }
 
-    fn token(clock: &UnixClock, claims: &str) -> String {
+    pub(in super::super) fn token(clock: &UnixClock, claims: &str) -> String {
         let claims = claims.replace("EXP", &(clock.unix_s + 60).to_string());
         jwt::sign(&claims, KEY.as_bytes())
     }
 
-    fn tokens_on() -> AccessConfig {
+    pub(in super::super) fn tokens_on() -> AccessConfig {
         let mut a = open_access();
         a.keys = Some(Keys::parse(KEY).unwrap());
         a.allow_functions = vec!["resize*".into(), "echo".into()];
