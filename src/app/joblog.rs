@@ -172,6 +172,9 @@ pub(super) struct Journals {
     /// Journals whose owner is `Detached`, oldest first.
     detached: BTreeSet<u64>,
     next_id: u64,
+    /// Trimming attached logs goes on from this journal (the one it last trimmed), so that the
+    /// logs with nothing left to trim are not walked past again for every event.
+    trim_from: u64,
     bytes: usize,
     max_job: usize,
     max_total: usize,
@@ -179,7 +182,8 @@ pub(super) struct Journals {
 
 impl Journals {
     pub(super) fn new(max_job: usize, max_total: usize) -> Journals {
-        Journals { map: BTreeMap::new(), detached: BTreeSet::new(), next_id: 0, bytes: 0, max_job, max_total }
+        let (map, detached) = (BTreeMap::new(), BTreeSet::new());
+        Journals { map, detached, next_id: 0, trim_from: 0, bytes: 0, max_job, max_total }
     }
 
     /// Bytes all logs hold.
@@ -261,19 +265,28 @@ impl Journals {
         {
             gone.extend(self.remove(id));
         }
-        if self.bytes > self.max_total {
-            for j in self.map.values_mut() {
-                while self.bytes > self.max_total
-                    && let Some(freed) = j.log.trim_one()
-                {
-                    self.bytes -= freed;
-                }
-                if self.bytes <= self.max_total {
-                    break;
-                }
+        // Then from where the last trimming stopped to the newest, and round from the oldest.
+        let from = self.trim_from;
+        self.trim_attached(from..);
+        self.trim_attached(..from);
+        gone
+    }
+
+    fn trim_attached(&mut self, range: impl std::ops::RangeBounds<u64>) {
+        if self.bytes <= self.max_total {
+            return;
+        }
+        for (&id, j) in self.map.range_mut(range) {
+            while self.bytes > self.max_total
+                && let Some(freed) = j.log.trim_one()
+            {
+                self.bytes -= freed;
+                self.trim_from = id;
+            }
+            if self.bytes <= self.max_total {
+                return;
             }
         }
-        gone
     }
 }
 

@@ -273,8 +273,8 @@ impl App {
         std::mem::swap(&mut self.effects, out);
     }
 
-    /// Unfinished jobs of open clients (not the abandoned ones kept for their submitter's
-    /// count).
+    /// Unfinished jobs of open clients, and of clients that left within their
+    /// `--detach-grace-ms` (not the abandoned ones kept for their submitter's count).
     pub fn jobs_in_flight(&self) -> usize {
         self.jobs.len() - self.quota.detached()
     }
