@@ -224,6 +224,7 @@ impl App {
 mod tests {
     use super::super::super::testkit::*;
     use super::super::super::*;
+    use super::super::relay_wire::RemoteAttach;
     use super::super::tests::*;
     use super::super::{Kind, relay_wire};
 
@@ -384,5 +385,32 @@ mod tests {
         let [(c, text)] = &sent(&e)[..] else { panic!("{e:?}") };
         assert!(*c == B && text.contains("job.detached"), "{text}");
         assert_eq!(requester.relays.held_by(B), 0);
+    }
+
+    #[test]
+    fn the_owner_checks_the_sub_the_requester_verified() {
+        let t0 = Instant::now();
+        let mut owner = owner_app(1 << 20);
+        owner.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
+        let tag = submitted(&effects(&mut owner))[0];
+        owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
+        let created: Value = serde_json::from_str(sent(&effects(&mut owner))[0].1).unwrap();
+        let resume = created["resume"].as_str().unwrap().to_string();
+        let mut requester = up_app();
+        for (sub, answer) in [(Some("mallory"), "error"), (None, "job.attached")] {
+            let attach = RemoteAttach {
+                job: "H:gm:7".into(),
+                resume: resume.clone(),
+                after: 1,
+                reference: None,
+                sub: sub.map(Into::into),
+            };
+            requester.relay_attach(A, "b2", attach);
+            carry(&effects(&mut requester), &mut owner);
+            carry(&effects(&mut owner), &mut requester);
+            let e = effects(&mut requester);
+            let v: Value = serde_json::from_str(sent(&e)[0].1).unwrap();
+            assert_eq!(v["type"], answer, "{v}");
+        }
     }
 }
