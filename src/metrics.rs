@@ -313,6 +313,10 @@ pub struct Metrics {
     pub reports_forward_failed: u64,
     /// Reports other instances forwarded here: for a live job, and for none.
     reports_received: [u64; 2],
+    /// Relay messages (desk jobs) left at another instance's desk, and taken from ours.
+    pub relay_messages: [u64; 2],
+    /// Job reply texts relayed: sent to another instance for its client, and handed to ours.
+    pub relay_events: [u64; 2],
     /// Passes of the event loop.
     loop_iterations: u64,
     /// Messages sent back in echo mode (`serve --echo`), and their payload bytes.
@@ -354,6 +358,10 @@ pub struct Gauges {
     pub stored_bytes: usize,
     /// Bytes queued for all clients.
     pub client_output_bytes: usize,
+    /// Relays this instance carries for its clients' attaches to jobs of other instances.
+    pub relays_requested: usize,
+    /// This instance's jobs attached from other instances (their texts relayed there).
+    pub relays_served: usize,
     /// Jobs whose client left, kept for an `attach`.
     pub jobs_detached: usize,
     /// Bytes the job logs hold.
@@ -579,6 +587,17 @@ impl Metrics {
         let [claimed, unclaimed] = self.reports_received;
         let _ = writeln!(o, "gearsock_reports_received_total{{outcome=\"delivered\"}} {claimed}");
         let _ = writeln!(o, "gearsock_reports_received_total{{outcome=\"no_job\"}} {unclaimed}");
+        family(&mut o, "relay_messages_total", "counter", "Relay messages through gearmand, by direction.");
+        for (direction, n) in ["sent", "received"].iter().zip(self.relay_messages) {
+            let _ = writeln!(o, "gearsock_relay_messages_total{{direction=\"{direction}\"}} {n}");
+        }
+        family(&mut o, "relay_events_total", "counter", "Job reply texts relayed, by direction.");
+        for (direction, n) in ["sent", "received"].iter().zip(self.relay_events) {
+            let _ = writeln!(o, "gearsock_relay_events_total{{direction=\"{direction}\"}} {n}");
+        }
+        family(&mut o, "relays_open", "gauge", "Open relays, by side (requester or owner).");
+        let _ = writeln!(o, "gearsock_relays_open{{side=\"requester\"}} {}", g.relays_requested);
+        let _ = writeln!(o, "gearsock_relays_open{{side=\"owner\"}} {}", g.relays_served);
         family(&mut o, "timers_armed", "gauge", "Timers in the wheel.");
         let _ = writeln!(o, "gearsock_timers_armed {}", g.timers);
         family(&mut o, "loop_iterations_total", "counter", "Passes of the event loop.");

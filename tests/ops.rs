@@ -397,6 +397,24 @@ const SERIES: &[(&str, &str)] = &[
         "--job-log-total-bytes reached (app::attach tests)",
     ),
     ("gearsock_client_output_bytes", "gauge"),
+    (
+        "gearsock_relay_messages_total{direction=\"sent\"}",
+        "an attach on another instance (tests/resume_scale.rs)",
+    ),
+    (
+        "gearsock_relay_messages_total{direction=\"received\"}",
+        "the owner's answer to it (tests/resume_scale.rs)",
+    ),
+    (
+        "gearsock_relay_events_total{direction=\"sent\"}",
+        "a job attached from another instance (tests/resume_scale.rs)",
+    ),
+    (
+        "gearsock_relay_events_total{direction=\"received\"}",
+        "its texts handed to the client (tests/resume_scale.rs)",
+    ),
+    ("gearsock_relays_open{side=\"requester\"}", "gauge"),
+    ("gearsock_relays_open{side=\"owner\"}", "gauge"),
     ("gearsock_slow_readers_dropped_total", "a client that stops reading (tests/bounds_loop.rs)"),
     ("gearsock_message_timeouts_total", "half a message past --message-timeout-ms (tests/bounds_loop.rs)"),
     (

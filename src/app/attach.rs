@@ -17,6 +17,7 @@ use std::time::Instant;
 use super::fields::Ref;
 use super::joblog::{Journal, Log, Owner, Replayed, SECRET_CHARS};
 use super::jobs::Kind;
+use super::relay_wire::RemoteAttach;
 use super::reply::{JobNews, Reply};
 use super::{App, AppTimer, ConnId, Effect};
 use crate::gearman::client::JobTag;
@@ -24,6 +25,10 @@ use crate::metrics::{AttachOutcome, ErrorCode, Outcome};
 
 /// The longest `resume` worth reading: `<instance id>.<number>.<secret>`.
 const MAX_RESUME_BYTES: usize = 128;
+
+/// Why an attach found no job: the same words for every failure (and on every instance).
+pub(super) const UNKNOWN_JOB: &str =
+    "no job with that handle and resume token is kept here (wrong, expired, or ended)";
 
 /// An `attach` as parsed: the job's handle, its resume token, and the last seq the client has.
 pub(super) struct Attach {
@@ -59,7 +64,7 @@ impl App {
         let text = Reply::Job { handle, news, reference, seq: Some(seq) }.text();
         if terminal && owner != Owner::Detached {
             // Its owner hears the end, and the journal goes with the job: nothing to keep.
-            return self.deliver(owner, text);
+            return self.deliver_last(owner, text);
         }
         let gone = self.journals.push(id, &text, status, terminal);
         self.deliver(owner, text);
@@ -76,7 +81,17 @@ impl App {
     pub(super) fn deliver(&mut self, owner: Owner, text: Cow<'static, str>) {
         match owner {
             Owner::Conn(conn) => self.send(conn, text),
+            Owner::Remote(relay) => self.relay_text(relay, &text),
             Owner::Detached => {}
+        }
+    }
+
+    /// An owner's last text about a job (its end, or that another took it): a relay is over
+    /// after it.
+    pub(super) fn deliver_last(&mut self, owner: Owner, text: Cow<'static, str>) {
+        match owner {
+            Owner::Remote(relay) => self.relay_last(relay, &text),
+            owner => self.deliver(owner, text),
         }
     }
 
@@ -189,13 +204,19 @@ impl App {
             return self.deny(id, denied, reference);
         }
         let sub = self.access.sub(id).map(str::to_string);
+        if let Some(owner) = self.uniques.owner_elsewhere(&ask.resume).map(str::to_string) {
+            // The job lives on another instance: the attach goes there ([`super::relay`]).
+            let Attach { handle: job, resume, after } = ask;
+            let attach = RemoteAttach { job, resume, after, reference: reference.cloned(), sub };
+            return self.relay_attach(id, &owner, attach);
+        }
         let Some(journal) = self.find_journal(&ask, sub.as_deref()) else {
             self.metrics.count_attach(AttachOutcome::Unknown);
-            let text = "no job with that handle and resume token is kept here (wrong, expired, or ended)";
-            return self.error(id, ErrorCode::UnknownJob, text, reference);
+            return self.error(id, ErrorCode::UnknownJob, UNKNOWN_JOB, reference);
         };
         let owner = Owner::Conn(id);
         let Some(mine) = self.clients.jobs(id).map(<[JobTag]>::len) else { return };
+        let mine = mine + self.relays.held_by(id);
         let max_jobs = self.access.max_jobs(id, self.cfg.max_jobs_per_connection);
         if self.journals.get(journal).is_some_and(|j| j.owner != owner) && mine >= max_jobs {
             let text = format!("at most {max_jobs} unfinished jobs per connection");
@@ -238,9 +259,9 @@ impl App {
     ) -> Vec<Cow<'static, str>> {
         let Some(journal) = self.journals.get(id) else { return Vec::new() };
         let (from, live, handle) = (journal.owner, journal.job, journal.handle.clone());
-        let taken = matches!(from, Owner::Conn(_)) && from != to;
+        let taken = from != Owner::Detached && from != to;
         if taken {
-            self.deliver(from, Reply::Detached { handle: &handle }.text());
+            self.deliver_last(from, Reply::Detached { handle: &handle }.text());
         }
         if let (Some(tag), Owner::Conn(old)) = (live, from) {
             self.clients.forget_job(old, tag);
@@ -403,13 +424,18 @@ mod tests {
         let last = wrong.len() - 1;
         wrong[last] = if wrong[last] == b'A' { b'B' } else { b'A' };
         let wrong = String::from_utf8(wrong).unwrap();
-        let other_instance = resume.replacen("a1.", "b2.", 1);
         let mut answers = Vec::new();
-        for (handle, token) in
-            [("H:1", wrong.as_str()), ("H:2", &resume), ("H:1", &other_instance), ("H:1", "x")]
-        {
+        for (handle, token) in [("H:1", wrong.as_str()), ("H:2", &resume), ("H:1", "x")] {
             answers.push(attach(&mut app, B, handle, token, 0, t0));
         }
+        // A token of another instance is that instance's to answer: relayed to its desk
+        // (app/relay.rs), where it gets the same unknown_job.
+        let other_instance = resume.replacen("a1.", "b2.", 1);
+        let msg = json!({"type":"attach","job":"H:1","resume":other_instance,"after":0,"ref":"x"});
+        app.handle_client_text(B, &msg.to_string(), t0);
+        let e = effects(&mut app);
+        assert!(sent(&e).is_empty(), "{e:?}");
+        assert!(matches!(&e[..], [Effect::Submit { function, .. }] if function == b"gearsock.report.b2"));
         app.handle_client_closed(A, t0);
         let e = effects(&mut app);
         let Some(Effect::Arm(at, timer)) = e.iter().find(|e| matches!(e, Effect::Arm(..))) else {
@@ -428,7 +454,7 @@ mod tests {
         // Abandoned as before: counted as such, and an orphan of its gearmand connection.
         let text = app.metrics.render(&Default::default());
         assert!(text.contains("gearsock_detached_abandoned_total{reason=\"grace\"} 1"), "{text}");
-        assert!(text.contains("gearsock_attaches_total{outcome=\"unknown\"} 5"), "{text}");
+        assert!(text.contains("gearsock_attaches_total{outcome=\"unknown\"} 4"), "{text}");
         assert!(text.contains("gearsock_jobs_finished_total{mode=\"stream\",outcome=\"abandoned\"} 1"));
     }
 

@@ -39,6 +39,8 @@ pub(super) enum Owner {
     Conn(ConnId),
     /// Nobody, for now: the events are only logged.
     Detached,
+    /// A client of another instance, through a relay ([`super::relay`]; the relay's served id).
+    Remote(u64),
 }
 
 #[derive(Debug)]

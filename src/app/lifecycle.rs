@@ -28,7 +28,7 @@ impl App {
         now: Instant,
     ) -> Option<JobTag> {
         let max_jobs = self.access.max_jobs(id, self.cfg.max_jobs_per_connection);
-        if self.clients.jobs(id)?.len() >= max_jobs {
+        if self.clients.jobs(id)?.len() + self.relays.held_by(id) >= max_jobs {
             let text = format!("at most {max_jobs} unfinished jobs per connection");
             self.error(id, ErrorCode::TooManyJobs, &text, reference.as_ref());
             return None;

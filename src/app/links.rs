@@ -275,6 +275,7 @@ impl App {
         }
         self.drop_questions_on(at, "the gearmand connection was lost before it answered");
         self.links.links[link] = Link { generation: at.generation, ..Link::default() };
+        self.relays_link_down(link, now);
     }
 }
 

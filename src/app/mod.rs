@@ -39,6 +39,8 @@ mod jobs;
 mod lifecycle;
 mod links;
 mod quota;
+mod relay;
+mod relay_wire;
 mod reply;
 mod reports;
 mod request;
@@ -65,6 +67,7 @@ use joblog::Journals;
 use jobs::{Jobs, Kind, Submission};
 use links::Links;
 use quota::{Quota, Submitter};
+use relay::{RELAY_TAG, Relays};
 use reply::{JobNews, Reply};
 use reports::FORWARD_TAG;
 use request::{Parsed, Request};
@@ -213,6 +216,7 @@ pub struct App {
     uniques: Uniques,
     quota: Quota,
     access: Access,
+    relays: Relays,
     effects: Vec<Effect>,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
@@ -231,6 +235,7 @@ impl App {
             uniques: Uniques::new(entropy, cfg.instance_id.clone(), cfg.shared_uniques),
             quota: Quota::new(cfg.max_background_per_peer),
             access: Access::new(cfg.access.clone()),
+            relays: Relays::new(cfg.max_job_bytes),
             effects: Vec::new(),
             metrics: Metrics::default(),
             cfg,
@@ -258,11 +263,13 @@ impl App {
 
     /// True when effects wait to be drained (the loop then polls without sleeping).
     pub fn has_effects(&self) -> bool {
-        !self.effects.is_empty()
+        !self.effects.is_empty() || self.relays.has_outbox()
     }
 
     /// Moves the pending effects into `out` (which should be empty), keeping both allocations.
+    /// Relay texts queued in this pass go out first, one message per relay where they fit.
     pub fn drain_effects(&mut self, out: &mut Vec<Effect>) {
+        self.flush_relays();
         std::mem::swap(&mut self.effects, out);
     }
 
@@ -270,6 +277,16 @@ impl App {
     /// `--detach-grace-ms` (not the abandoned ones kept for their submitter's count).
     pub fn jobs_in_flight(&self) -> usize {
         self.jobs.len() - self.quota.detached()
+    }
+
+    /// Relays this instance carries for its clients (attaches to jobs of other instances).
+    pub fn relays_requested(&self) -> usize {
+        self.relays.asked_len()
+    }
+
+    /// This instance's jobs attached from other instances.
+    pub fn relays_served(&self) -> usize {
+        self.relays.served_len()
     }
 
     /// Submissions held for a gearmand.
@@ -341,6 +358,7 @@ impl App {
     /// so that it still counts against its submitter's quota.
     pub fn handle_client_closed(&mut self, id: ConnId, now: Instant) {
         self.access.close(id);
+        self.relays_client_closed(id);
         let Some(tags) = self.clients.close(id) else { return };
         self.detach_jobs(tags, now);
     }
@@ -398,8 +416,14 @@ impl App {
     /// One event from a gearmand link's ClientSession.
     pub fn handle_job_event(&mut self, link: usize, event: JobEvent, now: Instant) {
         match event {
+            JobEvent::Forwarded { unique, value } if relay_wire::is_relay(&unique) => {
+                self.on_relay_message(link, &unique, &value, now)
+            }
             JobEvent::Forwarded { unique, value } => self.on_forwarded(&unique, &value, now),
-            JobEvent::Created { tag: FORWARD_TAG, .. } => {}
+            JobEvent::Created { tag: FORWARD_TAG | RELAY_TAG, .. } => {}
+            JobEvent::Rejected { tag: RELAY_TAG, code, message } => {
+                debug!("gearmand refused a relay message: {code} {message}");
+            }
             JobEvent::Rejected { tag: FORWARD_TAG, code, message } => {
                 self.metrics.reports_forward_failed += 1;
                 debug!("gearmand refused a forwarded report: {code} {message}");

@@ -67,6 +67,11 @@ impl Uniques {
         unique
     }
 
+    /// Fills `out` with random id characters (a relay's id).
+    pub(super) fn fill_id(&mut self, out: &mut [u8]) {
+        self.entropy.fill_id(out);
+    }
+
     /// The instance a unique names, when it is not this one: the part before its first `.`,
     /// if that can be an instance id.
     pub(super) fn owner_elsewhere<'u>(&self, unique: &'u str) -> Option<&'u str> {

@@ -346,6 +346,8 @@ impl Server {
                 stored_values: self.app.stored_values(),
                 stored_bytes: self.app.stored_bytes(),
                 client_output_bytes: self.backlog_bytes(),
+                relays_requested: self.app.relays_requested(),
+                relays_served: self.app.relays_served(),
                 jobs_detached: self.app.jobs_detached(),
                 job_log_bytes: self.app.job_log_bytes(),
                 links: links.iter().map(|l| (l.addr.clone(), l.state)).collect(),
