@@ -24,6 +24,10 @@ var Gearsock = (function () {
   };
   // The replies after which the server says nothing more about a job.
   const FINAL = { complete: true, failed: true, exception: true, lost: true };
+  // How long an attach may go unanswered before it is asked again (a relayed attach crosses
+  // gearmand twice), and how many times it is asked before the job is given up.
+  const ATTACH_ANSWER_MS = 10000;
+  const ATTACH_TRIES = 6;
 
   /** An outcome that is not a result: `code` is `failed`, `exception`, `lost`, `detached`,
    *  a server error code (`forbidden`, `unauthorized`, …) or `queue_full`; `event` is the
@@ -377,10 +381,31 @@ var Gearsock = (function () {
         });
     }
 
-    // The `attach` that takes `job` back on this connection.
+    // The `attach` that takes `job` back on this connection. An attach that lands on another
+    // process or instance is relayed to the job's owner through gearmand; if no answer comes
+    // within ATTACH_ANSWER_MS, it is asked again (with back-off), at most ATTACH_TRIES times.
     _attach(job) {
       job.attaching = true;
       this._write({ type: "attach", job: job.handle, resume: job._resume, after: job.seq, ref: job.ref });
+      const ws = this._ws;
+      const sent = (job._attachSent = (job._attachSent || 0) + 1);
+      setTimeout(() => {
+        if (ws === this._ws && job.attaching && !job.finished && job._attachSent === sent) this._retryAttach(job);
+      }, ATTACH_ANSWER_MS);
+    }
+
+    // The attach failed for now (no gearmand to relay it through, the relay broke, or no
+    // answer): ask again after an exponential back-off with jitter, or give the job up.
+    _retryAttach(job) {
+      job.attaching = true;
+      job._attachTries = (job._attachTries || 0) + 1;
+      if (job._attachTries > ATTACH_TRIES) {
+        const reason = "could not re-attach: no answer after " + ATTACH_TRIES + " tries";
+        job._finish("lost", { type: "job.lost", job: job.handle, ref: job.ref, local: true, reason });
+        return;
+      }
+      const cap = Math.min(10000, 250 * Math.pow(2, job._attachTries - 1));
+      this._reattachLater(job, Math.round(cap / 2 + (Math.random() * cap) / 2));
     }
 
     // The attach again after `ms`, if this connection is still the one (a new connection
@@ -493,6 +518,7 @@ var Gearsock = (function () {
       switch (msg.type) {
         case "job.attached":
           job.attaching = false;
+          job._attachTries = 0;
           job.reattached += 1;
           job._deliver("attached", msg);
           return;
@@ -507,6 +533,10 @@ var Gearsock = (function () {
           if (job.attaching && msg.code === "rate_limited") {
             // An attach draws from the job rate like a submit: ask again when told.
             this._reattachLater(job, Number(msg.retry_after_ms) || 500);
+          } else if (msg.code === "unavailable" && (job.attaching || msg.job === job.handle)) {
+            // No gearmand to relay the attach through, or the relay to the job's owner broke:
+            // the job may well live on, so attach again later.
+            this._retryAttach(job);
           } else if (job.attaching) {
             // The server no longer has the job (expired, restarted) or will not attach it.
             const reason = "could not re-attach (" + msg.code + ": " + (msg.message || "") + ")";

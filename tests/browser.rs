@@ -598,6 +598,14 @@ const CLIENT_UNIT: &str = r#"(async () => {
   await until("the third connection", openOn(2));
   sockets[2].hear({ type: "error", code: "rate_limited", ref: 3, message: "slow down", retry_after_ms: 10 });
   await until("the attach again", () => sockets[2].sent.filter((m) => m.type === "attach").length === 2);
+  const attaches = () => sockets[2].sent.filter((m) => m.type === "attach").length;
+  // No gearmand to relay the attach through: asked again after a back-off.
+  sockets[2].hear({ type: "error", code: "unavailable", ref: 3, message: "no gearmand is taking jobs" });
+  await until("the attach after unavailable", () => attaches() === 3);
+  // Attached through a relay that then broke: attached again on the same connection.
+  sockets[2].hear({ type: "job.attached", job: "H:2", ref: 3, seq: 1 });
+  sockets[2].hear({ type: "error", code: "unavailable", job: "H:2", ref: 3, message: "the relay broke" });
+  await until("the attach after the relay broke", () => attaches() === 4);
   sockets[2].hear({ type: "error", code: "unknown_job", ref: 3, message: "no such job" });
   const cOutcome = await c.done.then(() => "resolved", (e) => e.code + ": " + e.message);
   gs.close();
