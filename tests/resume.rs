@@ -226,7 +226,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn ten_thousand_detached_jobs_stay_within_the_log_total() {
     const JOBS: usize = 10_000;
     const PER_CLIENT: usize = 200;
-    const TOTAL: usize = 12 << 20;
+    // Room for 10,000 detached jobs (their logs and their overhead, about 1.3 KB each), not
+    // for 10,000 full logs.
+    const TOTAL: usize = 24 << 20;
     let g = Gearmand::start();
     let total = TOTAL.to_string();
     let flags =
@@ -273,8 +275,9 @@ fn ten_thousand_detached_jobs_stay_within_the_log_total() {
     );
     assert!(held <= TOTAL as f64, "{held}");
     assert!(given_up > 0.0, "the total was reached");
-    // What memory grew by: the logs' total, plus an overhead per job (the job, its journal,
-    // its timer, gearmand's link bookkeeping), well under 2 KiB each.
+    // What memory grew by: the total (which counts each detached job's own overhead besides its
+    // log), plus what the accounting misses (allocator slack, freed memory not given back):
+    // measured about 360 B per job.
     let grown = (full.saturating_sub(base) * 1024) as usize;
-    assert!(grown <= TOTAL + JOBS * 2048, "grew {grown} bytes");
+    assert!(grown <= TOTAL + JOBS * 1024, "grew {grown} bytes");
 }

@@ -67,7 +67,8 @@ usage: gearsock [serve] [flags]
   --value-grace-ms N         wait this long for a worker.complete value (500)
   --detach-grace-ms N        keep a job whose client left, or its ended log, for an attach (30000; 0: abandon at once)
   --job-log-bytes N          bytes of events kept per job for an attach (262144)
-  --job-log-total-bytes N    bytes of events kept for all jobs; detached ones go first (268435456)
+  --job-log-total-bytes N    bytes of events kept for all jobs, 1200 more per detached job;
+                             detached ones go first (268435456)
   --value-ttl-ms N           keep unclaimed values this long (60000)
   --queue-limit N            submissions held while no gearmand is up (1024)
   --queue-timeout-ms N       how long a held submission waits (10000)
