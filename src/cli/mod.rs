@@ -90,6 +90,9 @@ usage: gearsock [serve] [flags]
                              uniques start with it and it takes reports for them forwarded by
                              others as function gearsock.report.ID
   --processes N              event-loop processes sharing the port with SO_REUSEPORT (1)
+  --peer-instance ID         another instance on this gearmand that attaches may be relayed to
+                             (repeatable; the other processes of a group always are)
+  --relay-answer-ms N        how long a job's instance has to answer a relayed attach (5000)
   --allow-function PATTERN   a function clients may submit: exact, or a prefix ending in *
                              (repeatable; default none: submit is forbidden; gearsock.* never)
   --no-ping                  refuse the article's {\"type\":\"ping\"} (allowed by default)
@@ -341,6 +344,8 @@ fn serve_flags(parser: &mut lexopt::Parser, flag: &mut String) -> Result<Command
             Long("echo") => c.echo = true,
             Long("instance-id") => c.instance_id = Some(value(parser)?),
             Long("processes") => c.processes = value(parser)?,
+            Long("peer-instance") => c.peer_instances.push(value(parser)?),
+            Long("relay-answer-ms") => c.relay_answer = millis(parser)?,
             // Internal, not in --help: what the supervisor of a group passes to each child.
             Long("group-slot") => group_slot = Some(value(parser)?),
             Long("group-board") => group_board = Some(value(parser)?),
