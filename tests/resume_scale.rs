@@ -274,7 +274,11 @@ fn an_attach_naming_an_instance_nobody_serves_is_unknown_and_leaves_nothing_in_g
     // go to its desk, which gearmand coalesces into one.
     for _ in 0..20 {
         let v = attach_once(&alpha.url(), &created["job"], &format!("ghost.1.{secret}"));
-        assert_eq!((v["code"].as_str(), v["job"].as_str()), (Some("unavailable"), created["job"].as_str()), "{v}");
+        assert_eq!(
+            (v["code"].as_str(), v["job"].as_str()),
+            (Some("unavailable"), created["job"].as_str()),
+            "{v}"
+        );
     }
     assert_eq!(queued(&gearmand_status(&g)), 2, "the attach and one probe");
     assert_eq!(alpha.metric("gearsock_relays_open{side=\"requester\"}"), 0.0, "every slot freed");
