@@ -555,6 +555,35 @@ mod tests {
     }
 
     #[test]
+    fn peers_are_the_groups_other_processes_and_each_peer_instance() {
+        let vars = vec![("GEARSOCK_PEER_INSTANCE".to_string(), "eu,us-2".to_string())];
+        let Ok(Command::Serve(c)) = parse_args_env(args(&["serve", "--relay-answer-ms", "700"]), vars) else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (c.known_peers(), c.relay_answer),
+            (vec!["eu".into(), "us-2".into()], Duration::from_millis(700))
+        );
+        let Ok(Command::Serve(c)) = parse_args(args(&[
+            "--instance-id",
+            "g-1",
+            "--processes",
+            "3",
+            "--group-slot",
+            "1",
+            "--group-board",
+            "5",
+            "--peer-instance",
+            "far",
+        ])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.known_peers(), ["g-0", "g-2", "far"]);
+        assert!(parse_args(args(&["serve", "--peer-instance", "a.b"])).is_err());
+        assert!(parse_args(args(&["serve", "--relay-answer-ms", "0"])).is_err());
+    }
+
+    #[test]
     fn echo_mode_needs_no_gearmand_and_refuses_one() {
         let Ok(Command::Serve(c)) = parse_args(args(&["serve", "--echo"])) else { panic!("not serve") };
         assert!(c.echo);
