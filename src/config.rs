@@ -123,6 +123,14 @@ pub struct Config {
     /// Event-loop processes sharing the listening port (`--processes`). Default 1: this
     /// process serves alone.
     pub processes: usize,
+    /// Other instances on the same gearmand that an attach may be relayed to
+    /// (`--peer-instance`, repeatable): a resume token naming an instance that is neither one
+    /// of these nor another process of this one's group is answered `unknown_job`, since
+    /// nobody may serve its desk. Default none.
+    pub peer_instances: Vec<String>,
+    /// How long the owner of a relayed attach has to answer before the attach is refused
+    /// (`--relay-answer-ms`). Default 5 s.
+    pub relay_answer: Duration,
     /// Set in a process the group's supervisor started (the internal flags `--group-slot` and
     /// `--group-board`): its seat in the group. Default unset.
     pub group_child: Option<GroupChild>,
@@ -235,6 +243,8 @@ impl Default for Config {
             echo: false,
             instance_id: None,
             processes: 1,
+            peer_instances: Vec::new(),
+            relay_answer: Duration::from_secs(5),
             group_child: None,
             sched_batch: false,
             message_timeout: Duration::from_secs(30),
@@ -255,6 +265,20 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The instances an attach may be relayed to: the other processes of this one's group
+    /// (named `BASE-0` … `BASE-(N-1)` by its supervisor, this one `BASE-slot`), then each
+    /// `--peer-instance`.
+    pub fn known_peers(&self) -> Vec<String> {
+        let mut peers = Vec::new();
+        if let (Some(child), Some(id)) = (&self.group_child, &self.instance_id)
+            && let Some(base) = id.strip_suffix(&format!("-{}", child.slot))
+        {
+            peers.extend((0..self.processes).filter(|&i| i != child.slot).map(|i| format!("{base}-{i}")));
+        }
+        peers.extend(self.peer_instances.iter().cloned());
+        peers
+    }
+
     /// Checks the limits against each other and against the machine.
     pub fn validate(&self) -> Result<(), String> {
         let files = open_file_limit();
@@ -286,6 +310,11 @@ impl Config {
         {
             return Err(format!(
                 "--instance-id {id:?}: 1 to {MAX_INSTANCE_ID} characters of A-Z a-z 0-9 _ -"
+            ));
+        }
+        if let Some(bad) = self.peer_instances.iter().find(|id| !is_instance_id(id)) {
+            return Err(format!(
+                "--peer-instance {bad:?}: 1 to {MAX_INSTANCE_ID} characters of A-Z a-z 0-9 _ -"
             ));
         }
         if self.processes == 0 || self.processes > MAX_PROCESSES {
@@ -378,6 +407,7 @@ impl Config {
             ("--client-out-soft-ms", ms(self.client_out_soft_time)),
             ("--value-ttl-ms", ms(self.value_ttl)),
             ("--queue-timeout-ms", ms(self.queue_timeout)),
+            ("--relay-answer-ms", ms(self.relay_answer)),
         ];
         match must_be_positive.iter().find(|(_, n)| *n == 0) {
             Some((flag, _)) => Err(format!("{flag} 0: expected at least 1 (zero would allow nothing)")),

@@ -174,8 +174,9 @@ fn a_group_of_two_reattaches_twenty_jobs_on_fresh_connections_wherever_they_land
 #[test]
 fn two_instances_on_one_gearmand_reattach_each_others_jobs() {
     let g = Gearmand::start();
-    let alpha = Server::start(&g.addr(), &["--instance-id", "alpha"]);
-    let beta = Server::start(&g.addr(), &["--instance-id", "beta"]);
+    // Each knows the other: an attach is relayed only to an instance that is known to run.
+    let alpha = Server::start(&g.addr(), &["--instance-id", "alpha", "--peer-instance", "beta"]);
+    let beta = Server::start(&g.addr(), &["--instance-id", "beta", "--peer-instance", "alpha"]);
     alpha.wait_healthy();
     beta.wait_healthy();
     let workers = streamers(&g, "stream", Duration::from_millis(60));
@@ -207,4 +208,79 @@ fn two_instances_on_one_gearmand_reattach_each_others_jobs() {
         assert_eq!(server.metric("gearsock_relays_open{side=\"requester\"}"), 0.0);
         assert_eq!(server.metric("gearsock_relays_open{side=\"owner\"}"), 0.0);
     }
+}
+
+/// gearmand's `status` (its text admin protocol): one `(function, queued total)` per function.
+fn gearmand_status(g: &Gearmand) -> Vec<(String, u64)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut admin = std::net::TcpStream::connect(g.addr()).expect("gearmand admin");
+    admin.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    admin.write_all(b"status\n").expect("status");
+    let mut lines = BufReader::new(admin).lines();
+    let mut out = Vec::new();
+    loop {
+        let line = lines.next().expect("a line").expect("read");
+        if line == "." {
+            return out;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        out.push((fields[0].to_string(), fields.get(1).and_then(|t| t.parse().ok()).unwrap_or(0)));
+    }
+}
+
+/// Attaches `job` with `resume` on a fresh connection: the first reply.
+fn attach_once(url: &str, job: &Value, resume: &str) -> Value {
+    let mut ws = connect(url);
+    let msg = json!({"type":"attach","job":job,"resume":resume,"after":0,"ref":"g"});
+    send(&mut ws, &msg.to_string());
+    recv_json(&mut ws)
+}
+
+#[test]
+fn an_attach_naming_an_instance_nobody_serves_is_unknown_and_leaves_nothing_in_gearmand() {
+    let g = Gearmand::start();
+    let alpha = Server::start(
+        &g.addr(),
+        &["--instance-id", "alpha", "--peer-instance", "ghost", "--relay-answer-ms", "1500"],
+    );
+    alpha.wait_healthy();
+    let mut worker = RawWorker::connect(&g.addr(), "stream");
+    let (_ws, created) = submit(&alpha.url(), "stream");
+    let job = worker.must_grab(Duration::from_secs(10));
+    let resume = created["resume"].as_str().expect("resume");
+    let secret = resume.splitn(3, '.').nth(2).expect("a token of three parts");
+    // A made-up instance, in no list: unknown_job at once, and nothing queued for it.
+    for i in 0..50 {
+        let made_up = format!("madeup{i}.1.{secret}");
+        let v = attach_once(&alpha.url(), &created["job"], &made_up);
+        assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some("unknown_job")), "{v}");
+        assert_eq!(v["ref"], "g");
+    }
+    let status = gearmand_status(&g);
+    assert!(!status.iter().any(|(f, _)| f.starts_with("gearsock.report.madeup")), "{status:?}");
+    // A peer that is not running: its desk has nobody, so the deadline answers, with the same
+    // text as a refusal.
+    let local = attach_once(&alpha.url(), &created["job"], &format!("alpha.999.{secret}"));
+    let started = std::time::Instant::now();
+    let ghost = attach_once(&alpha.url(), &created["job"], &format!("ghost.1.{secret}"));
+    assert_eq!((ghost["code"].as_str(), ghost["ref"].as_str()), (Some("unknown_job"), Some("g")), "{ghost}");
+    assert_eq!(ghost["message"], local["message"], "no oracle: {local}");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "answered by the deadline, not before");
+    let queued = |status: &[(String, u64)]| {
+        status.iter().find(|(f, _)| f == "gearsock.report.ghost").map_or(0, |(_, total)| *total)
+    };
+    assert_eq!(queued(&gearmand_status(&g)), 1, "the one relayed attach waits at ghost's desk");
+    // Now ghost is silent: attaches to it are unavailable (asked again later) and only probes
+    // go to its desk, which gearmand coalesces into one.
+    for _ in 0..20 {
+        let v = attach_once(&alpha.url(), &created["job"], &format!("ghost.1.{secret}"));
+        assert_eq!(
+            (v["code"].as_str(), v["job"].as_str()),
+            (Some("unavailable"), created["job"].as_str()),
+            "{v}"
+        );
+    }
+    assert_eq!(queued(&gearmand_status(&g)), 2, "the attach and one probe");
+    assert_eq!(alpha.metric("gearsock_relays_open{side=\"requester\"}"), 0.0, "every slot freed");
+    worker.complete(&job.handle, b"done");
 }

@@ -218,7 +218,7 @@ impl App {
             // The job lives on another instance: the attach goes there ([`super::relay`]).
             let Attach { handle: job, resume, after } = ask;
             let attach = RemoteAttach { job, resume, after, reference: reference.cloned(), sub };
-            return self.relay_attach(id, &owner, attach);
+            return self.relay_attach(id, &owner, attach, now);
         }
         let Some(journal) = self.find_journal(&ask, sub.as_deref()) else {
             self.metrics.count_attach(AttachOutcome::Unknown);
@@ -439,14 +439,24 @@ mod tests {
         for (handle, token) in [("H:1", wrong.as_str()), ("H:2", &resume), ("H:1", "x")] {
             answers.push(attach(&mut app, B, handle, token, 0, t0));
         }
-        // A token of another instance is that instance's to answer: relayed to its desk
-        // (app/relay.rs), where it gets the same unknown_job.
-        let other_instance = resume.replacen("a1.", "b2.", 1);
-        let msg = json!({"type":"attach","job":"H:1","resume":other_instance,"after":0,"ref":"x"});
+        // A token of an instance that is no peer of this one: nobody may answer it, so it
+        // gets the same unknown_job here, at once, with nothing queued for it
+        // (app/relay/watch.rs); a peer's is relayed to its desk (app/relay.rs).
+        let stranger = resume.replacen("a1.", "c3.", 1);
+        let msg = json!({"type":"attach","job":"H:1","resume":stranger,"after":0,"ref":"x"});
+        app.handle_client_text(B, &msg.to_string(), t0);
+        let e = effects(&mut app);
+        assert!(submitted(&e).is_empty(), "{e:?}");
+        answers.push(sent(&e).iter().map(|(_, t)| serde_json::from_str(t).unwrap()).collect());
+        let peer = resume.replacen("a1.", "b2.", 1);
+        let msg = json!({"type":"attach","job":"H:1","resume":peer,"after":0,"ref":"x"});
         app.handle_client_text(B, &msg.to_string(), t0);
         let e = effects(&mut app);
         assert!(sent(&e).is_empty(), "{e:?}");
-        assert!(matches!(&e[..], [Effect::Submit { function, .. }] if function == b"gearsock.report.b2"));
+        assert!(matches!(&e[0], Effect::Submit { function, .. } if function == b"gearsock.report.b2"));
+        app.handle_client_closed(B, t0);
+        effects(&mut app);
+        app.handle_client_open(B, false);
         app.handle_client_closed(A, t0);
         let e = effects(&mut app);
         let Some(Effect::Arm(at, timer)) = e.iter().find(|e| matches!(e, Effect::Arm(..))) else {
@@ -465,7 +475,7 @@ mod tests {
         // Abandoned as before: counted as such, and an orphan of its gearmand connection.
         let text = app.metrics.render(&Default::default());
         assert!(text.contains("gearsock_detached_abandoned_total{reason=\"grace\"} 1"), "{text}");
-        assert!(text.contains("gearsock_attaches_total{outcome=\"unknown\"} 4"), "{text}");
+        assert!(text.contains("gearsock_attaches_total{outcome=\"unknown\"} 5"), "{text}");
         assert!(text.contains("gearsock_jobs_finished_total{mode=\"stream\",outcome=\"abandoned\"} 1"));
     }
 

@@ -105,6 +105,9 @@ pub enum AppTimer {
     AuthDeadline(ConnId),
     /// A detached job's (or its kept log's) `--detach-grace-ms` may be over.
     Journal(u64),
+    /// A relayed attach's owner has had `--relay-answer-ms` to answer it (the requester's
+    /// relay id).
+    RelayAnswer([u8; 12]),
 }
 
 /// What the shell must do.
@@ -199,6 +202,11 @@ pub struct AppConfig {
     pub job_log_bytes: usize,
     /// Bytes of events all logs keep together.
     pub job_log_total_bytes: usize,
+    /// The other instances an attach may be relayed to: the rest of this process's group and
+    /// `--peer-instance`s. A resume token naming any other instance is answered `unknown_job`.
+    pub peer_instances: Vec<String>,
+    /// How long the owner of a relayed attach has to answer it (`--relay-answer-ms`).
+    pub relay_answer: std::time::Duration,
 }
 
 /// Application state: the rooms, the effects not yet drained, and the metrics.
@@ -235,7 +243,7 @@ impl App {
             uniques: Uniques::new(entropy, cfg.instance_id.clone(), cfg.shared_uniques),
             quota: Quota::new(cfg.max_background_per_peer),
             access: Access::new(cfg.access.clone()),
-            relays: Relays::new(cfg.max_job_bytes),
+            relays: Relays::new(cfg.max_job_bytes, &cfg.peer_instances, cfg.relay_answer),
             effects: Vec::new(),
             metrics: Metrics::default(),
             cfg,
@@ -482,6 +490,7 @@ impl App {
             AppTimer::QueueTimeout(tag) => self.on_queue_timeout(tag, now),
             AppTimer::Journal(id) => self.on_journal_timer(id, now),
             AppTimer::AuthDeadline(id) => self.on_auth_deadline(id),
+            AppTimer::RelayAnswer(relay) => self.on_relay_deadline(relay, now),
             AppTimer::Sweep => {
                 if let Some(at) = self.stored.sweep(now) {
                     self.effects.push(Effect::Arm(at, AppTimer::Sweep));

@@ -19,17 +19,17 @@
 //! message, when the effects are drained. Must not: decide whether an attach is allowed or what
 //! the job's texts are (the core's attach does), or touch a socket.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use log::debug;
 use serde::Serialize;
 
 use super::fields::Ref;
 use super::links::LinkRef;
-use super::relay_wire::{self, Assembler, Kind, Payload, RELAY_ID_CHARS, RelayId, RemoteAttach};
+use super::relay_wire::{self, Assembler, Kind, PROBE_RELAY, Payload, RELAY_ID_CHARS, RelayId, RemoteAttach};
 use super::reports::DESK_PREFIX;
-use super::{App, ConnId, Effect};
+use super::{App, AppTimer, ConnId, Effect};
 use crate::gearman::client::{JobMode, JobTag, Priority};
 use crate::metrics::ErrorCode;
 
@@ -55,6 +55,8 @@ struct Asked {
     job: Box<str>,
     reference: Option<Ref>,
     link: LinkRef,
+    /// Some message of the owner's came for it (until then its answer deadline holds).
+    heard: bool,
     /// The number of the owner's next message to hand on.
     next_in: u64,
     /// Messages that arrived ahead of `next_in`.
@@ -97,6 +99,12 @@ pub(super) struct Relays {
     next_served: u64,
     outbox: Vec<Outgoing>,
     answered: VecDeque<RemoteKey>,
+    /// The instances attaches may be relayed to (see [`watch`]).
+    peers: HashSet<Box<str>>,
+    /// Peers that let a relayed attach go unanswered, and when the next probe may go to each.
+    silent: HashMap<Box<str>, Instant>,
+    /// How long an owner has to answer a relayed attach.
+    answer_within: Duration,
     max_payload: usize,
     /// Longest text a requester puts back together (a reply of a job is at most about 4/3 of
     /// `--max-job-bytes`, its base64, and some fields).
@@ -104,8 +112,11 @@ pub(super) struct Relays {
 }
 
 impl Relays {
-    pub(super) fn new(max_job_bytes: usize) -> Relays {
+    pub(super) fn new(max_job_bytes: usize, peers: &[String], answer_within: Duration) -> Relays {
         Relays {
+            peers: peers.iter().map(|p| p.as_str().into()).collect(),
+            silent: HashMap::new(),
+            answer_within,
             asked: HashMap::new(),
             served: HashMap::new(),
             serving: HashMap::new(),
@@ -162,8 +173,12 @@ impl App {
     /// Client `id` attaches job `attach.job`, whose resume token names instance `owner` (not
     /// this one): the relay counts as one of the client's jobs, and the attach goes to the
     /// owner's desk. What the owner answers reaches the client through [`App::on_relay_message`].
-    pub(super) fn relay_attach(&mut self, id: ConnId, owner: &str, attach: RemoteAttach) {
+    /// Only a peer is asked, and only while it answers ([`watch`]).
+    pub(super) fn relay_attach(&mut self, id: ConnId, owner: &str, attach: RemoteAttach, now: Instant) {
         let r = attach.reference.as_ref();
+        if !self.may_relay_to(id, owner, &attach, now) {
+            return;
+        }
         let max_jobs = self.access.max_jobs(id, self.cfg.max_jobs_per_connection);
         let Some(jobs) = self.clients.jobs(id) else { return };
         if jobs.len() + self.relays.held_by(id) >= max_jobs {
@@ -183,16 +198,18 @@ impl App {
             job: attach.job.as_str().into(),
             reference: attach.reference.clone(),
             link: self.links.current(link),
+            heard: false,
             next_in: 0,
             early: BTreeMap::new(),
             assembler: Assembler::default(),
         };
         self.relays.asked.insert(relay, asked);
         self.submit_relay(link, owner, &relay, 0, attach.payload());
+        self.effects.push(Effect::Arm(now + self.relays.answer_within, AppTimer::RelayAnswer(relay)));
     }
 
     /// Leaves one relay message at instance `to`'s desk.
-    fn submit_relay(&mut self, link: usize, to: &str, relay: &RelayId, n: u64, payload: Vec<u8>) {
+    pub(super) fn submit_relay(&mut self, link: usize, to: &str, relay: &RelayId, n: u64, payload: Vec<u8>) {
         let function = format!("{DESK_PREFIX}{to}").into_bytes();
         let unique = relay_wire::unique(&self.cfg.instance_id, relay, n);
         self.links.count_submit(link, &[&function, &unique, &payload]);
@@ -234,6 +251,11 @@ impl App {
             return debug!("malformed relay message {:?} dropped", unique.escape_ascii());
         };
         self.metrics.relay_messages[1] += 1;
+        // Any message from an instance shows it serves its desk again.
+        self.relays.silent.remove(addr.sender);
+        if addr.relay == PROBE_RELAY {
+            return self.on_probe(link, addr.sender, kind);
+        }
         let key = RemoteKey { instance: addr.sender.into(), relay: addr.relay };
         match kind {
             Kind::Attach => match RemoteAttach::from_records(&records) {
@@ -244,6 +266,7 @@ impl App {
                 None => debug!("malformed relayed attach from {} dropped", addr.sender),
             },
             Kind::Detach => self.on_remote_detach(&key, now),
+            Kind::Probe => debug!("probe from {} with a relay id of a client's dropped", addr.sender),
             Kind::Texts | Kind::Last | Kind::Abort => self.on_relayed(key, addr.n, kind, payload),
         }
     }
@@ -253,6 +276,7 @@ impl App {
         let Some(asked) = self.relays.asked.get_mut(&key.relay).filter(|a| a.owner == key.instance) else {
             return self.answer_unknown(key);
         };
+        asked.heard = true;
         if kind == Kind::Abort {
             // Earlier messages may never come: this one is the last word.
             self.hand_on(key.relay, payload);
@@ -368,6 +392,7 @@ impl App {
 }
 
 mod owner;
+mod watch;
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
@@ -414,7 +439,7 @@ mod tests {
     /// A requester `a1` whose client A attached a job of `b2`, and the relay's id.
     pub(super) fn requested() -> (App, RelayId) {
         let mut app = up_app();
-        app.relay_attach(A, "b2", attach("H:gm:7"));
+        app.relay_attach(A, "b2", attach("H:gm:7"), Instant::now());
         let e = effects(&mut app);
         let [(function, unique, payload)] = &relayed(&e)[..] else { panic!("{e:?}") };
         assert_eq!(function, "gearsock.report.b2");
@@ -432,7 +457,7 @@ mod tests {
         let mut owner = owner_app(1 << 20);
         let e = effects(&mut requester);
         assert!(e.is_empty());
-        requester.relay_attach(A, "b2", attach("H:gm:8"));
+        requester.relay_attach(A, "b2", attach("H:gm:8"), Instant::now());
         let e = effects(&mut requester);
         deliver(&mut owner, &relayed(&e)[0]);
         let answer = relayed(&effects(&mut owner));
@@ -454,8 +479,8 @@ mod tests {
     #[test]
     fn a_relay_counts_as_a_job_of_its_client() {
         let (mut app, _) = requested();
-        app.relay_attach(A, "b2", attach("H:gm:8"));
-        app.relay_attach(A, "b2", attach("H:gm:9"));
+        app.relay_attach(A, "b2", attach("H:gm:8"), Instant::now());
+        app.relay_attach(A, "b2", attach("H:gm:9"), Instant::now());
         let e = effects(&mut app);
         assert_eq!(relayed(&e).len(), 1);
         assert_eq!(codes(&e), ["too_many_jobs"]);
@@ -464,7 +489,7 @@ mod tests {
         app.handle_link_down(0, Instant::now());
         effects(&mut app);
         app.handle_client_open(B, true);
-        app.relay_attach(B, "b2", attach("H:gm:9"));
+        app.relay_attach(B, "b2", attach("H:gm:9"), Instant::now());
         assert_eq!(codes(&effects(&mut app)), ["unavailable"], "no gearmand to relay through");
     }
 

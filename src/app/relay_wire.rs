@@ -11,7 +11,7 @@
 //! in order. The payload is one kind byte, then records:
 //!
 //! ```text
-//!   payload = kind record*          kind: 'a' attach, 'd' detach          (requester -> owner)
+//!   payload = kind record*          kind: 'a' attach, 'd' detach, 'p' probe (requester -> owner)
 //!                                         't' texts, 'f' texts then end,
 //!                                         'x' texts then end, out of order (owner -> requester)
 //!   record  = ('=' | '+') len ':' bytes     '=' ends a text, '+' is a piece of a longer one
@@ -32,6 +32,10 @@ pub(super) const MARK: u8 = b'@';
 pub(super) const RELAY_ID_CHARS: usize = 12;
 /// A relay id: characters of the id alphabet.
 pub(super) type RelayId = [u8; RELAY_ID_CHARS];
+/// The relay id of every probe and its answer: fixed, so that a probe still queued for an
+/// instance that is down coalesces with the next one in gearmand (same function, same unique),
+/// and `~` is no character of a drawn id, so no relay of a client has it.
+pub(super) const PROBE_RELAY: RelayId = *b"~probe~~~~~~";
 /// Room a message's payload leaves for the desk job's handle, function and unique within the
 /// desk's body limit.
 const ENVELOPE_BYTES: usize = 512;
@@ -46,6 +50,9 @@ pub(super) enum Kind {
     Attach,
     /// Requester → owner: relay `r`'s client has gone (or never was); stop sending.
     Detach,
+    /// Requester → owner: are you serving your desk? (relay [`PROBE_RELAY`], no records); the
+    /// owner answers with an empty `Last` for the same relay.
+    Probe,
     /// Owner → requester: texts for the client.
     Texts,
     /// Owner → requester: the last texts; the relay is over.
@@ -60,6 +67,7 @@ impl Kind {
         match self {
             Kind::Attach => b'a',
             Kind::Detach => b'd',
+            Kind::Probe => b'p',
             Kind::Texts => b't',
             Kind::Last => b'f',
             Kind::Abort => b'x',
@@ -70,6 +78,7 @@ impl Kind {
         Some(match b {
             b'a' => Kind::Attach,
             b'd' => Kind::Detach,
+            b'p' => Kind::Probe,
             b't' => Kind::Texts,
             b'f' => Kind::Last,
             b'x' => Kind::Abort,

@@ -31,6 +31,8 @@ pub(super) fn cfg() -> AppConfig {
         detach_grace: Duration::from_secs(30),
         job_log_bytes: 256 * 1024,
         job_log_total_bytes: 1 << 20,
+        peer_instances: vec!["b2".into()],
+        relay_answer: Duration::from_secs(5),
     }
 }
 

@@ -91,6 +91,9 @@ usage: gearsock [serve] [flags]
                              uniques start with it and it takes reports for them forwarded by
                              others as function gearsock.report.ID
   --processes N              event-loop processes sharing the port with SO_REUSEPORT (1)
+  --peer-instance ID         another instance on this gearmand that attaches may be relayed to
+                             (repeatable; the other processes of a group always are)
+  --relay-answer-ms N        how long a job's instance has to answer a relayed attach (5000)
   --allow-function PATTERN   a function clients may submit: exact, or a prefix ending in *
                              (repeatable; default none: submit is forbidden; gearsock.* never)
   --no-ping                  refuse the article's {\"type\":\"ping\"} (allowed by default)
@@ -342,6 +345,8 @@ fn serve_flags(parser: &mut lexopt::Parser, flag: &mut String) -> Result<Command
             Long("echo") => c.echo = true,
             Long("instance-id") => c.instance_id = Some(value(parser)?),
             Long("processes") => c.processes = value(parser)?,
+            Long("peer-instance") => c.peer_instances.push(value(parser)?),
+            Long("relay-answer-ms") => c.relay_answer = millis(parser)?,
             // Internal, not in --help: what the supervisor of a group passes to each child.
             Long("group-slot") => group_slot = Some(value(parser)?),
             Long("group-board") => group_board = Some(value(parser)?),
@@ -548,6 +553,35 @@ mod tests {
         assert!(serve(&["--processes", "2", "--group-slot", "2", "--group-board", "5"]).is_err());
         assert!(serve(&["--group-slot", "0"]).is_err(), "the slot without the board");
         assert!(!SERVE_HELP.contains("--group-"), "internal flags stay out of --help");
+    }
+
+    #[test]
+    fn peers_are_the_groups_other_processes_and_each_peer_instance() {
+        let vars = vec![("GEARSOCK_PEER_INSTANCE".to_string(), "eu,us-2".to_string())];
+        let Ok(Command::Serve(c)) = parse_args_env(args(&["serve", "--relay-answer-ms", "700"]), vars) else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (c.known_peers(), c.relay_answer),
+            (vec!["eu".into(), "us-2".into()], Duration::from_millis(700))
+        );
+        let Ok(Command::Serve(c)) = parse_args(args(&[
+            "--instance-id",
+            "g-1",
+            "--processes",
+            "3",
+            "--group-slot",
+            "1",
+            "--group-board",
+            "5",
+            "--peer-instance",
+            "far",
+        ])) else {
+            panic!("not serve")
+        };
+        assert_eq!(c.known_peers(), ["g-0", "g-2", "far"]);
+        assert!(parse_args(args(&["serve", "--peer-instance", "a.b"])).is_err());
+        assert!(parse_args(args(&["serve", "--relay-answer-ms", "0"])).is_err());
     }
 
     #[test]

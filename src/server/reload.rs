@@ -62,12 +62,16 @@ impl Server {
             Some(Err(e)) => return error!("SIGHUP: client token keys: {e}; every setting in force is kept"),
             None => None,
         };
+        if differs(&mut changed, "peer instances", &old.peer_instances, &new.peer_instances) {
+            self.app.set_peer_instances(&new.known_peers());
+        }
         if functions || worker_token || rotated {
             self.app.reload(new.worker_token.clone(), new.allow_functions.clone(), keys);
         }
         // Every setting not above needs a restart (limits sized at start, listeners, links).
         let mut kept = new.clone();
         (kept.allowed_origins, kept.log_level) = (old.allowed_origins.clone(), old.log_level);
+        kept.peer_instances = old.peer_instances.clone();
         (kept.allow_functions, kept.worker_token) = (old.allow_functions.clone(), old.worker_token.clone());
         if rotated {
             kept.client_token_keys = old.client_token_keys.clone();
@@ -79,6 +83,7 @@ impl Server {
             self.cfg.client_token_keys = new.client_token_keys;
         }
         self.cfg.allowed_origins = new.allowed_origins;
+        self.cfg.peer_instances = new.peer_instances;
         self.cfg.log_level = new.log_level;
         if log_level {
             crate::logging::set_level(old.log_level.max(new.log_level)); // the line below is seen

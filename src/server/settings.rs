@@ -32,6 +32,8 @@ pub fn app_config(c: &Config, instance_id: String) -> AppConfig {
         detach_grace: c.detach_grace,
         job_log_bytes: c.job_log_bytes,
         job_log_total_bytes: c.job_log_total_bytes,
+        peer_instances: c.known_peers(),
+        relay_answer: c.relay_answer,
     }
 }
 

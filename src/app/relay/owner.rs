@@ -405,7 +405,7 @@ mod tests {
                 reference: None,
                 sub: sub.map(Into::into),
             };
-            requester.relay_attach(A, "b2", attach);
+            requester.relay_attach(A, "b2", attach, Instant::now());
             carry(&effects(&mut requester), &mut owner);
             carry(&effects(&mut owner), &mut requester);
             let e = effects(&mut requester);
