@@ -124,15 +124,6 @@ fn connections_land_on_every_process_and_a_killed_one_is_replaced() {
     clients(&s, 10);
 }
 
-/// The group's sum of the samples of `name` whose labels include `label`.
-fn group_sum(s: &Server, name: &str, label: &str) -> f64 {
-    let (_, body) = s.http("GET", "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn every_ping_hears_its_value_whichever_process_the_workers_report_lands_in() {
     let g = Gearmand::start();
@@ -164,9 +155,9 @@ fn every_ping_hears_its_value_whichever_process_the_workers_report_lands_in() {
     }
     let forwarded = r#"outcome="sent""#;
     wait_for("the forwards on the board", Duration::from_secs(5), || {
-        group_sum(&s, "gearsock_reports_forwarded_total", forwarded) > 0.0
-            && group_sum(&s, "gearsock_reports_received_total", r#"outcome="delivered""#)
-                == group_sum(&s, "gearsock_reports_forwarded_total", forwarded)
+        s.metric_sum("gearsock_reports_forwarded_total", forwarded) > 0.0
+            && s.metric_sum("gearsock_reports_received_total", r#"outcome="delivered""#)
+                == s.metric_sum("gearsock_reports_forwarded_total", forwarded)
     });
 }
 

@@ -107,15 +107,6 @@ fn attach_and_finish(url: &str, created: &Value, after: u64) {
     assert_eq!(seqs, want);
 }
 
-/// The group's sum of the samples of `name` whose labels include `label`.
-fn group_sum(s: &Server, name: &str, label: &str) -> f64 {
-    let (_, body) = s.http("GET", "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn a_group_of_two_reattaches_twenty_jobs_on_fresh_connections_wherever_they_land() {
     let g = Gearmand::start();
@@ -164,10 +155,10 @@ fn a_group_of_two_reattaches_twenty_jobs_on_fresh_connections_wherever_they_land
     }
     // Some attaches were relayed to the other process, and every relay ended with its job.
     wait_for("the relays on the board", Duration::from_secs(5), || {
-        group_sum(&s, "gearsock_relay_events_total", r#"direction="received""#) > 0.0
-            && group_sum(&s, "gearsock_relays_open", "side=") == 0.0
-            && group_sum(&s, "gearsock_relay_events_total", r#"direction="received""#)
-                == group_sum(&s, "gearsock_relay_events_total", r#"direction="sent""#)
+        s.metric_sum("gearsock_relay_events_total", r#"direction="received""#) > 0.0
+            && s.metric_sum("gearsock_relays_open", "side=") == 0.0
+            && s.metric_sum("gearsock_relay_events_total", r#"direction="received""#)
+                == s.metric_sum("gearsock_relay_events_total", r#"direction="sent""#)
     });
 }
 

@@ -3,7 +3,7 @@
 //! finish, get polled and report values.
 //!
 //! Input: one control byte (client trusted or not; `--worker-token` set or not;
-//! `--shared-uniques`; whether invalid UTF-8 is converted lossily or the input skipped), then
+//! `--shared-uniques`; a job rate limit; whether invalid UTF-8 is converted lossily or the input skipped), then
 //! messages separated by newlines. A few lines are not messages but moves of the harness:
 //! `#close` (the client leaves and a new one connects), `#down` (the gearmand connection drops
 //! and comes back), `#tick` (ten seconds pass), `#binary` (a binary frame).
@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use gearsock::app::{App, AppConfig, AppTimer, ConnId, Effect, PING_ACK};
+use gearsock::app::{AccessConfig, App, AppConfig, AppTimer, ConnId, Effect, PING_ACK, UnixClock};
 use gearsock::gearman::{JobEvent, JobMode, PacketType};
 use gearsock::metrics::Message;
 use gearsock::random::Entropy;
@@ -54,6 +54,21 @@ fn config(control: u8) -> AppConfig {
         detach_grace: Duration::ZERO,
         job_log_bytes: 1 << 10,
         job_log_total_bytes: 1 << 12,
+        // Every function may run; a rate limit when the control byte says so.
+        access: AccessConfig {
+            allow_functions: vec!["*".into()],
+            ping: true,
+            keys: None,
+            leeway_s: 30,
+            auth_timeout: Duration::from_secs(10),
+            clock: UnixClock { at: Instant::now(), unix_s: 1_700_000_000 },
+            jobs_per_second: if control & 16 != 0 { 5 } else { 0 },
+            jobs_burst: if control & 16 != 0 { 2 } else { 0 },
+            max_per_subject: 0,
+        },
+        // Relayed attaches to this peer come back to this instance's own desk (see `apply`).
+        peer_instances: vec!["f2".into()],
+        relay_answer: Duration::from_secs(5),
     }
 }
 
@@ -216,6 +231,9 @@ impl Sim {
 
     fn apply(&mut self, effect: Effect) {
         match effect {
+            // Only a client without a token is closed, and this harness has no tokens.
+            Effect::Close(..) => panic!("a client closed without client tokens"),
+            Effect::Note(_) => {}
             Effect::Send(to, text) => {
                 check_reply(&text);
                 if to == self.client {

@@ -293,6 +293,16 @@ impl Server {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no metric {name}"))
     }
+
+    /// The sum of the samples of `name` whose labels include `label` (over a group's
+    /// processes, whose `/metrics` carry a label per process).
+    pub fn metric_sum(&self, name: &str, label: &str) -> f64 {
+        let (_, body) = self.http("GET", "/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
 }
 
 pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;

@@ -295,6 +295,17 @@ mod tests {
     }
 
     /// Carries every relay message among `e` to `to`; returns how many.
+    /// Client A of `owner` submits `submit`, gearmand names it `H:gm:7`: the job, its
+    /// `job.created` and its resume token.
+    fn named_job(owner: &mut App, submit: &str, t0: Instant) -> (JobTag, Value, String) {
+        owner.handle_client_text(A, submit, t0);
+        let tag = submitted(&effects(owner))[0];
+        owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
+        let created: Value = serde_json::from_str(sent(&effects(owner))[0].1).unwrap();
+        let resume = created["resume"].as_str().unwrap().to_string();
+        (tag, created, resume)
+    }
+
     fn carry(e: &[Effect], to: &mut App) -> usize {
         let messages = relayed(e);
         for m in &messages {
@@ -307,11 +318,8 @@ mod tests {
     fn a_job_attached_from_another_instance_hears_every_event_once_through_the_relay() {
         let t0 = Instant::now();
         let mut owner = owner_app(1 << 20);
-        owner.handle_client_text(A, r#"{"type":"submit","function":"f","payload":"p","ref":"mine"}"#, t0);
-        let tag = submitted(&effects(&mut owner))[0];
-        owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
-        let created: Value = serde_json::from_str(sent(&effects(&mut owner))[0].1).unwrap();
-        let resume = created["resume"].as_str().unwrap().to_string();
+        let submit = r#"{"type":"submit","function":"f","payload":"p","ref":"mine"}"#;
+        let (tag, created, resume) = named_job(&mut owner, submit, t0);
         assert!(resume.starts_with("b2."), "{created}");
         owner.handle_job_event(0, JobEvent::Data { tag, data: b"d1".to_vec() }, t0);
         owner.handle_client_closed(A, t0);
@@ -351,11 +359,7 @@ mod tests {
     fn a_remote_owner_that_leaves_detaches_the_job_and_a_local_attach_takes_it_over() {
         let t0 = Instant::now();
         let mut owner = owner_app(1 << 20);
-        owner.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
-        let tag = submitted(&effects(&mut owner))[0];
-        owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
-        let created: Value = serde_json::from_str(sent(&effects(&mut owner))[0].1).unwrap();
-        let resume = created["resume"].as_str().unwrap().to_string();
+        let (_, _, resume) = named_job(&mut owner, r#"{"type":"submit","function":"f"}"#, t0);
         owner.handle_client_closed(A, t0);
         let attach = serde_json::json!({"type":"attach","job":"H:gm:7","resume":resume,"after":1});
         let mut requester = up_app();
@@ -391,11 +395,7 @@ mod tests {
     fn the_owner_checks_the_sub_the_requester_verified() {
         let t0 = Instant::now();
         let mut owner = owner_app(1 << 20);
-        owner.handle_client_text(A, r#"{"type":"submit","function":"f"}"#, t0);
-        let tag = submitted(&effects(&mut owner))[0];
-        owner.handle_job_event(0, JobEvent::Created { tag, handle: b"H:gm:7".to_vec() }, t0);
-        let created: Value = serde_json::from_str(sent(&effects(&mut owner))[0].1).unwrap();
-        let resume = created["resume"].as_str().unwrap().to_string();
+        let (_, _, resume) = named_job(&mut owner, r#"{"type":"submit","function":"f"}"#, t0);
         let mut requester = up_app();
         for (sub, answer) in [(Some("mallory"), "error"), (None, "job.attached")] {
             let attach = RemoteAttach {
