@@ -247,6 +247,12 @@ impl Sim {
                     // were that instance, so both ends of routing meet the same inputs.
                     let created = JobEvent::Created { tag, handle: b"H:fz:desk".to_vec() };
                     self.app.handle_job_event(link, created, self.now);
+                    // A relay message (`@<sender>.…`) comes back as if the peer f2 had sent it,
+                    // so that this one App is both the requester and the owner of each relay.
+                    let unique = match unique.strip_prefix(b"@f1.") {
+                        Some(rest) => [&b"@f2."[..], rest].concat(),
+                        None => unique,
+                    };
                     let forwarded = JobEvent::Forwarded { unique, value: payload };
                     return self.app.handle_job_event(link, forwarded, self.now);
                 }
