@@ -21,8 +21,11 @@ use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
 use message::MessageTrack;
+use output::{FIN_BINARY, FIN_TEXT, OutQueue, PING, encode_close, encode_frame, frame_len, truncate_reason};
+pub(crate) use output::{write_http, write_http_with};
 
 mod message;
+mod output;
 
 /// Largest HTTP request head we read (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -41,100 +44,6 @@ pub struct WsLimits {
     pub in_limit_bytes: usize,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
-}
-
-/// Bytes waiting for the socket, and where the first frame not yet started begins in them.
-///
-/// Whole frames are only ever appended (tungstenite runs with `write_buffer_size(0)` over a
-/// stream whose writes never fail short), so the bytes after `kept` are a sequence of whole
-/// frames that no byte of has reached the socket.
-#[derive(Debug, Default)]
-struct OutQueue {
-    bytes: Vec<u8>,
-    /// Leading bytes that must go out whole before any frame can be dropped: the rest of the 101
-    /// answer, or the rest of a frame already partly on the wire.
-    kept: usize,
-    /// The bytes after `kept` are WebSocket frames. False before the upgrade: then everything is
-    /// raw HTTP and is never cut.
-    framed: bool,
-}
-
-impl OutQueue {
-    /// The shell wrote the first `n` bytes. Costs nothing when they were all written; otherwise
-    /// steps over the headers of the frames it finished, plus the one it started.
-    fn consume(&mut self, n: usize) {
-        let n = n.min(self.bytes.len());
-        if n == self.bytes.len() {
-            self.bytes.clear();
-            self.kept = 0;
-            return;
-        }
-        if self.framed && n > self.kept {
-            let mut at = self.kept;
-            while at < n {
-                // Our own frames are whole, so a header is never cut short; if one were, keep
-                // everything rather than guess where frames start.
-                at = frame_len(&self.bytes[at..]).map_or(usize::MAX, |len| at.saturating_add(len));
-            }
-            self.kept = at.min(self.bytes.len()) - n;
-        } else {
-            self.kept = self.kept.saturating_sub(n);
-        }
-        self.bytes.drain(..n);
-    }
-}
-
-/// Length (header plus payload) of the frame at the start of `bytes`, from its header alone;
-/// `None` if the header is cut short or the length does not fit in a `usize`.
-fn frame_len(bytes: &[u8]) -> Option<usize> {
-    let second = *bytes.get(1)?;
-    let (header, payload) = match second & 0x7f {
-        126 => (4, u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?))),
-        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
-        short => (2, u64::from(short)),
-    };
-    let mask = if second & 0x80 != 0 { 4 } else { 0 }; // ours are unmasked; counted for safety
-    usize::try_from(payload).ok()?.checked_add(header + mask)
-}
-
-/// First byte of an unfragmented text frame: FIN plus opcode 1.
-const FIN_TEXT: u8 = 0x81;
-/// First byte of an unfragmented binary frame: FIN plus opcode 2.
-const FIN_BINARY: u8 = 0x82;
-
-/// Appends one unmasked server frame carrying all of `payload`; `first` is FIN plus the
-/// opcode. The length takes 1, 3 or 9 bytes (RFC 6455 5.2), whatever the payload's size.
-fn encode_frame(out: &mut Vec<u8>, first: u8, payload: &[u8]) {
-    let len = payload.len();
-    out.reserve(len + 10);
-    out.push(first);
-    if len < 126 {
-        out.push(len as u8);
-    } else if let Ok(short) = u16::try_from(len) {
-        out.push(126);
-        out.extend_from_slice(&short.to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(payload);
-}
-
-/// Appends a server close frame: code, then the reason cut to 123 bytes at a char boundary.
-fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
-    let reason = truncate_reason(reason);
-    out.extend_from_slice(&[0x88, (2 + reason.len()) as u8]);
-    out.extend_from_slice(&code.to_be_bytes());
-    out.extend_from_slice(reason.as_bytes());
-}
-
-/// Close reasons are limited to 123 bytes by the frame format (125 minus the code).
-fn truncate_reason(reason: &str) -> &str {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    &reason[..end]
 }
 
 /// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
@@ -162,10 +71,41 @@ pub(crate) struct MemStream {
     large_frame: bool,
     /// Where the client's current message stands, read off the frame headers as they pass.
     message: MessageTrack,
+    /// The sizes tungstenite's state is made with, each time it is made.
+    sizes: Sizes,
+    /// The last read found nothing to hand over (see `between_messages`).
+    starved: bool,
+}
+
+/// What tungstenite's state is made with: kept beside the stream, so that the state can be
+/// dropped while the connection is quiet and made again when bytes arrive.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sizes {
+    read_buffer: usize,
+    max_message: usize,
+    max_frame: usize,
+}
+
+impl Sizes {
+    fn of(limits: &WsLimits) -> Self {
+        Sizes {
+            read_buffer: limits.read_buffer_bytes,
+            max_message: limits.max_message_bytes,
+            max_frame: limits.max_frame_bytes,
+        }
+    }
+
+    fn config(self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.max_message))
+            .max_frame_size(Some(self.max_frame))
+    }
 }
 
 impl MemStream {
-    fn new(input: InBuf, output: OutQueue) -> Self {
+    fn new(input: InBuf, output: OutQueue, sizes: Sizes) -> Self {
         MemStream {
             input,
             output,
@@ -173,13 +113,23 @@ impl MemStream {
             frame_left: 0,
             large_frame: false,
             message: MessageTrack::default(),
+            sizes,
+            starved: false,
         }
+    }
+
+    /// tungstenite holds nothing of the client's: it asked for more and found nothing (so it
+    /// had parsed every byte it was given), every frame handed over was whole, and no message
+    /// is unfinished. Its state can go; what waits in `input` it has not seen yet.
+    fn between_messages(&self) -> bool {
+        self.starved && self.frame_left == 0 && !self.message.open
     }
 }
 
 impl Read for MemStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let data = self.input.data();
+        self.starved = data.is_empty();
         if data.is_empty() {
             return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
         }
@@ -286,9 +236,15 @@ pub enum WsEvent {
 /// ```
 /// `Done` only drains `output`; the shell then hangs up. `close_queued` says whether a close
 /// frame is in `output` or already went out (in `Open`, tungstenite's `can_write()` says it).
+///
+/// `Quiet` is `Open` without tungstenite's state (its context and its read buffer, about
+/// 900 bytes): right after the upgrade, after a large frame, and once the keepalive found the
+/// connection silent. The first byte that arrives makes the state again (`wake`). Most
+/// connections that sit idle hold only the stream.
 #[derive(Debug)]
 enum WsState {
     Handshaking { input: InBuf, output: OutQueue },
+    Quiet(MemStream),
     Open(Box<WebSocket<MemStream>>),
     Done { output: OutQueue, close_queued: bool },
 }
@@ -309,6 +265,7 @@ impl Ws {
     pub fn input(&mut self) -> Option<&mut InBuf> {
         match &mut self.state {
             WsState::Handshaking { input, .. } => Some(input),
+            WsState::Quiet(stream) => Some(&mut stream.input),
             WsState::Open(ws) => Some(&mut ws.get_mut().input),
             WsState::Done { .. } => None,
         }
@@ -317,6 +274,7 @@ impl Ws {
     fn out_queue(&self) -> &OutQueue {
         match &self.state {
             WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Quiet(stream) => &stream.output,
             WsState::Open(ws) => &ws.get_ref().output,
         }
     }
@@ -324,6 +282,7 @@ impl Ws {
     fn out_queue_mut(&mut self) -> &mut OutQueue {
         match &mut self.state {
             WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Quiet(stream) => &mut stream.output,
             WsState::Open(ws) => &mut ws.get_mut().output,
         }
     }
@@ -374,7 +333,11 @@ impl Ws {
 
     /// True while the WebSocket is open for messages both ways.
     pub fn is_open(&self) -> bool {
-        matches!(&self.state, WsState::Open(ws) if ws.can_write())
+        match &self.state {
+            WsState::Quiet(_) => true,
+            WsState::Open(ws) => ws.can_write(),
+            _ => false,
+        }
     }
 
     /// True while the request head has not arrived.
@@ -385,13 +348,54 @@ impl Ws {
     /// The number of the message the client has begun and not finished (fragments, or a frame
     /// still arriving), `None` between messages; the connection times each number from its start.
     pub fn open_message(&self) -> Option<u64> {
+        let track = &self.stream()?.message;
+        track.open.then_some(track.started)
+    }
+
+    /// The stream of an open WebSocket, with or without tungstenite's state.
+    fn stream(&self) -> Option<&MemStream> {
         match &self.state {
-            WsState::Open(ws) => {
-                let track = &ws.get_ref().message;
-                track.open.then_some(track.started)
-            }
+            WsState::Quiet(stream) => Some(stream),
+            WsState::Open(ws) => Some(ws.get_ref()),
             _ => None,
         }
+    }
+
+    /// tungstenite's state, made afresh around the stream of a quiet connection.
+    fn wake(&mut self) {
+        if !matches!(self.state, WsState::Quiet(_)) {
+            return;
+        }
+        let WsState::Quiet(stream) = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
+            unreachable!("checked above")
+        };
+        let config = stream.sizes.config();
+        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
+    }
+
+    /// Drops tungstenite's state when it holds nothing of the client's and the socket is still
+    /// open both ways (see `WsState::Quiet`); otherwise nothing happens.
+    fn quiet(&mut self) {
+        let WsState::Open(ws) = &self.state else { return };
+        if ws.can_write() && ws.can_read() && ws.get_ref().between_messages() {
+            self.park();
+        }
+    }
+
+    /// `Open` to `Quiet`: tungstenite's state dropped, the stream kept.
+    fn park(&mut self) {
+        let WsState::Open(ws) = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
+            return;
+        };
+        let mut stream = ws.into_inner();
+        stream.large_frame = false;
+        self.state = WsState::Quiet(stream);
     }
 
     /// Bytes of client input this connection holds that have not become messages yet: the
@@ -400,11 +404,7 @@ impl Ws {
     pub fn held_input_bytes(&self) -> usize {
         match &self.state {
             WsState::Handshaking { input, .. } => input.len(),
-            WsState::Open(ws) => {
-                let stream = ws.get_ref();
-                stream.input.len().saturating_add(stream.message.bytes)
-            }
-            WsState::Done { .. } => 0,
+            _ => self.stream().map_or(0, |stream| stream.input.len().saturating_add(stream.message.bytes)),
         }
     }
 
@@ -422,21 +422,27 @@ impl Ws {
         match &self.state {
             WsState::Done { .. } => true,
             WsState::Open(ws) => !ws.can_read(),
-            WsState::Handshaking { .. } => false,
+            WsState::Handshaking { .. } | WsState::Quiet(_) => false,
         }
     }
 
     /// The peer sent FIN.
     pub fn handle_eof(&mut self) {
-        if let WsState::Open(ws) = &mut self.state {
-            ws.get_mut().eof = true;
+        match &mut self.state {
+            WsState::Quiet(stream) => stream.eof = true,
+            WsState::Open(ws) => ws.get_mut().eof = true,
+            _ => {}
         }
     }
 
     /// Frees buffers that hold nothing, so an idle connection stays small.
     pub fn release_idle_buffers(&mut self) {
-        if let WsState::Open(ws) = &mut self.state {
-            let stream = ws.get_mut();
+        let stream = match &mut self.state {
+            WsState::Quiet(stream) => Some(stream),
+            WsState::Open(ws) => Some(ws.get_mut()),
+            _ => None,
+        };
+        if let Some(stream) = stream {
             stream.input.release();
             if stream.output.bytes.is_empty() && stream.output.bytes.capacity() > 0 {
                 stream.output.bytes = Vec::new();
@@ -451,6 +457,11 @@ impl Ws {
             WsState::Handshaking { input, .. } => {
                 let len = input.len();
                 self.poll_head(limits, len)
+            }
+            WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
+            WsState::Quiet(_) => {
+                self.wake();
+                self.poll_event(limits)
             }
             WsState::Open(ws) => {
                 let event = loop {
@@ -477,28 +488,20 @@ impl Ws {
     }
 
     /// tungstenite keeps its read buffer at the size of the largest frame it has read (and,
-    /// with `Bytes` split off it, sometimes more), for as long as the connection lives: a
-    /// client that once sent a 16 MiB message would hold 16 MiB or more while idle. Right
-    /// after a message, tungstenite holds nothing else: no byte of the next frame (reads stop
-    /// at frame ends), no fragment (the message is whole), no pong or close reply (flushed).
-    /// So while the socket is still open both ways its state is made afresh around the same
-    /// stream, with a small buffer again. The message's payload keeps the old buffer alive
-    /// only until the caller drops it.
+    /// with `Bytes` split off it, sometimes more), for as long as its state lives: a client
+    /// that once sent a 16 MiB message would hold 16 MiB or more while idle. Right after a
+    /// message, tungstenite holds nothing else: no byte of the next frame (reads stop at frame
+    /// ends), no fragment (the message is whole), no pong or close reply (flushed). So while
+    /// the socket is still open both ways its state is dropped (`Quiet`) and made again, with
+    /// a small buffer, when the next byte arrives. The message's payload keeps the old buffer
+    /// alive only until the caller drops it.
     fn shed_read_buffer(&mut self) {
         let WsState::Open(ws) = &self.state else { return };
-        if !ws.can_write() || ws.get_ref().frame_left != 0 {
-            return;
+        // Bytes of the next frames may wait in `input` already: they are still whole frames
+        // that tungstenite has not seen, so dropping its state loses nothing.
+        if ws.can_write() && ws.can_read() && ws.get_ref().frame_left == 0 && !ws.get_ref().message.open {
+            self.park();
         }
-        let WsState::Open(ws) = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
-            unreachable!("checked above")
-        };
-        let config = *ws.get_config();
-        let mut stream = ws.into_inner();
-        stream.large_frame = false;
-        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
     }
 
     fn poll_head(&mut self, limits: &WsLimits, len: usize) -> Option<WsEvent> {
@@ -585,13 +588,8 @@ impl Ws {
         input.consume(head_len);
         let mut frames = InBuf::new(limits.in_limit_bytes);
         frames.extend(input.data());
-        let config = WebSocketConfig::default()
-            .read_buffer_size(limits.read_buffer_bytes)
-            .write_buffer_size(0)
-            .max_message_size(Some(limits.max_message_bytes))
-            .max_frame_size(Some(limits.max_frame_bytes));
-        let stream = MemStream::new(frames, output);
-        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
+        // No tungstenite state until the client sends its first frame.
+        self.state = WsState::Quiet(MemStream::new(frames, output, Sizes::of(limits)));
         Some(WsEvent::Opened(upgrade))
     }
 
@@ -600,6 +598,7 @@ impl Ws {
         let close_queued = match &self.state {
             WsState::Handshaking { .. } => false,
             WsState::Open(ws) => !ws.can_write(),
+            WsState::Quiet(_) => false,
             WsState::Done { close_queued, .. } => *close_queued,
         };
         let output = std::mem::take(self.out_queue_mut());
@@ -659,26 +658,32 @@ impl Ws {
     /// its pongs and close replies before it returns, so frames stay in order.
     fn send_frame(&mut self, first: u8, payload: &[u8]) -> bool {
         match &mut self.state {
+            WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, first, payload),
             WsState::Open(ws) if ws.can_write() => {
-                encode_frame(&mut ws.get_mut().output.bytes, first, payload);
-                true
+                encode_frame(&mut ws.get_mut().output.bytes, first, payload)
             }
-            _ => false,
+            _ => return false,
         }
+        true
     }
 
-    /// Queues a ping (keepalive).
+    /// Queues a ping (keepalive). A connection silent since its last message gives up
+    /// tungstenite's state first (see `WsState::Quiet`): the pong, or any byte, makes it again.
     pub fn send_ping(&mut self) {
-        if let WsState::Open(ws) = &mut self.state
-            && ws.can_write()
-        {
-            let _ = ws.send(Message::Ping(Default::default()));
+        self.quiet();
+        match &mut self.state {
+            WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, PING, &[]),
+            WsState::Open(ws) if ws.can_write() => {
+                let _ = ws.send(Message::Ping(Default::default()));
+            }
+            _ => {}
         }
     }
 
     /// Starts the close handshake with `code` (1000, 1001, 1009, ...). Reading goes on until the
     /// peer answers; the shell bounds that with a timer.
     pub fn close(&mut self, code: u16, reason: &str) {
+        self.wake(); // tungstenite leads the close handshake
         if let WsState::Open(ws) = &mut self.state {
             let frame = CloseFrame {
                 code: CloseCode::from(code),
@@ -700,33 +705,6 @@ impl Default for Ws {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Writes a complete HTTP/1.1 response that closes the connection.
-pub(crate) fn write_http(out: &mut Vec<u8>, status: u16, reason: &str, content_type: &str, body: &[u8]) {
-    write_http_with(out, status, reason, content_type, &[], body);
-}
-
-/// [`write_http`] with extra `(name, value)` headers, such as the `Sec-WebSocket-Version` a 426
-/// answer must carry.
-pub(crate) fn write_http_with(
-    out: &mut Vec<u8>,
-    status: u16,
-    reason: &str,
-    content_type: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) {
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    out.extend_from_slice(head.as_bytes());
-    out.extend_from_slice(body);
 }
 
 #[cfg(test)]
@@ -858,7 +836,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let wire = [&first[..], &second, &large, &after, &third[..3]].concat();
         let mut input = InBuf::new(wire.len());
         input.extend(&wire);
-        let mut stream = MemStream::new(input, OutQueue::default());
+        let mut stream = MemStream::new(input, OutQueue::default(), Sizes::of(&limits()));
         let mut buf = vec![0u8; 2 * SHED_FRAME_BYTES];
         assert_eq!(
             stream.read(&mut buf).unwrap(),
@@ -1123,7 +1101,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
     fn client_reads(wire: &[u8]) -> Vec<Message> {
         let mut input = InBuf::new(wire.len().max(1));
         input.extend(wire);
-        let mut stream = MemStream::new(input, OutQueue::default());
+        let mut stream = MemStream::new(input, OutQueue::default(), Sizes::of(&limits()));
         stream.eof = true;
         let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
         let mut client = WebSocket::from_raw_socket(stream, Role::Client, Some(config));
