@@ -46,6 +46,20 @@ pub struct WsLimits {
     pub allowed_origins: Vec<String>,
 }
 
+/// XORs a client frame's payload with its masking key (RFC 6455 5.3), four bytes at a time;
+/// applied twice it gives the bytes back.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let key = u32::from_ne_bytes(mask);
+    let mut words = payload.chunks_exact_mut(4);
+    for word in &mut words {
+        let masked = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]) ^ key;
+        word.copy_from_slice(&masked.to_ne_bytes());
+    }
+    for (byte, k) in words.into_remainder().iter_mut().zip(mask) {
+        *byte ^= k;
+    }
+}
+
 /// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
 const MAX_FRAME_HEADER: usize = 14;
 /// tungstenite grows its read buffer to the largest frame it reads and keeps that capacity; a
@@ -116,6 +130,42 @@ impl MemStream {
             sizes,
             starved: false,
         }
+    }
+
+    /// The common case without tungstenite: a whole, unfragmented, masked text or binary frame
+    /// at the start of `input`, within the size limits, with valid UTF-8 if it is text. It is
+    /// unmasked in place, its payload copied out once, and its bytes consumed. Anything else
+    /// (a control frame, a fragment, a frame not all here yet, a broken one) is left as it was,
+    /// for tungstenite to read and judge.
+    fn take_whole_message(&mut self) -> Option<WsEvent> {
+        let data = self.input.data_mut();
+        let (&first, &second) = (data.first()?, data.get(1)?);
+        if (first != FIN_TEXT && first != FIN_BINARY) || second & 0x80 == 0 {
+            return None;
+        }
+        let (at, len) = match second & 0x7f {
+            127 => return None,
+            126 => (4, usize::from(u16::from_be_bytes([*data.get(2)?, *data.get(3)?]))),
+            short => (2, usize::from(short)),
+        };
+        if len > self.sizes.max_frame || len > self.sizes.max_message {
+            return None;
+        }
+        let mask: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
+        let payload = data.get_mut(at + 4..at + 4 + len)?;
+        unmask(payload, mask);
+        let event = if first == FIN_BINARY {
+            WsEvent::Binary(Bytes::copy_from_slice(payload))
+        } else if let Ok(text) = std::str::from_utf8(payload) {
+            WsEvent::Text(Utf8Bytes::from(text.to_owned()))
+        } else {
+            unmask(payload, mask); // as it came: tungstenite reads it and answers 1007
+            return None;
+        };
+        self.message.frame_starts(first);
+        self.message.handed(at + 4 + len, true);
+        self.input.consume(at + 4 + len);
+        Some(event)
     }
 
     /// tungstenite holds nothing of the client's: it asked for more and found nothing (so it
@@ -459,7 +509,10 @@ impl Ws {
                 self.poll_head(limits, len)
             }
             WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
-            WsState::Quiet(_) => {
+            WsState::Quiet(stream) => {
+                if let Some(event) = stream.take_whole_message() {
+                    return Some(event);
+                }
                 self.wake();
                 self.poll_event(limits)
             }
@@ -478,6 +531,11 @@ impl Ws {
                 };
                 // Pongs and close replies go out with this pass's writes.
                 let _ = ws.flush();
+                // All read and nothing held: whole frames go the short way again.
+                if event.is_none() && ws.can_write() && ws.can_read() && ws.get_ref().between_messages() {
+                    self.park();
+                    return None;
+                }
                 if matches!(event, Some(WsEvent::Text(_) | WsEvent::Binary(_))) && ws.get_ref().large_frame {
                     self.shed_read_buffer();
                 }
