@@ -12,20 +12,21 @@
 //! first frame not yet started begins, so [`Ws::abort`] can drop a slow reader's queue and still
 //! end the stream with a well-formed close frame.
 
-use std::io::{self, Read, Write};
+use std::io;
 
 use tungstenite::error::{CapacityError, Error as TError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::protocol::{CloseFrame, Role};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
-use message::MessageTrack;
-use output::{FIN_BINARY, FIN_TEXT, OutQueue, PING, encode_close, encode_frame, frame_len, truncate_reason};
+use output::{FIN_BINARY, FIN_TEXT, OutQueue, PING, encode_close, encode_frame, truncate_reason};
 pub(crate) use output::{write_http, write_http_with};
+use stream::{MemStream, Sizes};
 
 mod message;
 mod output;
+mod stream;
 
 /// Largest HTTP request head we read (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -44,192 +45,6 @@ pub struct WsLimits {
     pub in_limit_bytes: usize,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
-}
-
-/// XORs a client frame's payload with its masking key (RFC 6455 5.3), four bytes at a time;
-/// applied twice it gives the bytes back.
-fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    let key = u32::from_ne_bytes(mask);
-    let mut words = payload.chunks_exact_mut(4);
-    for word in &mut words {
-        let masked = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]) ^ key;
-        word.copy_from_slice(&masked.to_ne_bytes());
-    }
-    for (byte, k) in words.into_remainder().iter_mut().zip(mask) {
-        *byte ^= k;
-    }
-}
-
-/// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
-const MAX_FRAME_HEADER: usize = 14;
-/// tungstenite grows its read buffer to the largest frame it reads and keeps that capacity; a
-/// frame longer than this makes the connection shed it once the message is handled (see
-/// [`Ws::shed_read_buffer`]).
-const SHED_FRAME_BYTES: usize = 4096;
-
-/// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
-/// `write` appends to `output` and never fails.
-///
-/// A read never crosses the end of a large frame, so when tungstenite hands over a message
-/// that had one it holds no byte of the next frame, and its state can be dropped and made
-/// afresh. Small frames are handed over together.
-#[derive(Debug)]
-pub(crate) struct MemStream {
-    input: InBuf,
-    output: OutQueue,
-    /// The peer sent FIN: once `input` is drained, reads return 0 (end of stream).
-    eof: bool,
-    /// Bytes of the current frame not yet handed to tungstenite; 0 at a frame boundary.
-    frame_left: usize,
-    /// A frame over [`SHED_FRAME_BYTES`] was read since tungstenite's state was last made.
-    large_frame: bool,
-    /// Where the client's current message stands, read off the frame headers as they pass.
-    message: MessageTrack,
-    /// The sizes tungstenite's state is made with, each time it is made.
-    sizes: Sizes,
-    /// The last read found nothing to hand over (see `between_messages`).
-    starved: bool,
-}
-
-/// What tungstenite's state is made with: kept beside the stream, so that the state can be
-/// dropped while the connection is quiet and made again when bytes arrive.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Sizes {
-    read_buffer: usize,
-    max_message: usize,
-    max_frame: usize,
-}
-
-impl Sizes {
-    fn of(limits: &WsLimits) -> Self {
-        Sizes {
-            read_buffer: limits.read_buffer_bytes,
-            max_message: limits.max_message_bytes,
-            max_frame: limits.max_frame_bytes,
-        }
-    }
-
-    fn config(self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer)
-            .write_buffer_size(0)
-            .max_message_size(Some(self.max_message))
-            .max_frame_size(Some(self.max_frame))
-    }
-}
-
-impl MemStream {
-    fn new(input: InBuf, output: OutQueue, sizes: Sizes) -> Self {
-        MemStream {
-            input,
-            output,
-            eof: false,
-            frame_left: 0,
-            large_frame: false,
-            message: MessageTrack::default(),
-            sizes,
-            starved: false,
-        }
-    }
-
-    /// The common case without tungstenite: a whole, unfragmented, masked text or binary frame
-    /// at the start of `input`, within the size limits, with valid UTF-8 if it is text. It is
-    /// unmasked in place, its payload copied out once, and its bytes consumed. Anything else
-    /// (a control frame, a fragment, a frame not all here yet, a broken one) is left as it was,
-    /// for tungstenite to read and judge.
-    fn take_whole_message(&mut self) -> Option<WsEvent> {
-        let data = self.input.data_mut();
-        let (&first, &second) = (data.first()?, data.get(1)?);
-        if (first != FIN_TEXT && first != FIN_BINARY) || second & 0x80 == 0 {
-            return None;
-        }
-        let (at, len) = match second & 0x7f {
-            127 => return None,
-            126 => (4, usize::from(u16::from_be_bytes([*data.get(2)?, *data.get(3)?]))),
-            short => (2, usize::from(short)),
-        };
-        if len > self.sizes.max_frame || len > self.sizes.max_message {
-            return None;
-        }
-        let mask: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
-        let payload = data.get_mut(at + 4..at + 4 + len)?;
-        unmask(payload, mask);
-        let event = if first == FIN_BINARY {
-            WsEvent::Binary(Bytes::copy_from_slice(payload))
-        } else if let Ok(text) = std::str::from_utf8(payload) {
-            WsEvent::Text(Utf8Bytes::from(text.to_owned()))
-        } else {
-            unmask(payload, mask); // as it came: tungstenite reads it and answers 1007
-            return None;
-        };
-        self.message.frame_starts(first);
-        self.message.handed(at + 4 + len, true);
-        self.input.consume(at + 4 + len);
-        Some(event)
-    }
-
-    /// tungstenite holds nothing of the client's: it asked for more and found nothing (so it
-    /// had parsed every byte it was given), every frame handed over was whole, and no message
-    /// is unfinished. Its state can go; what waits in `input` it has not seen yet.
-    fn between_messages(&self) -> bool {
-        self.starved && self.frame_left == 0 && !self.message.open
-    }
-}
-
-impl Read for MemStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let data = self.input.data();
-        self.starved = data.is_empty();
-        if data.is_empty() {
-            return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
-        }
-        // Whole small frames go together (one read for a batch of messages); a large frame is
-        // handed alone, and nothing past its end, so tungstenite can be made afresh after it.
-        let limit = data.len().min(buf.len());
-        let mut n = 0;
-        while n < limit {
-            if self.frame_left == 0 {
-                let len = match frame_len(&data[n..]) {
-                    Some(len) if n > 0 && len > SHED_FRAME_BYTES => break,
-                    Some(len) => len,
-                    // A header cut short after whole frames: those go now, the rest later.
-                    None if n > 0 => break,
-                    // The header is cut short: wait for the rest (it always fits in `input`).
-                    // Its first byte already says whether a message begins, and the message's
-                    // clock starts with it.
-                    None if data.len() < MAX_FRAME_HEADER && !self.eof => {
-                        self.message.frame_starts(data[0]);
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
-                    None => usize::MAX,
-                };
-                self.message.frame_starts(data[n]);
-                self.frame_left = len;
-                self.large_frame |= len > SHED_FRAME_BYTES;
-            }
-            let take = (limit - n).min(self.frame_left);
-            n += take;
-            self.frame_left -= take;
-            self.message.handed(take, self.frame_left == 0);
-            if self.large_frame {
-                break;
-            }
-        }
-        buf[..n].copy_from_slice(&data[..n]);
-        self.input.consume(n);
-        Ok(n)
-    }
-}
-
-impl Write for MemStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// What the upgrade request said about who the client is (docs/PROTOCOL.md, "Who may report a
@@ -768,6 +583,9 @@ impl Default for Ws {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use stream::SHED_FRAME_BYTES;
+    use tungstenite::protocol::WebSocketConfig;
 
     fn limits() -> WsLimits {
         WsLimits {
@@ -883,6 +701,60 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             // The shortest length encoding: the binary frame is as long as the text one.
             assert_eq!(&ws.output()[text_frame(len).len()..], text_frame(len));
         }
+    }
+
+    #[test]
+    fn whole_data_frames_need_no_tungstenite_state_and_the_rest_wakes_it() {
+        let (l, mut ws) = (limits(), Ws::new());
+        let quiet = |ws: &Ws| matches!(ws.state, WsState::Quiet(_));
+        assert!(matches!(feed(&mut ws, UPGRADE, &l).as_slice(), [WsEvent::Opened(_)]));
+        drain(&mut ws);
+        assert!(quiet(&ws), "no state right after the upgrade");
+        // Whole frames, one with a 2-byte extended length, glued together: the short way.
+        let wire = [masked_frame(0x81, b"hi"), masked_frame(0x82, &[7; 200])].concat();
+        let events = feed(&mut ws, &wire, &l);
+        assert_eq!(events, vec![WsEvent::Text("hi".into()), WsEvent::Binary(Bytes::from(vec![7; 200]))]);
+        assert!(quiet(&ws) && ws.held_input_bytes() == 0);
+        // A ping wakes tungstenite, which answers it; with nothing held it is dropped again.
+        assert_eq!(feed(&mut ws, &masked_frame(0x89, b"p"), &l), vec![]);
+        assert_eq!(drain(&mut ws), b"\x8a\x01p");
+        assert!(quiet(&ws));
+        // A fragmented message is tungstenite's until it is whole, and timed meanwhile.
+        assert_eq!(feed(&mut ws, &masked_frame(0x01, b"ab"), &l), vec![]);
+        assert!(!quiet(&ws) && ws.open_message().is_some());
+        assert_eq!(feed(&mut ws, &masked_frame(0x80, b"c"), &l), vec![WsEvent::Text("abc".into())]);
+        assert!(quiet(&ws) && ws.open_message().is_none());
+        // So is a frame cut short, until its end arrives.
+        let frame = masked_frame(0x81, b"split");
+        assert_eq!(feed(&mut ws, &frame[..4], &l), vec![]);
+        assert!(!quiet(&ws));
+        assert_eq!(feed(&mut ws, &frame[4..], &l), vec![WsEvent::Text("split".into())]);
+        assert!(quiet(&ws));
+        // Invalid UTF-8 is left as it came for tungstenite, which fails it with 1007.
+        let events = feed(&mut ws, &masked_frame(0x81, &[0xff, 0xfe]), &l);
+        assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1007, .. }]), "{events:?}");
+    }
+
+    #[test]
+    fn the_keepalive_ping_drops_the_state_of_a_silent_connection() {
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        let events = feed(&mut ws, &masked_frame(0x09, b""), &l); // a ping without FIN: tungstenite's
+        assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1002, .. }]), "{events:?}");
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        feed(&mut ws, &masked_frame(0x8a, b""), &l); // an unasked pong wakes tungstenite
+        assert!(matches!(ws.state, WsState::Quiet(_)), "parked once it has read everything");
+        feed(&mut ws, &masked_frame(0x01, b"x"), &l); // a message begun: state kept
+        ws.send_ping();
+        assert!(matches!(ws.state, WsState::Open(_)));
+        assert_eq!(drain(&mut ws), b"\x89\x00");
+        assert_eq!(feed(&mut ws, &masked_frame(0x80, b"y"), &l), vec![WsEvent::Text("xy".into())]);
+        ws.send_ping();
+        assert!(matches!(ws.state, WsState::Quiet(_)));
+        assert_eq!(drain(&mut ws), b"\x89\x00");
     }
 
     #[test]
