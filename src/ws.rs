@@ -8,6 +8,12 @@
 //! Data frames we send are encoded straight into that `Vec` (one copy of the payload), not
 //! through tungstenite's own write buffer, which would copy it twice and keep its capacity.
 //!
+//! tungstenite's state (its context and read buffer, about 900 bytes) exists only while a frame
+//! needs it: a connection that is quiet holds the stream alone, and a whole, unfragmented data
+//! frame is unmasked where it lies and handed on without tungstenite (`stream.rs`). Control
+//! frames, fragments, frames cut short and anything broken go through tungstenite, so every
+//! close code is still its decision.
+//!
 //! The shell reports what it wrote with `consume_output(n)`. That keeps track of where the
 //! first frame not yet started begins, so [`Ws::abort`] can drop a slow reader's queue and still
 //! end the stream with a well-formed close frame.
