@@ -58,29 +58,39 @@ pub(crate) struct MemStream {
 }
 
 /// What tungstenite's state is made with: kept beside the stream, so that the state can be
-/// dropped while the connection is quiet and made again when bytes arrive.
+/// dropped while the connection is quiet and made again when bytes arrive. Kept as `u32` (every
+/// idle connection holds one): a limit past 4 GiB counts as 4 GiB.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Sizes {
-    read_buffer: usize,
-    max_message: usize,
-    max_frame: usize,
+    read_buffer: u32,
+    max_message: u32,
+    max_frame: u32,
 }
 
 impl Sizes {
     pub(super) fn of(limits: &WsLimits) -> Self {
+        let small = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Sizes {
-            read_buffer: limits.read_buffer_bytes,
-            max_message: limits.max_message_bytes,
-            max_frame: limits.max_frame_bytes,
+            read_buffer: small(limits.read_buffer_bytes),
+            max_message: small(limits.max_message_bytes),
+            max_frame: small(limits.max_frame_bytes),
         }
+    }
+
+    pub(super) fn max_message(self) -> usize {
+        self.max_message as usize
+    }
+
+    pub(super) fn max_frame(self) -> usize {
+        self.max_frame as usize
     }
 
     pub(super) fn config(self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer)
+            .read_buffer_size(self.read_buffer as usize)
             .write_buffer_size(0)
-            .max_message_size(Some(self.max_message))
-            .max_frame_size(Some(self.max_frame))
+            .max_message_size(Some(self.max_message()))
+            .max_frame_size(Some(self.max_frame()))
     }
 }
 
@@ -114,7 +124,7 @@ impl MemStream {
             126 => (4, usize::from(u16::from_be_bytes([*data.get(2)?, *data.get(3)?]))),
             short => (2, usize::from(short)),
         };
-        if len > self.sizes.max_frame || len > self.sizes.max_message {
+        if len > self.sizes.max_frame() || len > self.sizes.max_message() {
             return None;
         }
         let mask: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
