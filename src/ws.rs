@@ -91,6 +91,10 @@ pub enum WsEvent {
     /// A complete binary message, its payload as tungstenite read it (no copy). The job
     /// protocol has none and answers with an error; echo mode sends it back.
     Binary(Bytes),
+    /// A complete message whose payload is read where it lies, with [`Ws::here`], until the
+    /// next call that polls, reads input or gives buffers back (only from
+    /// [`Ws::poll_event_here`]). `text`: a text message (its UTF-8 is checked).
+    Here { text: bool },
     /// The peer started or answered the close handshake; our reply (if any) is queued.
     Closed,
     /// The peer broke the protocol; a close frame or HTTP error is queued. `code` is the
@@ -136,7 +140,10 @@ impl Ws {
     pub fn input(&mut self) -> Option<&mut InBuf> {
         match &mut self.state {
             WsState::Handshaking { input, .. } => Some(input),
-            WsState::Quiet(stream) => Some(&mut stream.input),
+            WsState::Quiet(stream) => {
+                stream.settle_here();
+                Some(&mut stream.input)
+            }
             WsState::Open(ws) => Some(&mut ws.get_mut().input),
             WsState::Done { .. } => None,
         }
@@ -243,6 +250,8 @@ impl Ws {
         ) else {
             unreachable!("checked above")
         };
+        let mut stream = stream;
+        stream.settle_here();
         let config = stream.sizes.config();
         self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
     }
@@ -275,7 +284,7 @@ impl Ws {
     pub fn held_input_bytes(&self) -> usize {
         match &self.state {
             WsState::Handshaking { input, .. } => input.len(),
-            _ => self.stream().map_or(0, |stream| stream.input.len().saturating_add(stream.message.bytes)),
+            _ => self.stream().map_or(0, |stream| stream.unread().saturating_add(stream.message.bytes)),
         }
     }
 
@@ -314,6 +323,7 @@ impl Ws {
             _ => None,
         };
         if let Some(stream) = stream {
+            stream.settle_here();
             stream.input.release();
             if stream.output.bytes.is_empty() && stream.output.bytes.capacity() > 0 {
                 stream.output.bytes = Vec::new();
@@ -324,6 +334,38 @@ impl Ws {
     /// Runs the protocol over the input received so far and returns the next event, or `None`
     /// when it needs more bytes (or is done).
     pub fn poll_event(&mut self, limits: &WsLimits) -> Option<WsEvent> {
+        self.poll(limits, false)
+    }
+
+    /// [`Ws::poll_event`], but a whole message that needs no tungstenite comes as
+    /// [`WsEvent::Here`], its payload read with [`Ws::here`] (no copy, no allocation).
+    pub fn poll_event_here(&mut self, limits: &WsLimits) -> Option<WsEvent> {
+        self.poll(limits, true)
+    }
+
+    /// The payload of the last [`WsEvent::Here`] (empty once it is settled, or if none).
+    pub fn here(&self) -> &[u8] {
+        match &self.state {
+            WsState::Quiet(stream) => stream.here(),
+            _ => &[],
+        }
+    }
+
+    /// Sends the last [`WsEvent::Here`] back as it came (echo mode). Returns false if there is
+    /// none, or the socket is no longer open for writing.
+    pub fn echo_here(&mut self) -> bool {
+        let WsState::Quiet(stream) = &mut self.state else { return false };
+        let Some(here) = stream.here_kind() else { return false };
+        let first = if here.text { FIN_TEXT } else { FIN_BINARY };
+        let payload = &stream.input.data()[usize::from(here.start)..here.end as usize];
+        encode_frame(&mut stream.output.bytes, first, payload);
+        true
+    }
+
+    fn poll(&mut self, limits: &WsLimits, in_place: bool) -> Option<WsEvent> {
+        if let WsState::Quiet(stream) = &mut self.state {
+            stream.settle_here();
+        }
         match &mut self.state {
             WsState::Handshaking { input, .. } => {
                 let len = input.len();
@@ -331,11 +373,12 @@ impl Ws {
             }
             WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
             WsState::Quiet(stream) => {
-                if let Some(event) = stream.take_whole_message() {
-                    return Some(event);
+                let event = if in_place { stream.take_here() } else { stream.take_whole_message() };
+                if event.is_some() {
+                    return event;
                 }
                 self.wake();
-                self.poll_event(limits)
+                self.poll(limits, in_place)
             }
             WsState::Open(ws) => {
                 let event = loop {
@@ -739,6 +782,31 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         // Invalid UTF-8 is left as it came for tungstenite, which fails it with 1007.
         let events = feed(&mut ws, &masked_frame(0x81, &[0xff, 0xfe]), &l);
         assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1007, .. }]), "{events:?}");
+    }
+
+    #[test]
+    fn a_message_handed_on_in_place_is_read_echoed_and_then_consumed() {
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        let wire = [masked_frame(0x81, b"one"), masked_frame(0x82, b"two"), masked_frame(0x89, b"")].concat();
+        ws.input().expect("open").extend(&wire);
+        assert_eq!(ws.poll_event_here(&l), Some(WsEvent::Here { text: true }));
+        assert_eq!(ws.here(), b"one");
+        assert_eq!(ws.held_input_bytes(), wire.len() - masked_frame(0x81, b"one").len());
+        assert!(ws.echo_here());
+        assert_eq!(ws.poll_event_here(&l), Some(WsEvent::Here { text: false }));
+        assert_eq!(ws.here(), b"two");
+        // Reading more input settles the message first: its bytes are gone, the rest stays.
+        ws.input().expect("open").extend(&masked_frame(0x81, b"three"));
+        assert_eq!(ws.here(), b"");
+        assert!(!ws.echo_here(), "nothing to echo once settled");
+        // The ping wakes tungstenite, which reads on: what follows comes from it, owned.
+        assert_eq!(ws.poll_event_here(&l), Some(WsEvent::Text("three".into())));
+        assert_eq!(ws.poll_event_here(&l), None);
+        assert!(matches!(ws.state, WsState::Quiet(_)));
+        assert_eq!((ws.here(), ws.held_input_bytes()), (&b""[..], 0));
+        assert_eq!(drain(&mut ws), b"\x81\x03one\x8a\x00");
     }
 
     #[test]

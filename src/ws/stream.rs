@@ -55,6 +55,18 @@ pub(crate) struct MemStream {
     pub(super) sizes: Sizes,
     /// The last read found nothing to hand over (see `between_messages`).
     pub(super) starved: bool,
+    /// A frame handed on in place (`take_here`): its payload is read where it lies, and the
+    /// frame is consumed before anything else touches `input` (`settle_here`).
+    here: Option<Here>,
+}
+
+/// Where the payload of a frame handed on in place lies: at `start` of `input` (its header's
+/// length), up to `end` (the whole frame's). A frame on the short way is at most 65,543 bytes.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Here {
+    pub(super) start: u8,
+    pub(super) end: u32,
+    pub(super) text: bool,
 }
 
 /// What tungstenite's state is made with: kept beside the stream, so that the state can be
@@ -105,15 +117,40 @@ impl MemStream {
             message: MessageTrack::default(),
             sizes,
             starved: false,
+            here: None,
         }
     }
 
+    /// Consumes the frame handed on in place, if any: done before `input` is read, added to,
+    /// measured or given back.
+    pub(super) fn settle_here(&mut self) {
+        if let Some(here) = self.here.take() {
+            self.input.consume(here.end as usize);
+        }
+    }
+
+    /// The payload of the frame handed on in place (empty if none).
+    pub(super) fn here(&self) -> &[u8] {
+        self.here.map_or(&[][..], |h| &self.input.data()[usize::from(h.start)..h.end as usize])
+    }
+
+    /// Bytes in `input` not handed on yet.
+    pub(super) fn unread(&self) -> usize {
+        self.input.len() - self.here.map_or(0, |h| h.end as usize)
+    }
+
+    /// The frame handed on in place, if any.
+    pub(super) fn here_kind(&self) -> Option<Here> {
+        self.here
+    }
+
     /// The common case without tungstenite: a whole, unfragmented, masked text or binary frame
-    /// at the start of `input`, within the size limits, with valid UTF-8 if it is text. It is
-    /// unmasked in place, its payload copied out once, and its bytes consumed. Anything else
-    /// (a control frame, a fragment, a frame not all here yet, a broken one) is left as it was,
-    /// for tungstenite to read and judge.
-    pub(super) fn take_whole_message(&mut self) -> Option<WsEvent> {
+    /// at the start of `input`, within the size limits (and with a length of at most 16 bits),
+    /// with valid UTF-8 if it is text. It is unmasked in place and counted as a whole message;
+    /// returns where its payload lies. Anything else (a control frame, a fragment, a frame not
+    /// all here yet, a broken one) is left as it was, for tungstenite to read and judge.
+    fn whole_frame(&mut self) -> Option<Here> {
+        self.settle_here();
         let data = self.input.data_mut();
         let (&first, &second) = (data.first()?, data.get(1)?);
         if (first != FIN_TEXT && first != FIN_BINARY) || second & 0x80 == 0 {
@@ -130,18 +167,37 @@ impl MemStream {
         let mask: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
         let payload = data.get_mut(at + 4..at + 4 + len)?;
         unmask(payload, mask);
-        let event = if first == FIN_BINARY {
-            WsEvent::Binary(Bytes::copy_from_slice(payload))
-        } else if let Ok(text) = std::str::from_utf8(payload) {
-            WsEvent::Text(Utf8Bytes::from(text.to_owned()))
-        } else {
+        let text = first == FIN_TEXT;
+        if text && std::str::from_utf8(payload).is_err() {
             unmask(payload, mask); // as it came: tungstenite reads it and answers 1007
             return None;
-        };
+        }
         self.message.frame_starts(first);
         self.message.handed(at + 4 + len, true);
-        self.input.consume(at + 4 + len);
+        // Both fit: the header is at most 8 bytes, the payload at most 65,535.
+        Some(Here { start: (at + 4) as u8, end: (at + 4 + len) as u32, text })
+    }
+
+    /// [`MemStream::whole_frame`], its payload copied out into the event and its bytes consumed.
+    pub(super) fn take_whole_message(&mut self) -> Option<WsEvent> {
+        let here = self.whole_frame()?;
+        let payload = &self.input.data()[usize::from(here.start)..here.end as usize];
+        let event = if here.text {
+            // Checked by `whole_frame`: the lossy conversion finds nothing to replace.
+            WsEvent::Text(Utf8Bytes::from(String::from_utf8_lossy(payload).into_owned()))
+        } else {
+            WsEvent::Binary(Bytes::copy_from_slice(payload))
+        };
+        self.input.consume(here.end as usize);
         Some(event)
+    }
+
+    /// [`MemStream::whole_frame`], handed on where it lies: its payload is [`MemStream::here`]
+    /// until the next call that settles it.
+    pub(super) fn take_here(&mut self) -> Option<WsEvent> {
+        let here = self.whole_frame()?;
+        self.here = Some(here);
+        Some(WsEvent::Here { text: here.text })
     }
 
     /// tungstenite holds nothing of the client's: it asked for more and found nothing (so it
