@@ -12,6 +12,9 @@
 #   scenarios: roundtrip-100x16 roundtrip-1000x1 jobs-50x4 jobs-50x16 jobs-1x1 connect-10000
 #              connect-19000
 #   groups:    roundtrip jobs connect all
+#   uws        gearsock beside the uWebSockets peer in UWS_DIR [../shared/peers/uws], same run:
+#              scripts/bench-uws.sh (its own section of the report; `all` includes it; skipped
+#              with a note when the peer is missing; see `scripts/bench-uws.sh -h`)
 # environment (defaults in brackets):
 #   DURATION [10]  measured seconds of the timed scenarios   WARMUP [2]  their warm-up seconds
 #   HOLD [1]       connect: seconds the idle connections are held
@@ -55,11 +58,12 @@ die() { echo "bench.sh: $*" >&2; exit 1; }
 
 args=("$@")
 [ ${#args[@]} -gt 0 ] || read -r -a args <<<"${SCENARIOS:-all}"
-selected=()
+selected=() want_uws=0
 for a in "${args[@]}"; do
   case "$a" in
     -h|--help) usage; exit 0 ;;
-    all) selected+=("${ALL[@]}") ;;
+    all) selected+=("${ALL[@]}"); want_uws=1 ;;
+    uws) want_uws=1 ;;
     roundtrip|jobs|connect) for s in "${ALL[@]}"; do [[ $s == "$a"-* ]] && selected+=("$s"); done ;;
     *) printf '%s\n' "${ALL[@]}" | grep -qx -- "$a" || { usage >&2; die "unknown scenario: $a"; }
        selected+=("$a") ;;
@@ -70,6 +74,8 @@ scenarios=()
 for s in "${ALL[@]}"; do printf '%s\n' "${selected[@]}" | grep -qx -- "$s" && scenarios+=("$s"); done
 wants_jobs=0
 for s in "${scenarios[@]}"; do [[ $s == jobs-* ]] && wants_jobs=1; done
+# Only the peer: its script alone (it leaves the rest of the report as it is).
+[ ${#scenarios[@]} -gt 0 ] || exec scripts/bench-uws.sh
 
 for v in DURATION WARMUP HOLD PROBE_DURATION; do
   [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v must be a number of seconds, not '${!v}'"
@@ -685,3 +691,4 @@ md.append("")
 Path(env["OUT"]).write_text("\n".join(md))
 PY
 echo "== done: $OUT (raw JSON in $OUT_DIR/)"
+if [ "$want_uws" = 1 ]; then SKIP_BUILD=1 OUT="$OUT" scripts/bench-uws.sh; fi

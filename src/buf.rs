@@ -24,6 +24,11 @@ impl InBuf {
         &self.buf[self.start..]
     }
 
+    /// The unparsed bytes, to change in place (a client frame is unmasked where it lies).
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+
     /// Drops the first `n` unparsed bytes (a whole packet or frame).
     pub fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.buf.len());

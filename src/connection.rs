@@ -123,6 +123,9 @@ pub(crate) enum ConnEvent {
     Text(Utf8Bytes),
     /// A complete binary message.
     Binary(Bytes),
+    /// A complete message read where it lies: [`Connection::here`] until the next poll (only
+    /// from [`Connection::poll_event_here`]). `text`: a text message, its UTF-8 checked.
+    Here { text: bool },
     /// The connection is over for the application: nothing more comes from it and nothing
     /// more can be sent. Exactly once per connection. `handshaking`: it never opened.
     Closed { reason: CloseReason, handshaking: bool },
@@ -242,8 +245,30 @@ impl Connection {
         self.phase = Phase::Closed;
     }
 
-    /// The next event, or `None` when the input so far has none.
+    /// The next event, or `None` when the input so far has none (the tests' way: every message
+    /// owns its payload; the shell uses [`Connection::poll_event_here`]).
+    #[cfg(test)]
     pub fn poll_event(&mut self, limits: &WsLimits, now: Instant) -> Option<ConnEvent> {
+        self.poll(limits, now, false)
+    }
+
+    /// [`Connection::poll_event`], but a whole message the WebSocket can hand on where it lies
+    /// comes as [`ConnEvent::Here`] (no copy; see [`Ws::poll_event_here`]).
+    pub fn poll_event_here(&mut self, limits: &WsLimits, now: Instant) -> Option<ConnEvent> {
+        self.poll(limits, now, true)
+    }
+
+    /// The payload of the last [`ConnEvent::Here`].
+    pub fn here(&self) -> &[u8] {
+        self.ws.here()
+    }
+
+    /// Sends the last [`ConnEvent::Here`] back as it came (echo mode); false if it cannot.
+    pub fn echo_here(&mut self) -> bool {
+        matches!(self.phase, Phase::Open { .. }) && self.ws.echo_here()
+    }
+
+    fn poll(&mut self, limits: &WsLimits, now: Instant, in_place: bool) -> Option<ConnEvent> {
         loop {
             if let Some(reason) = &self.reason
                 && !self.told
@@ -254,7 +279,7 @@ impl Connection {
             if !matches!(self.phase, Phase::Handshaking { .. } | Phase::Open { .. }) {
                 return None;
             }
-            let polled = self.ws.poll_event(limits);
+            let polled = if in_place { self.ws.poll_event_here(limits) } else { self.ws.poll_event(limits) };
             self.note_message(now);
             let Some(event) = polled else {
                 if matches!(self.phase, Phase::Open { .. }) && self.ws.is_done() {
@@ -281,6 +306,7 @@ impl Connection {
                 WsEvent::Http { method, path } => ConnEvent::Http { method, path },
                 WsEvent::Text(text) => ConnEvent::Text(text),
                 WsEvent::Binary(data) => ConnEvent::Binary(data),
+                WsEvent::Here { text } => ConnEvent::Here { text },
                 WsEvent::Closed => {
                     self.finish(CloseReason::PeerClosed, now, true);
                     continue;

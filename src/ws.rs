@@ -8,21 +8,31 @@
 //! Data frames we send are encoded straight into that `Vec` (one copy of the payload), not
 //! through tungstenite's own write buffer, which would copy it twice and keep its capacity.
 //!
+//! tungstenite's state (its context and read buffer, about 900 bytes) exists only while a frame
+//! needs it: a connection that is quiet holds the stream alone, and a whole, unfragmented data
+//! frame is unmasked where it lies and handed on without tungstenite (`stream.rs`). Control
+//! frames, fragments, frames cut short and anything broken go through tungstenite, so every
+//! close code is still its decision.
+//!
 //! The shell reports what it wrote with `consume_output(n)`. That keeps track of where the
 //! first frame not yet started begins, so [`Ws::abort`] can drop a slow reader's queue and still
 //! end the stream with a well-formed close frame.
 
-use std::io::{self, Read, Write};
+use std::io;
 
 use tungstenite::error::{CapacityError, Error as TError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::protocol::{CloseFrame, Role};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
-use message::MessageTrack;
+use output::{FIN_BINARY, FIN_TEXT, OutQueue, PING, encode_close, encode_frame, truncate_reason};
+pub(crate) use output::{write_http, write_http_with};
+use stream::{MemStream, Sizes};
 
 mod message;
+mod output;
+mod stream;
 
 /// Largest HTTP request head we read (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -41,195 +51,6 @@ pub struct WsLimits {
     pub in_limit_bytes: usize,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
-}
-
-/// Bytes waiting for the socket, and where the first frame not yet started begins in them.
-///
-/// Whole frames are only ever appended (tungstenite runs with `write_buffer_size(0)` over a
-/// stream whose writes never fail short), so the bytes after `kept` are a sequence of whole
-/// frames that no byte of has reached the socket.
-#[derive(Debug, Default)]
-struct OutQueue {
-    bytes: Vec<u8>,
-    /// Leading bytes that must go out whole before any frame can be dropped: the rest of the 101
-    /// answer, or the rest of a frame already partly on the wire.
-    kept: usize,
-    /// The bytes after `kept` are WebSocket frames. False before the upgrade: then everything is
-    /// raw HTTP and is never cut.
-    framed: bool,
-}
-
-impl OutQueue {
-    /// The shell wrote the first `n` bytes. Costs nothing when they were all written; otherwise
-    /// steps over the headers of the frames it finished, plus the one it started.
-    fn consume(&mut self, n: usize) {
-        let n = n.min(self.bytes.len());
-        if n == self.bytes.len() {
-            self.bytes.clear();
-            self.kept = 0;
-            return;
-        }
-        if self.framed && n > self.kept {
-            let mut at = self.kept;
-            while at < n {
-                // Our own frames are whole, so a header is never cut short; if one were, keep
-                // everything rather than guess where frames start.
-                at = frame_len(&self.bytes[at..]).map_or(usize::MAX, |len| at.saturating_add(len));
-            }
-            self.kept = at.min(self.bytes.len()) - n;
-        } else {
-            self.kept = self.kept.saturating_sub(n);
-        }
-        self.bytes.drain(..n);
-    }
-}
-
-/// Length (header plus payload) of the frame at the start of `bytes`, from its header alone;
-/// `None` if the header is cut short or the length does not fit in a `usize`.
-fn frame_len(bytes: &[u8]) -> Option<usize> {
-    let second = *bytes.get(1)?;
-    let (header, payload) = match second & 0x7f {
-        126 => (4, u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?))),
-        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
-        short => (2, u64::from(short)),
-    };
-    let mask = if second & 0x80 != 0 { 4 } else { 0 }; // ours are unmasked; counted for safety
-    usize::try_from(payload).ok()?.checked_add(header + mask)
-}
-
-/// First byte of an unfragmented text frame: FIN plus opcode 1.
-const FIN_TEXT: u8 = 0x81;
-/// First byte of an unfragmented binary frame: FIN plus opcode 2.
-const FIN_BINARY: u8 = 0x82;
-
-/// Appends one unmasked server frame carrying all of `payload`; `first` is FIN plus the
-/// opcode. The length takes 1, 3 or 9 bytes (RFC 6455 5.2), whatever the payload's size.
-fn encode_frame(out: &mut Vec<u8>, first: u8, payload: &[u8]) {
-    let len = payload.len();
-    out.reserve(len + 10);
-    out.push(first);
-    if len < 126 {
-        out.push(len as u8);
-    } else if let Ok(short) = u16::try_from(len) {
-        out.push(126);
-        out.extend_from_slice(&short.to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(payload);
-}
-
-/// Appends a server close frame: code, then the reason cut to 123 bytes at a char boundary.
-fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
-    let reason = truncate_reason(reason);
-    out.extend_from_slice(&[0x88, (2 + reason.len()) as u8]);
-    out.extend_from_slice(&code.to_be_bytes());
-    out.extend_from_slice(reason.as_bytes());
-}
-
-/// Close reasons are limited to 123 bytes by the frame format (125 minus the code).
-fn truncate_reason(reason: &str) -> &str {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    &reason[..end]
-}
-
-/// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
-const MAX_FRAME_HEADER: usize = 14;
-/// tungstenite grows its read buffer to the largest frame it reads and keeps that capacity; a
-/// frame longer than this makes the connection shed it once the message is handled (see
-/// [`Ws::shed_read_buffer`]).
-const SHED_FRAME_BYTES: usize = 4096;
-
-/// The byte pipe tungstenite reads from and writes to: `read` pops `input` or says WouldBlock,
-/// `write` appends to `output` and never fails.
-///
-/// A read never crosses the end of a large frame, so when tungstenite hands over a message
-/// that had one it holds no byte of the next frame, and its state can be dropped and made
-/// afresh. Small frames are handed over together.
-#[derive(Debug)]
-pub(crate) struct MemStream {
-    input: InBuf,
-    output: OutQueue,
-    /// The peer sent FIN: once `input` is drained, reads return 0 (end of stream).
-    eof: bool,
-    /// Bytes of the current frame not yet handed to tungstenite; 0 at a frame boundary.
-    frame_left: usize,
-    /// A frame over [`SHED_FRAME_BYTES`] was read since tungstenite's state was last made.
-    large_frame: bool,
-    /// Where the client's current message stands, read off the frame headers as they pass.
-    message: MessageTrack,
-}
-
-impl MemStream {
-    fn new(input: InBuf, output: OutQueue) -> Self {
-        MemStream {
-            input,
-            output,
-            eof: false,
-            frame_left: 0,
-            large_frame: false,
-            message: MessageTrack::default(),
-        }
-    }
-}
-
-impl Read for MemStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let data = self.input.data();
-        if data.is_empty() {
-            return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
-        }
-        // Whole small frames go together (one read for a batch of messages); a large frame is
-        // handed alone, and nothing past its end, so tungstenite can be made afresh after it.
-        let limit = data.len().min(buf.len());
-        let mut n = 0;
-        while n < limit {
-            if self.frame_left == 0 {
-                let len = match frame_len(&data[n..]) {
-                    Some(len) if n > 0 && len > SHED_FRAME_BYTES => break,
-                    Some(len) => len,
-                    // A header cut short after whole frames: those go now, the rest later.
-                    None if n > 0 => break,
-                    // The header is cut short: wait for the rest (it always fits in `input`).
-                    // Its first byte already says whether a message begins, and the message's
-                    // clock starts with it.
-                    None if data.len() < MAX_FRAME_HEADER && !self.eof => {
-                        self.message.frame_starts(data[0]);
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    // A length past usize (tungstenite refuses the frame), or the peer's last bytes.
-                    None => usize::MAX,
-                };
-                self.message.frame_starts(data[n]);
-                self.frame_left = len;
-                self.large_frame |= len > SHED_FRAME_BYTES;
-            }
-            let take = (limit - n).min(self.frame_left);
-            n += take;
-            self.frame_left -= take;
-            self.message.handed(take, self.frame_left == 0);
-            if self.large_frame {
-                break;
-            }
-        }
-        buf[..n].copy_from_slice(&data[..n]);
-        self.input.consume(n);
-        Ok(n)
-    }
-}
-
-impl Write for MemStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// What the upgrade request said about who the client is (docs/PROTOCOL.md, "Who may report a
@@ -270,6 +91,10 @@ pub enum WsEvent {
     /// A complete binary message, its payload as tungstenite read it (no copy). The job
     /// protocol has none and answers with an error; echo mode sends it back.
     Binary(Bytes),
+    /// A complete message whose payload is read where it lies, with [`Ws::here`], until the
+    /// next call that polls, reads input or gives buffers back (only from
+    /// [`Ws::poll_event_here`]). `text`: a text message (its UTF-8 is checked).
+    Here { text: bool },
     /// The peer started or answered the close handshake; our reply (if any) is queued.
     Closed,
     /// The peer broke the protocol; a close frame or HTTP error is queued. `code` is the
@@ -286,9 +111,15 @@ pub enum WsEvent {
 /// ```
 /// `Done` only drains `output`; the shell then hangs up. `close_queued` says whether a close
 /// frame is in `output` or already went out (in `Open`, tungstenite's `can_write()` says it).
+///
+/// `Quiet` is `Open` without tungstenite's state (its context and its read buffer, about
+/// 900 bytes): right after the upgrade, after a large frame, and once the keepalive found the
+/// connection silent. The first byte that arrives makes the state again (`wake`). Most
+/// connections that sit idle hold only the stream.
 #[derive(Debug)]
 enum WsState {
     Handshaking { input: InBuf, output: OutQueue },
+    Quiet(MemStream),
     Open(Box<WebSocket<MemStream>>),
     Done { output: OutQueue, close_queued: bool },
 }
@@ -309,6 +140,10 @@ impl Ws {
     pub fn input(&mut self) -> Option<&mut InBuf> {
         match &mut self.state {
             WsState::Handshaking { input, .. } => Some(input),
+            WsState::Quiet(stream) => {
+                stream.settle_here();
+                Some(&mut stream.input)
+            }
             WsState::Open(ws) => Some(&mut ws.get_mut().input),
             WsState::Done { .. } => None,
         }
@@ -317,6 +152,7 @@ impl Ws {
     fn out_queue(&self) -> &OutQueue {
         match &self.state {
             WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Quiet(stream) => &stream.output,
             WsState::Open(ws) => &ws.get_ref().output,
         }
     }
@@ -324,6 +160,7 @@ impl Ws {
     fn out_queue_mut(&mut self) -> &mut OutQueue {
         match &mut self.state {
             WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Quiet(stream) => &mut stream.output,
             WsState::Open(ws) => &mut ws.get_mut().output,
         }
     }
@@ -374,7 +211,11 @@ impl Ws {
 
     /// True while the WebSocket is open for messages both ways.
     pub fn is_open(&self) -> bool {
-        matches!(&self.state, WsState::Open(ws) if ws.can_write())
+        match &self.state {
+            WsState::Quiet(_) => true,
+            WsState::Open(ws) => ws.can_write(),
+            _ => false,
+        }
     }
 
     /// True while the request head has not arrived.
@@ -385,13 +226,56 @@ impl Ws {
     /// The number of the message the client has begun and not finished (fragments, or a frame
     /// still arriving), `None` between messages; the connection times each number from its start.
     pub fn open_message(&self) -> Option<u64> {
+        let track = &self.stream()?.message;
+        track.open.then_some(track.started)
+    }
+
+    /// The stream of an open WebSocket, with or without tungstenite's state.
+    fn stream(&self) -> Option<&MemStream> {
         match &self.state {
-            WsState::Open(ws) => {
-                let track = &ws.get_ref().message;
-                track.open.then_some(track.started)
-            }
+            WsState::Quiet(stream) => Some(stream),
+            WsState::Open(ws) => Some(ws.get_ref()),
             _ => None,
         }
+    }
+
+    /// tungstenite's state, made afresh around the stream of a quiet connection.
+    fn wake(&mut self) {
+        if !matches!(self.state, WsState::Quiet(_)) {
+            return;
+        }
+        let WsState::Quiet(stream) = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
+            unreachable!("checked above")
+        };
+        let mut stream = stream;
+        stream.settle_here();
+        let config = stream.sizes.config();
+        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
+    }
+
+    /// Drops tungstenite's state when it holds nothing of the client's and the socket is still
+    /// open both ways (see `WsState::Quiet`); otherwise nothing happens.
+    fn quiet(&mut self) {
+        let WsState::Open(ws) = &self.state else { return };
+        if ws.can_write() && ws.can_read() && ws.get_ref().between_messages() {
+            self.park();
+        }
+    }
+
+    /// `Open` to `Quiet`: tungstenite's state dropped, the stream kept.
+    fn park(&mut self) {
+        let WsState::Open(ws) = std::mem::replace(
+            &mut self.state,
+            WsState::Done { output: OutQueue::default(), close_queued: false },
+        ) else {
+            return;
+        };
+        let mut stream = ws.into_inner();
+        stream.large_frame = false;
+        self.state = WsState::Quiet(stream);
     }
 
     /// Bytes of client input this connection holds that have not become messages yet: the
@@ -400,11 +284,7 @@ impl Ws {
     pub fn held_input_bytes(&self) -> usize {
         match &self.state {
             WsState::Handshaking { input, .. } => input.len(),
-            WsState::Open(ws) => {
-                let stream = ws.get_ref();
-                stream.input.len().saturating_add(stream.message.bytes)
-            }
-            WsState::Done { .. } => 0,
+            _ => self.stream().map_or(0, |stream| stream.unread().saturating_add(stream.message.bytes)),
         }
     }
 
@@ -422,21 +302,28 @@ impl Ws {
         match &self.state {
             WsState::Done { .. } => true,
             WsState::Open(ws) => !ws.can_read(),
-            WsState::Handshaking { .. } => false,
+            WsState::Handshaking { .. } | WsState::Quiet(_) => false,
         }
     }
 
     /// The peer sent FIN.
     pub fn handle_eof(&mut self) {
-        if let WsState::Open(ws) = &mut self.state {
-            ws.get_mut().eof = true;
+        match &mut self.state {
+            WsState::Quiet(stream) => stream.eof = true,
+            WsState::Open(ws) => ws.get_mut().eof = true,
+            _ => {}
         }
     }
 
     /// Frees buffers that hold nothing, so an idle connection stays small.
     pub fn release_idle_buffers(&mut self) {
-        if let WsState::Open(ws) = &mut self.state {
-            let stream = ws.get_mut();
+        let stream = match &mut self.state {
+            WsState::Quiet(stream) => Some(stream),
+            WsState::Open(ws) => Some(ws.get_mut()),
+            _ => None,
+        };
+        if let Some(stream) = stream {
+            stream.settle_here();
             stream.input.release();
             if stream.output.bytes.is_empty() && stream.output.bytes.capacity() > 0 {
                 stream.output.bytes = Vec::new();
@@ -447,10 +334,51 @@ impl Ws {
     /// Runs the protocol over the input received so far and returns the next event, or `None`
     /// when it needs more bytes (or is done).
     pub fn poll_event(&mut self, limits: &WsLimits) -> Option<WsEvent> {
+        self.poll(limits, false)
+    }
+
+    /// [`Ws::poll_event`], but a whole message that needs no tungstenite comes as
+    /// [`WsEvent::Here`], its payload read with [`Ws::here`] (no copy, no allocation).
+    pub fn poll_event_here(&mut self, limits: &WsLimits) -> Option<WsEvent> {
+        self.poll(limits, true)
+    }
+
+    /// The payload of the last [`WsEvent::Here`] (empty once it is settled, or if none).
+    pub fn here(&self) -> &[u8] {
+        match &self.state {
+            WsState::Quiet(stream) => stream.here(),
+            _ => &[],
+        }
+    }
+
+    /// Sends the last [`WsEvent::Here`] back as it came (echo mode). Returns false if there is
+    /// none, or the socket is no longer open for writing.
+    pub fn echo_here(&mut self) -> bool {
+        let WsState::Quiet(stream) = &mut self.state else { return false };
+        let Some(here) = stream.here_kind() else { return false };
+        let first = if here.text { FIN_TEXT } else { FIN_BINARY };
+        let payload = &stream.input.data()[usize::from(here.start)..here.end as usize];
+        encode_frame(&mut stream.output.bytes, first, payload);
+        true
+    }
+
+    fn poll(&mut self, limits: &WsLimits, in_place: bool) -> Option<WsEvent> {
+        if let WsState::Quiet(stream) = &mut self.state {
+            stream.settle_here();
+        }
         match &mut self.state {
             WsState::Handshaking { input, .. } => {
                 let len = input.len();
                 self.poll_head(limits, len)
+            }
+            WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
+            WsState::Quiet(stream) => {
+                let event = if in_place { stream.take_here() } else { stream.take_whole_message() };
+                if event.is_some() {
+                    return event;
+                }
+                self.wake();
+                self.poll(limits, in_place)
             }
             WsState::Open(ws) => {
                 let event = loop {
@@ -467,6 +395,11 @@ impl Ws {
                 };
                 // Pongs and close replies go out with this pass's writes.
                 let _ = ws.flush();
+                // All read and nothing held: whole frames go the short way again.
+                if event.is_none() && ws.can_write() && ws.can_read() && ws.get_ref().between_messages() {
+                    self.park();
+                    return None;
+                }
                 if matches!(event, Some(WsEvent::Text(_) | WsEvent::Binary(_))) && ws.get_ref().large_frame {
                     self.shed_read_buffer();
                 }
@@ -477,28 +410,20 @@ impl Ws {
     }
 
     /// tungstenite keeps its read buffer at the size of the largest frame it has read (and,
-    /// with `Bytes` split off it, sometimes more), for as long as the connection lives: a
-    /// client that once sent a 16 MiB message would hold 16 MiB or more while idle. Right
-    /// after a message, tungstenite holds nothing else: no byte of the next frame (reads stop
-    /// at frame ends), no fragment (the message is whole), no pong or close reply (flushed).
-    /// So while the socket is still open both ways its state is made afresh around the same
-    /// stream, with a small buffer again. The message's payload keeps the old buffer alive
-    /// only until the caller drops it.
+    /// with `Bytes` split off it, sometimes more), for as long as its state lives: a client
+    /// that once sent a 16 MiB message would hold 16 MiB or more while idle. Right after a
+    /// message, tungstenite holds nothing else: no byte of the next frame (reads stop at frame
+    /// ends), no fragment (the message is whole), no pong or close reply (flushed). So while
+    /// the socket is still open both ways its state is dropped (`Quiet`) and made again, with
+    /// a small buffer, when the next byte arrives. The message's payload keeps the old buffer
+    /// alive only until the caller drops it.
     fn shed_read_buffer(&mut self) {
         let WsState::Open(ws) = &self.state else { return };
-        if !ws.can_write() || ws.get_ref().frame_left != 0 {
-            return;
+        // Bytes of the next frames may wait in `input` already: they are still whole frames
+        // that tungstenite has not seen, so dropping its state loses nothing.
+        if ws.can_write() && ws.can_read() && ws.get_ref().frame_left == 0 && !ws.get_ref().message.open {
+            self.park();
         }
-        let WsState::Open(ws) = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
-            unreachable!("checked above")
-        };
-        let config = *ws.get_config();
-        let mut stream = ws.into_inner();
-        stream.large_frame = false;
-        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
     }
 
     fn poll_head(&mut self, limits: &WsLimits, len: usize) -> Option<WsEvent> {
@@ -585,13 +510,8 @@ impl Ws {
         input.consume(head_len);
         let mut frames = InBuf::new(limits.in_limit_bytes);
         frames.extend(input.data());
-        let config = WebSocketConfig::default()
-            .read_buffer_size(limits.read_buffer_bytes)
-            .write_buffer_size(0)
-            .max_message_size(Some(limits.max_message_bytes))
-            .max_frame_size(Some(limits.max_frame_bytes));
-        let stream = MemStream::new(frames, output);
-        self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
+        // No tungstenite state until the client sends its first frame.
+        self.state = WsState::Quiet(MemStream::new(frames, output, Sizes::of(limits)));
         Some(WsEvent::Opened(upgrade))
     }
 
@@ -600,6 +520,7 @@ impl Ws {
         let close_queued = match &self.state {
             WsState::Handshaking { .. } => false,
             WsState::Open(ws) => !ws.can_write(),
+            WsState::Quiet(_) => false,
             WsState::Done { close_queued, .. } => *close_queued,
         };
         let output = std::mem::take(self.out_queue_mut());
@@ -659,26 +580,32 @@ impl Ws {
     /// its pongs and close replies before it returns, so frames stay in order.
     fn send_frame(&mut self, first: u8, payload: &[u8]) -> bool {
         match &mut self.state {
+            WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, first, payload),
             WsState::Open(ws) if ws.can_write() => {
-                encode_frame(&mut ws.get_mut().output.bytes, first, payload);
-                true
+                encode_frame(&mut ws.get_mut().output.bytes, first, payload)
             }
-            _ => false,
+            _ => return false,
         }
+        true
     }
 
-    /// Queues a ping (keepalive).
+    /// Queues a ping (keepalive). A connection silent since its last message gives up
+    /// tungstenite's state first (see `WsState::Quiet`): the pong, or any byte, makes it again.
     pub fn send_ping(&mut self) {
-        if let WsState::Open(ws) = &mut self.state
-            && ws.can_write()
-        {
-            let _ = ws.send(Message::Ping(Default::default()));
+        self.quiet();
+        match &mut self.state {
+            WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, PING, &[]),
+            WsState::Open(ws) if ws.can_write() => {
+                let _ = ws.send(Message::Ping(Default::default()));
+            }
+            _ => {}
         }
     }
 
     /// Starts the close handshake with `code` (1000, 1001, 1009, ...). Reading goes on until the
     /// peer answers; the shell bounds that with a timer.
     pub fn close(&mut self, code: u16, reason: &str) {
+        self.wake(); // tungstenite leads the close handshake
         if let WsState::Open(ws) = &mut self.state {
             let frame = CloseFrame {
                 code: CloseCode::from(code),
@@ -702,36 +629,12 @@ impl Default for Ws {
     }
 }
 
-/// Writes a complete HTTP/1.1 response that closes the connection.
-pub(crate) fn write_http(out: &mut Vec<u8>, status: u16, reason: &str, content_type: &str, body: &[u8]) {
-    write_http_with(out, status, reason, content_type, &[], body);
-}
-
-/// [`write_http`] with extra `(name, value)` headers, such as the `Sec-WebSocket-Version` a 426
-/// answer must carry.
-pub(crate) fn write_http_with(
-    out: &mut Vec<u8>,
-    status: u16,
-    reason: &str,
-    content_type: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) {
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    out.extend_from_slice(head.as_bytes());
-    out.extend_from_slice(body);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use stream::SHED_FRAME_BYTES;
+    use tungstenite::protocol::WebSocketConfig;
 
     fn limits() -> WsLimits {
         WsLimits {
@@ -850,6 +753,85 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     }
 
     #[test]
+    fn whole_data_frames_need_no_tungstenite_state_and_the_rest_wakes_it() {
+        let (l, mut ws) = (limits(), Ws::new());
+        let quiet = |ws: &Ws| matches!(ws.state, WsState::Quiet(_));
+        assert!(matches!(feed(&mut ws, UPGRADE, &l).as_slice(), [WsEvent::Opened(_)]));
+        drain(&mut ws);
+        assert!(quiet(&ws), "no state right after the upgrade");
+        // Whole frames, one with a 2-byte extended length, glued together: the short way.
+        let wire = [masked_frame(0x81, b"hi"), masked_frame(0x82, &[7; 200])].concat();
+        let events = feed(&mut ws, &wire, &l);
+        assert_eq!(events, vec![WsEvent::Text("hi".into()), WsEvent::Binary(Bytes::from(vec![7; 200]))]);
+        assert!(quiet(&ws) && ws.held_input_bytes() == 0);
+        // A ping wakes tungstenite, which answers it; with nothing held it is dropped again.
+        assert_eq!(feed(&mut ws, &masked_frame(0x89, b"p"), &l), vec![]);
+        assert_eq!(drain(&mut ws), b"\x8a\x01p");
+        assert!(quiet(&ws));
+        // A fragmented message is tungstenite's until it is whole, and timed meanwhile.
+        assert_eq!(feed(&mut ws, &masked_frame(0x01, b"ab"), &l), vec![]);
+        assert!(!quiet(&ws) && ws.open_message().is_some());
+        assert_eq!(feed(&mut ws, &masked_frame(0x80, b"c"), &l), vec![WsEvent::Text("abc".into())]);
+        assert!(quiet(&ws) && ws.open_message().is_none());
+        // So is a frame cut short, until its end arrives.
+        let frame = masked_frame(0x81, b"split");
+        assert_eq!(feed(&mut ws, &frame[..4], &l), vec![]);
+        assert!(!quiet(&ws));
+        assert_eq!(feed(&mut ws, &frame[4..], &l), vec![WsEvent::Text("split".into())]);
+        assert!(quiet(&ws));
+        // Invalid UTF-8 is left as it came for tungstenite, which fails it with 1007.
+        let events = feed(&mut ws, &masked_frame(0x81, &[0xff, 0xfe]), &l);
+        assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1007, .. }]), "{events:?}");
+    }
+
+    #[test]
+    fn a_message_handed_on_in_place_is_read_echoed_and_then_consumed() {
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        let wire = [masked_frame(0x81, b"one"), masked_frame(0x82, b"two"), masked_frame(0x89, b"")].concat();
+        ws.input().expect("open").extend(&wire);
+        assert_eq!(ws.poll_event_here(&l), Some(WsEvent::Here { text: true }));
+        assert_eq!(ws.here(), b"one");
+        assert_eq!(ws.held_input_bytes(), wire.len() - masked_frame(0x81, b"one").len());
+        assert!(ws.echo_here());
+        assert_eq!(ws.poll_event_here(&l), Some(WsEvent::Here { text: false }));
+        assert_eq!(ws.here(), b"two");
+        // Reading more input settles the message first: its bytes are gone, the rest stays.
+        ws.input().expect("open").extend(&masked_frame(0x81, b"three"));
+        assert_eq!(ws.here(), b"");
+        assert!(!ws.echo_here(), "nothing to echo once settled");
+        // The ping wakes tungstenite, which reads on: what follows comes from it, owned.
+        assert_eq!(ws.poll_event_here(&l), Some(WsEvent::Text("three".into())));
+        assert_eq!(ws.poll_event_here(&l), None);
+        assert!(matches!(ws.state, WsState::Quiet(_)));
+        assert_eq!((ws.here(), ws.held_input_bytes()), (&b""[..], 0));
+        assert_eq!(drain(&mut ws), b"\x81\x03one\x8a\x00");
+    }
+
+    #[test]
+    fn the_keepalive_ping_drops_the_state_of_a_silent_connection() {
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        let events = feed(&mut ws, &masked_frame(0x09, b""), &l); // a ping without FIN: tungstenite's
+        assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1002, .. }]), "{events:?}");
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        feed(&mut ws, &masked_frame(0x8a, b""), &l); // an unasked pong wakes tungstenite
+        assert!(matches!(ws.state, WsState::Quiet(_)), "parked once it has read everything");
+        feed(&mut ws, &masked_frame(0x01, b"x"), &l); // a message begun: state kept
+        ws.send_ping();
+        assert!(matches!(ws.state, WsState::Open(_)));
+        assert_eq!(drain(&mut ws), b"\x89\x00");
+        assert_eq!(feed(&mut ws, &masked_frame(0x80, b"y"), &l), vec![WsEvent::Text("xy".into())]);
+        ws.send_ping();
+        assert!(matches!(ws.state, WsState::Quiet(_)));
+        assert_eq!(drain(&mut ws), b"\x89\x00");
+    }
+
+    #[test]
     fn small_frames_go_together_and_a_large_frame_alone() {
         let (first, second) = (masked_frame(0x81, &[b'a'; 300]), masked_frame(0x82, b"bc"));
         let large = masked_frame(0x82, &[b'L'; SHED_FRAME_BYTES + 1]);
@@ -858,7 +840,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         let wire = [&first[..], &second, &large, &after, &third[..3]].concat();
         let mut input = InBuf::new(wire.len());
         input.extend(&wire);
-        let mut stream = MemStream::new(input, OutQueue::default());
+        let mut stream = MemStream::new(input, OutQueue::default(), Sizes::of(&limits()));
         let mut buf = vec![0u8; 2 * SHED_FRAME_BYTES];
         assert_eq!(
             stream.read(&mut buf).unwrap(),
@@ -1123,7 +1105,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
     fn client_reads(wire: &[u8]) -> Vec<Message> {
         let mut input = InBuf::new(wire.len().max(1));
         input.extend(wire);
-        let mut stream = MemStream::new(input, OutQueue::default());
+        let mut stream = MemStream::new(input, OutQueue::default(), Sizes::of(&limits()));
         stream.eof = true;
         let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
         let mut client = WebSocket::from_raw_socket(stream, Role::Client, Some(config));

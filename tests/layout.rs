@@ -60,14 +60,15 @@ const CORES: &[&str] = &["app", "connection", "ws", "http", "gearman", "wheel", 
 #[test]
 fn only_server_io_interprets_an_io_error_in_the_loop() {
     // The loop's socket results are interpreted in server/io.rs; connection.rs is handed the
-    // kind as data (a close reason); ws.rs returns WouldBlock from its own in-memory stream to
-    // tungstenite and reads it back. The blocking programs (worker, submit, the load generator
+    // kind as data (a close reason); ws/stream.rs returns WouldBlock from its own in-memory
+    // stream to tungstenite, and ws.rs reads it back. The blocking programs (worker, submit, the load generator
     // and a group's supervisor), getrandom's EINTR in random.rs, and errors made (not read) in
     // os.rs and group/board.rs are not the loop.
     let allowed = [
         "server/io.rs",
         "connection.rs",
         "ws.rs",
+        "ws/stream.rs",
         "worker.rs",
         "submit.rs",
         "random.rs",

@@ -121,8 +121,8 @@ impl Server {
                 list(&mut self.ready, &mut c.listed.ready, key);
                 break;
             }
-            let Some(event) = self.conns[key].conn.poll_event(&self.limits.ws, now) else { break };
-            if matches!(event, ConnEvent::Text(_) | ConnEvent::Binary(_)) {
+            let Some(event) = self.conns[key].conn.poll_event_here(&self.limits.ws, now) else { break };
+            if matches!(event, ConnEvent::Text(_) | ConnEvent::Binary(_) | ConnEvent::Here { .. }) {
                 budget -= 1;
             }
             match event {
@@ -160,7 +160,21 @@ impl Server {
                         self.app.metrics.observe(LoopEvent::Echoed(data.len()));
                     }
                 }
+                ConnEvent::Here { .. } if self.cfg.echo => {
+                    let c = &mut self.conns[key].conn;
+                    let len = c.here().len();
+                    if c.echo_here() {
+                        self.app.metrics.observe(LoopEvent::Echoed(len));
+                    }
+                }
                 ConnEvent::Text(text) => self.app.handle_client_text(id, &text, now),
+                // The Ws checked the UTF-8 of a text message; the App is handed it in place.
+                ConnEvent::Here { text: true } => {
+                    if let Ok(text) = std::str::from_utf8(self.conns[key].conn.here()) {
+                        self.app.handle_client_text(id, text, now);
+                    }
+                }
+                ConnEvent::Here { text: false } => self.app.handle_client_binary(id),
                 ConnEvent::Binary(_) => self.app.handle_client_binary(id),
                 ConnEvent::Closed { reason, handshaking } => {
                     debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer);
