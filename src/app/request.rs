@@ -2,7 +2,9 @@
 //! that says precisely what is wrong with it.
 //!
 //! Every field of the wire message is optional here, so a missing one gets its own error
-//! rather than serde's. Must not: look at the App's state (the one limit it needs, the longest
+//! rather than serde's. The hot message, a `worker.complete` of the common shape, is read the
+//! short way first ([`parse_report`]); whatever that path is not sure of it declines, and
+//! [`parse`] decides, so the two give one outcome. Must not: look at the App's state (the one limit it needs, the longest
 //! unique a client may send, is given), or reply (the App sends the refusal, with the
 //! message's `ref`).
 
