@@ -53,18 +53,13 @@ if [ ! -x "$UWS_DIR/run.sh" ]; then
 fi
 UWS_DIR="$(cd "$UWS_DIR" && pwd)"
 [ -x /usr/sbin/gearmand ] || die "gearmand is needed (scripts/bench.sh installs it)"
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  echo "== building gearsock"
-  cargo build --release --quiet
-fi
-bin=target/release/gearsock
-[ -x "$bin" ] || die "$bin is missing"
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+build_gearsock
 mkdir -p "$OUT_DIR"
 rm -f "$OUT_DIR"/*.json "$OUT_DIR"/*.err
 started_at=$(date -u +"%Y-%m-%d %H:%M:%S UTC")
 
-# shellcheck source=scripts/lib.sh
-. scripts/lib.sh
 gearmand_pid="" server_pid=""
 cleanup() { stop_pid "$server_pid"; stop_pid "$gearmand_pid"; server_pid="" gearmand_pid=""; }
 trap cleanup EXIT

@@ -100,12 +100,9 @@ cpus=$(nproc --all)
 [ "$SERVER_CPU" -lt "$cpus" ] && [ "$BENCH_CPU" -lt "$cpus" ] || die "CPUs $SERVER_CPU and $BENCH_CPU: this machine has $cpus"
 [ -z "$GEARMAND_CPU" ] || [ "$GEARMAND_CPU" -lt "$cpus" ] || die "GEARMAND_CPU $GEARMAND_CPU: this machine has $cpus"
 
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  echo "== building gearsock"
-  cargo build --release --quiet
-fi
-bin=target/release/gearsock
-[ -x "$bin" ] || die "$bin is missing"
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+build_gearsock
 
 mkdir -p "$OUT_DIR"
 for s in "${scenarios[@]}" probe-gearmand-default probe-gearmand-1; do
@@ -118,8 +115,6 @@ started_at=$(date -u +"%Y-%m-%d %H:%M:%S UTC")
 gearmand_pid="" server_pid="" bench_pid="" ws=""
 gearmand_port="" gearmand_args=()
 
-# shellcheck source=scripts/lib.sh
-. scripts/lib.sh
 cleanup() {
   stop_pid "$bench_pid"; stop_pid "$server_pid"; stop_pid "$gearmand_pid"
   bench_pid="" server_pid="" gearmand_pid=""

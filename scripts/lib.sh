@@ -1,4 +1,4 @@
-# Sourced by scripts/bench.sh and scripts/servers.sh (not run on its own): the few process
+# Sourced by scripts/bench.sh, scripts/bench-uws.sh and scripts/servers.sh (not run on its own): the few process
 # helpers both need. The caller defines `die MESSAGE`.
 #
 #   stop_pid PID                 TERM, up to 5 s, then KILL (nothing for an empty PID)
@@ -7,6 +7,8 @@
 #                                or 10 s pass
 #   wait_for_line OUT PID        prints ADDR once OUT has `listening on ws://ADDR`; returns 1
 #                                if PID ends first or 10 s pass
+#   build_gearsock               cargo build --release (unless SKIP_BUILD=1); sets `bin` to the
+#                                binary, and dies when it is missing
 
 stop_pid() {
   local pid=$1
@@ -41,4 +43,13 @@ wait_for_line() {
     sleep 0.1
   done
   return 1
+}
+
+build_gearsock() {
+  if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    echo "== building gearsock"
+    cargo build --release --quiet
+  fi
+  bin=target/release/gearsock
+  [ -x "$bin" ] || die "$bin is missing"
 }
