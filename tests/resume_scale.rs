@@ -80,6 +80,17 @@ fn start_and_drop(url_of: impl Fn(usize) -> String) -> Vec<(Value, u64)> {
 /// Attaches `created`'s job on a fresh connection to `url` after seq `after`, and reads it to
 /// its end: every data event after the drop exactly once, in order, with consecutive seqs, and
 /// the result.
+/// Waits for every attaching client (each panics unless its job completed with every event
+/// once, in order), then for the workers.
+fn finish(attaches: Vec<JoinHandle<()>>, workers: Vec<JoinHandle<()>>) {
+    for a in attaches {
+        a.join().expect("every job completes with every event once");
+    }
+    for w in workers {
+        w.join().expect("worker");
+    }
+}
+
 fn attach_and_finish(url: &str, created: &Value, after: u64) {
     let mut ws = connect(url);
     let msg =
@@ -147,12 +158,7 @@ fn a_group_of_two_reattaches_twenty_jobs_on_fresh_connections_wherever_they_land
             std::thread::spawn(move || attach_and_finish(&url, &created, last))
         })
         .collect();
-    for a in attaches {
-        a.join().expect("every job completes with every event once");
-    }
-    for w in workers {
-        w.join().expect("worker");
-    }
+    finish(attaches, workers);
     // Some attaches were relayed to the other process, and every relay ended with its job.
     wait_for("the relays on the board", Duration::from_secs(5), || {
         s.metric_sum("gearsock_relay_events_total", r#"direction="received""#) > 0.0
@@ -184,12 +190,7 @@ fn two_instances_on_one_gearmand_reattach_each_others_jobs() {
             std::thread::spawn(move || attach_and_finish(&url, &created, last))
         })
         .collect();
-    for a in attaches {
-        a.join().expect("every job completes with every event once");
-    }
-    for w in workers {
-        w.join().expect("worker");
-    }
+    finish(attaches, workers);
     for (server, peer) in [(&alpha, &beta), (&beta, &alpha)] {
         let received = server.metric("gearsock_relay_events_total{direction=\"received\"}");
         let sent = peer.metric("gearsock_relay_events_total{direction=\"sent\"}");

@@ -142,20 +142,18 @@ impl App {
     /// on, its events logged); the others are abandoned now, as before there were journals.
     pub(super) fn detach_jobs(&mut self, tags: Vec<JobTag>, now: Instant) {
         let grace = self.cfg.detach_grace;
+        // Journals given up to keep within the total go after the loop, so that no job of
+        // `tags` is abandoned twice.
+        let mut gone = Vec::new();
         for tag in tags {
-            // A job given up earlier in this loop, to keep within the total, is already gone.
-            if self.jobs.get(tag).is_none_or(|j| j.is_detached()) {
-                continue;
-            }
             let journal = self.jobs.get(tag).and_then(|j| j.journal());
             match journal {
                 Some(id) if !grace.is_zero() => {
-                    let gone = self.journals.set_owner(id, Owner::Detached);
+                    gone.extend(self.journals.set_owner(id, Owner::Detached));
                     if let Some(j) = self.journals.get_mut(id) {
                         j.deadline = Some(now + grace);
                         self.effects.push(Effect::Arm(now + grace, AppTimer::Journal(id)));
                     }
-                    self.give_up(gone, now);
                 }
                 _ => {
                     if let Some(id) = journal {
@@ -165,6 +163,7 @@ impl App {
                 }
             }
         }
+        self.give_up(gone, now);
         self.retire_over_orphaned();
     }
 
@@ -571,6 +570,29 @@ mod tests {
         app.handle_client_closed(A, t0);
         assert_eq!(brief(&attach(&mut app, B, "H:1", &resume, 1, t0)), ["error unknown_job"]);
         assert_eq!(brief(&attach(&mut app, c, "H:1", &resume, 1, t0)), ["job.attached 1"]);
+    }
+
+    #[test]
+    fn a_client_that_leaves_more_jobs_than_the_total_holds_has_its_oldest_given_up_once() {
+        let t0 = Instant::now();
+        // Room for two detached jobs' overhead and their small logs, not for three.
+        let total = 2 * DETACHED_OVERHEAD + 1000;
+        let cfg = AppConfig { job_log_total_bytes: total, max_jobs_per_connection: 8, ..cfg() };
+        let mut app = App::new(cfg, 1, Entropy::counter());
+        app.handle_link_up(0);
+        app.handle_client_open(A, true);
+        let jobs: Vec<_> = ["H:1", "H:2", "H:3"].iter().map(|h| stream_job(&mut app, A, h, t0)).collect();
+        effects(&mut app);
+        app.handle_client_closed(A, t0);
+        effects(&mut app);
+        assert_eq!((app.jobs_detached(), app.jobs_in_flight()), (2, 2));
+        assert!(app.job_log_bytes() <= total);
+        let text = app.metrics.render(&Default::default());
+        assert!(text.contains("gearsock_detached_abandoned_total{reason=\"log_total\"} 1"), "{text}");
+        // The oldest is gone; the two newer ones can be attached.
+        app.handle_client_open(B, true);
+        assert_eq!(brief(&attach(&mut app, B, "H:1", &jobs[0].1, 0, t0)), ["error unknown_job"]);
+        assert_eq!(brief(&attach(&mut app, B, "H:3", &jobs[2].1, 0, t0))[0], "job.attached 1");
     }
 
     #[test]
