@@ -115,6 +115,16 @@ fn message_path(c: &mut Criterion) {
             ws.consume_output(ws.output_len());
         })
     });
+    // The App's share alone: the text in, its effects out.
+    let text = r#"{"type":"worker.complete","id":1,"value":"done"}"#;
+    g.bench_function("worker_complete_app_only", |b| {
+        b.iter(|| {
+            app.handle_client_text(id, black_box(text), now);
+            app.drain_effects(&mut effects);
+            assert!(matches!(effects.first(), Some(Effect::Send(..))));
+            effects.clear();
+        })
+    });
     g.finish();
 }
 

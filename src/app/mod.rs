@@ -44,6 +44,7 @@ mod relay_wire;
 mod reply;
 mod reports;
 mod request;
+mod scan;
 mod status;
 mod stored;
 #[cfg(test)]
@@ -380,7 +381,7 @@ impl App {
     /// One text message from a client.
     pub fn handle_client_text(&mut self, id: ConnId, text: &str, now: Instant) {
         // The hot message, read the short way when it has a report's common shape.
-        if let Some(message) = request::parse_report(text) {
+        if let Some(message) = scan::scan_report(text) {
             self.metrics.count_message(Message::WorkerComplete);
             return match message.reference {
                 Err(refusal) => self.error(id, refusal.code, &refusal.text, None),

@@ -3,15 +3,15 @@
 //!
 //! Every field of the wire message is optional here, so a missing one gets its own error
 //! rather than serde's. The hot message, a `worker.complete` of the common shape, is read the
-//! short way first ([`parse_report`]); whatever that path is not sure of it declines, and
-//! [`parse`] decides, so the two give one outcome. Must not: look at the App's state (the one limit it needs, the longest
-//! unique a client may send, is given), or reply (the App sends the refusal, with the
-//! message's `ref`).
+//! short way first (`scan`); whatever that path is not sure of it declines, and [`parse`]
+//! decides, so the two give one outcome. Must not: look at the App's state (the one limit it
+//! needs, the longest unique a client may send, is given), or reply (the App sends the
+//! refusal, with the message's `ref`).
 
 use std::borrow::Cow;
 
 use base64::Engine;
-use serde::{Deserialize, de};
+use serde::Deserialize;
 
 use super::attach::Attach;
 use super::fields::{MAX_REF_BYTES, Ref, Reported, Scalar};
@@ -185,7 +185,8 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
 
 /// A message's `ref`: a `ref` that is not a short string or a number is refused before
 /// anything else, as it would be kept as long as the job.
-fn reference(field: Option<Scalar<'_>>) -> Result<Option<Ref>, Refusal> {
+#[inline]
+pub(super) fn reference(field: Option<Scalar<'_>>) -> Result<Option<Ref>, Refusal> {
     match field.map(Ref::from_field) {
         Some(None) => {
             let text = format!("\"ref\" must be a string of at most {MAX_REF_BYTES} bytes, or a number");
@@ -199,7 +200,8 @@ fn reference(field: Option<Scalar<'_>>) -> Result<Option<Ref>, Refusal> {
 /// A `worker.complete`: the value (any JSON; a string is taken as it is), and the job named by
 /// unique or, failing that, by handle; a unique or handle longer than gearmand gives out is
 /// refused (it names no job, and would only be stored).
-fn report<'a>(
+#[inline]
+pub(super) fn report<'a>(
     value: Option<Reported<'a>>,
     unique: Option<Cow<'a, str>>,
     id: Option<Scalar<'a>>,
@@ -306,79 +308,6 @@ fn submit<'a>(
     Ok(Request::Submit { kind, submission, unique })
 }
 
-/// A `worker.complete` read by [`parse_report`]: its `ref` (or why it is refused), its token,
-/// and the report. Small, unlike [`Parsed`], and built without the general path's fields.
-pub(super) struct ReportMessage<'a> {
-    pub reference: Result<Option<Ref>, Refusal>,
-    pub token: Option<&'a str>,
-    pub report: Result<Report<'a>, Refusal>,
-}
-
-/// The hot message read the short way: an object whose keys are only a report's (`type`, `id`,
-/// `value`, `unique`, `token`, `ref`), each once and unescaped, with `type` exactly
-/// `worker.complete` and `unique` and `token` strings without escapes (or null). Anything else,
-/// even a message that is merely malformed, is None, and [`parse`] decides it and words the
-/// error; for what this accepts, the outcome is the one [`parse`] gives.
-pub(super) fn parse_report(text: &str) -> Option<ReportMessage<'_>> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let fields = de::Deserializer::deserialize_map(&mut de, ReportVisitor).ok()?;
-    de.end().ok()?;
-    let ReportFields { kind: true, id, value, unique, token, reference: r } = fields else {
-        return None;
-    };
-    let (id, value, unique) = (id.flatten(), value.flatten(), unique.flatten());
-    let reference = reference(r.flatten());
-    let report = report(value, unique.map(Cow::Borrowed), id);
-    Some(ReportMessage { reference, token: token.flatten(), report })
-}
-
-/// The keys of a report, each None until seen (a key seen twice is the general path's error).
-#[derive(Default)]
-struct ReportFields<'a> {
-    kind: bool,
-    id: Option<Option<Scalar<'a>>>,
-    value: Option<Option<Reported<'a>>>,
-    unique: Option<Option<&'a str>>,
-    token: Option<Option<&'a str>>,
-    reference: Option<Option<Scalar<'a>>>,
-}
-
-struct ReportVisitor;
-
-impl<'de> de::Visitor<'de> for ReportVisitor {
-    type Value = ReportFields<'de>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a worker.complete")
-    }
-
-    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        // Any error here only sends the message to the general path, which words its own.
-        fn once<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
-            match slot.replace(value) {
-                None => Ok(()),
-                Some(_) => Err(E::custom("a key twice")),
-            }
-        }
-        let mut f = ReportFields::default();
-        while let Some(key) = map.next_key::<&'de str>()? {
-            match key {
-                "type" if !f.kind => match map.next_value::<&'de str>()? {
-                    "worker.complete" => f.kind = true,
-                    _ => return Err(de::Error::custom("another type")),
-                },
-                "id" => once(&mut f.id, map.next_value()?)?,
-                "value" => once(&mut f.value, map.next_value()?)?,
-                "unique" => once(&mut f.unique, map.next_value()?)?,
-                "token" => once(&mut f.token, map.next_value()?)?,
-                "ref" => once(&mut f.reference, map.next_value()?)?,
-                _ => return Err(de::Error::custom("not a report's key")),
-            }
-        }
-        Ok(f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
@@ -442,67 +371,6 @@ mod tests {
         let e = effects(&mut app);
         assert_eq!(submitted(&e).len(), 2);
         assert!(sent(&e).is_empty());
-    }
-    /// What a report message comes to, as text, for comparing the two paths.
-    fn outcome(
-        reference: &Result<Option<super::Ref>, super::Refusal>,
-        token: Option<&str>,
-        report: &Result<super::Report, super::Refusal>,
-    ) -> String {
-        let report = report.as_ref().map(|r| {
-            let job = match &r.job {
-                super::JobName::Unique(u) => format!("unique {u}"),
-                super::JobName::Handle(h) => format!("handle {h}"),
-                super::JobName::Number(n) => format!("number {n}"),
-            };
-            format!("{} {job}", r.value)
-        });
-        format!("{reference:?} {token:?} {report:?}")
-    }
-
-    #[test]
-    fn the_short_way_reads_a_report_as_the_general_path_does_or_declines() {
-        let long = "u".repeat(65);
-        let taken = [
-            r#"{"type":"worker.complete","id":1,"value":"done"}"#.to_string(),
-            r#" {"value":{"a":[1]},"type":"worker.complete","id":"H:1","token":"t","ref":2.5} "#.into(),
-            r#"{"type":"worker.complete","unique":"u1","value":7,"ref":"r","token":null}"#.into(),
-            r#"{"type":"worker.complete","id":-3,"value":"a\nb","ref":[1]}"#.into(),
-            r#"{"type":"worker.complete","id":null,"value":"v"}"#.into(),
-            r#"{"type":"worker.complete","id":1}"#.into(),
-            format!(r#"{{"type":"worker.complete","unique":"{long}","value":"v"}}"#),
-        ];
-        for text in &taken {
-            let fast = super::parse_report(text).unwrap_or_else(|| panic!("declined {text}"));
-            let general = super::parse(text, 200);
-            let want = match &general.request {
-                Ok(super::Request::Report { token, report }) => {
-                    outcome(&Ok(general.reference.clone()), token.as_deref(), report)
-                }
-                Ok(_) => panic!("{text}: the general path did not read a report"),
-                Err(refusal) => format!("{refusal:?}"),
-            };
-            let got = match &fast.reference {
-                Err(refusal) => format!("{refusal:?}"),
-                Ok(_) => outcome(&fast.reference, fast.token, &fast.report),
-            };
-            assert_eq!(got, want, "{text}");
-        }
-        let declined = [
-            r#"{"type":"ping"}"#,
-            r#"{"type":"worker.complete","id":1,"value":"v","function":"f"}"#,
-            r#"{"type":"worker.complete","id":1,"id":2,"value":"v"}"#,
-            r#"{"type":"worker.complete","type":"worker.complete","value":"v"}"#,
-            r#"{"type":"worker.complete","unique":"a\"b","value":"v"}"#,
-            r#"{"type":"worker.complete","value":"v"} x"#,
-            r#"{"type":"worker.complete","value":"v""#,
-            r#"{"id":1,"value":"v"}"#,
-            r#"["worker.complete"]"#,
-            r#"{"type":"worker.complete","token":1,"value":"v"}"#,
-        ];
-        for text in declined {
-            assert!(super::parse_report(text).is_none(), "{text}");
-        }
     }
 
     #[test]

@@ -88,10 +88,13 @@ impl StoredValues {
             } else {
                 s.value = value.to_owned();
             }
-            (s.at, s.seq) = (now, seq);
+            let old_seq = std::mem::replace(&mut s.seq, seq);
+            s.at = now;
             match self.order.back_mut() {
                 // Already the newest: it stays at the back with its new seq (no stale entry).
-                Some((key, last)) if **key == *handle => *last = seq,
+                // A value's latest entry carries its seq, so the seq says whose entry it is,
+                // without comparing keys.
+                Some((_, last)) if *last == old_seq => *last = seq,
                 _ => {
                     self.bytes += handle.len();
                     self.order.push_back((handle.into(), seq));
