@@ -114,15 +114,47 @@ pub enum WsEvent {
 ///
 /// `Quiet` is `Open` without tungstenite's state (its context and its read buffer, about
 /// 900 bytes): right after the upgrade, after a large frame, and once the keepalive found the
-/// connection silent. The first byte that arrives makes the state again (`wake`). Most
-/// connections that sit idle hold only the stream.
+/// connection silent. The first byte that arrives makes the state again (`wake`).
+///
+/// `Idle` is `Quiet` with nothing in the stream: no input, no output, no frame or message
+/// under way. It keeps only what a stream is made again with (`rouse`), inline, so a
+/// connection that sits idle holds no allocation and only a few bytes in its slab slot; the
+/// other states are boxed, which keeps `Ws` itself small. A connection goes idle when its
+/// output is all written and it holds nothing (`release_idle_buffers`).
 #[derive(Debug)]
 enum WsState {
-    Handshaking { input: InBuf, output: OutQueue },
-    Quiet(MemStream),
+    Handshaking(Box<Head>),
+    Idle(Idle),
+    Quiet(Box<MemStream>),
     Open(Box<WebSocket<MemStream>>),
-    Done { output: OutQueue, close_queued: bool },
+    Done(Box<Ending>),
 }
+
+/// Before the upgrade: the request head as it arrives, and the answer.
+#[derive(Debug)]
+struct Head {
+    input: InBuf,
+    output: OutQueue,
+}
+
+/// Over: what still waits to be written, and whether a close frame is among it (or already
+/// went out).
+#[derive(Debug, Default)]
+struct Ending {
+    output: OutQueue,
+    close_queued: bool,
+}
+
+/// What an idle connection keeps to make its stream again.
+#[derive(Clone, Copy, Debug)]
+struct Idle {
+    sizes: Sizes,
+    /// The stream's count of messages begun (see `MessageTrack::started`).
+    started: u64,
+}
+
+/// Stands in for a state being moved out (never seen outside one call).
+const MOVING: WsState = WsState::Idle(Idle { sizes: Sizes::NONE, started: 0 });
 
 /// One client's protocol state.
 #[derive(Debug)]
@@ -133,54 +165,65 @@ pub struct Ws {
 impl Ws {
     /// A connection that has not sent its request yet.
     pub fn new() -> Self {
-        Ws { state: WsState::Handshaking { input: InBuf::new(MAX_HEAD_BYTES), output: OutQueue::default() } }
+        let head = Head { input: InBuf::new(MAX_HEAD_BYTES), output: OutQueue::default() };
+        Ws { state: WsState::Handshaking(Box::new(head)) }
     }
 
     /// Where the shell appends bytes read from the socket (`None` once nothing more is read).
     pub fn input(&mut self) -> Option<&mut InBuf> {
+        self.rouse();
         match &mut self.state {
-            WsState::Handshaking { input, .. } => Some(input),
+            WsState::Handshaking(head) => Some(&mut head.input),
             WsState::Quiet(stream) => {
                 stream.settle_here();
                 Some(&mut stream.input)
             }
             WsState::Open(ws) => Some(&mut ws.get_mut().input),
-            WsState::Done { .. } => None,
+            WsState::Idle(_) | WsState::Done(_) => None,
         }
     }
 
-    fn out_queue(&self) -> &OutQueue {
+    /// The output queue; `None` while idle (nothing waits).
+    fn out_queue(&self) -> Option<&OutQueue> {
         match &self.state {
-            WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
-            WsState::Quiet(stream) => &stream.output,
-            WsState::Open(ws) => &ws.get_ref().output,
+            WsState::Handshaking(head) => Some(&head.output),
+            WsState::Done(ending) => Some(&ending.output),
+            WsState::Quiet(stream) => Some(&stream.output),
+            WsState::Open(ws) => Some(&ws.get_ref().output),
+            WsState::Idle(_) => None,
         }
     }
 
+    /// The output queue, to add to (an idle connection makes its stream again first).
     fn out_queue_mut(&mut self) -> &mut OutQueue {
+        self.rouse();
         match &mut self.state {
-            WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Handshaking(head) => &mut head.output,
+            WsState::Done(ending) => &mut ending.output,
             WsState::Quiet(stream) => &mut stream.output,
             WsState::Open(ws) => &mut ws.get_mut().output,
+            WsState::Idle(_) => unreachable!("roused above"),
         }
     }
 
     /// Bytes waiting to be written to the socket. Report what was written with
     /// [`Ws::consume_output`].
     pub fn output(&self) -> &[u8] {
-        &self.out_queue().bytes
+        self.out_queue().map_or(&[], |q| &q.bytes[..])
     }
 
     /// Bytes waiting to be written.
     pub fn output_len(&self) -> usize {
-        self.out_queue().bytes.len()
+        self.out_queue().map_or(0, |q| q.bytes.len())
     }
 
     /// The shell wrote the first `n` bytes of [`Ws::output`]: drop them. Free when the socket
     /// took everything; after a partial write it steps over the frames it finished, so that
     /// [`Ws::abort`] knows which bytes belong to a frame already partly on the wire.
     pub fn consume_output(&mut self, n: usize) {
-        self.out_queue_mut().consume(n);
+        if !matches!(self.state, WsState::Idle(_)) {
+            self.out_queue_mut().consume(n);
+        }
     }
 
     /// Gives up on a reader that does not keep up: keeps only the unsent rest of what is
@@ -191,9 +234,8 @@ impl Ws {
     /// frame has already started to leave.
     pub fn abort(&mut self, code: u16, reason: &str) -> bool {
         self.finish();
-        let WsState::Done { output, close_queued } = &mut self.state else {
-            unreachable!("finish() moves to Done")
-        };
+        let WsState::Done(ending) = &mut self.state else { unreachable!("finish() moves to Done") };
+        let Ending { output, close_queued } = &mut **ending;
         if !output.framed {
             return false;
         }
@@ -212,7 +254,7 @@ impl Ws {
     /// True while the WebSocket is open for messages both ways.
     pub fn is_open(&self) -> bool {
         match &self.state {
-            WsState::Quiet(_) => true,
+            WsState::Quiet(_) | WsState::Idle(_) => true,
             WsState::Open(ws) => ws.can_write(),
             _ => false,
         }
@@ -220,7 +262,7 @@ impl Ws {
 
     /// True while the request head has not arrived.
     pub fn is_handshaking(&self) -> bool {
-        matches!(self.state, WsState::Handshaking { .. })
+        matches!(self.state, WsState::Handshaking(_))
     }
 
     /// The number of the message the client has begun and not finished (fragments, or a frame
@@ -239,18 +281,32 @@ impl Ws {
         }
     }
 
-    /// tungstenite's state, made afresh around the stream of a quiet connection.
+    /// The stream of an idle connection, made again (empty) so that bytes can go in or out.
+    fn rouse(&mut self) {
+        if let WsState::Idle(Idle { sizes, started }) = self.state {
+            self.state = WsState::Quiet(Box::new(MemStream::again(sizes, started)));
+        }
+    }
+
+    /// An empty stream, no longer needed: the connection keeps only what makes it again.
+    fn sleep(&mut self) {
+        if let WsState::Quiet(stream) = &self.state
+            && let Some(started) = stream.holds_nothing()
+        {
+            self.state = WsState::Idle(Idle { sizes: stream.sizes, started });
+        }
+    }
+
+    /// tungstenite's state, made afresh around the stream of a quiet (or idle) connection.
     fn wake(&mut self) {
+        self.rouse();
         if !matches!(self.state, WsState::Quiet(_)) {
             return;
         }
-        let WsState::Quiet(stream) = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
+        let WsState::Quiet(stream) = std::mem::replace(&mut self.state, MOVING) else {
             unreachable!("checked above")
         };
-        let mut stream = stream;
+        let mut stream = *stream;
         stream.settle_here();
         let config = stream.sizes.config();
         self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
@@ -267,15 +323,15 @@ impl Ws {
 
     /// `Open` to `Quiet`: tungstenite's state dropped, the stream kept.
     fn park(&mut self) {
-        let WsState::Open(ws) = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
+        if !matches!(self.state, WsState::Open(_)) {
             return;
+        }
+        let WsState::Open(ws) = std::mem::replace(&mut self.state, MOVING) else {
+            unreachable!("checked above")
         };
         let mut stream = ws.into_inner();
         stream.large_frame = false;
-        self.state = WsState::Quiet(stream);
+        self.state = WsState::Quiet(Box::new(stream));
     }
 
     /// Bytes of client input this connection holds that have not become messages yet: the
@@ -283,7 +339,7 @@ impl Ws {
     /// of an unfinished message that tungstenite keeps inside its state.
     pub fn held_input_bytes(&self) -> usize {
         match &self.state {
-            WsState::Handshaking { input, .. } => input.len(),
+            WsState::Handshaking(head) => head.input.len(),
             _ => self.stream().map_or(0, |stream| stream.unread().saturating_add(stream.message.bytes)),
         }
     }
@@ -300,14 +356,15 @@ impl Ws {
     /// error. The shell hangs up when `output` is empty.
     pub fn is_done(&self) -> bool {
         match &self.state {
-            WsState::Done { .. } => true,
+            WsState::Done(_) => true,
             WsState::Open(ws) => !ws.can_read(),
-            WsState::Handshaking { .. } | WsState::Quiet(_) => false,
+            WsState::Handshaking(_) | WsState::Quiet(_) | WsState::Idle(_) => false,
         }
     }
 
     /// The peer sent FIN.
     pub fn handle_eof(&mut self) {
+        self.rouse(); // the end of the stream is read like input
         match &mut self.state {
             WsState::Quiet(stream) => stream.eof = true,
             WsState::Open(ws) => ws.get_mut().eof = true,
@@ -315,10 +372,11 @@ impl Ws {
         }
     }
 
-    /// Frees buffers that hold nothing, so an idle connection stays small.
+    /// Frees buffers that hold nothing, so an idle connection stays small; a quiet one that
+    /// holds nothing at all keeps no stream either (`WsState::Idle`).
     pub fn release_idle_buffers(&mut self) {
         let stream = match &mut self.state {
-            WsState::Quiet(stream) => Some(stream),
+            WsState::Quiet(stream) => Some(&mut **stream),
             WsState::Open(ws) => Some(ws.get_mut()),
             _ => None,
         };
@@ -329,6 +387,7 @@ impl Ws {
                 stream.output.bytes = Vec::new();
             }
         }
+        self.sleep();
     }
 
     /// Runs the protocol over the input received so far and returns the next event, or `None`
@@ -367,10 +426,11 @@ impl Ws {
             stream.settle_here();
         }
         match &mut self.state {
-            WsState::Handshaking { input, .. } => {
-                let len = input.len();
+            WsState::Handshaking(head) => {
+                let len = head.input.len();
                 self.poll_head(limits, len)
             }
+            WsState::Idle(_) => None,
             WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
             WsState::Quiet(stream) => {
                 let event = if in_place { stream.take_here() } else { stream.take_whole_message() };
@@ -405,7 +465,7 @@ impl Ws {
                 }
                 event
             }
-            WsState::Done { .. } => None,
+            WsState::Done(_) => None,
         }
     }
 
@@ -427,7 +487,8 @@ impl Ws {
     }
 
     fn poll_head(&mut self, limits: &WsLimits, len: usize) -> Option<WsEvent> {
-        let WsState::Handshaking { input, .. } = &mut self.state else { return None };
+        let WsState::Handshaking(head) = &mut self.state else { return None };
+        let input = &mut head.input;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let head_len = match request.parse(input.data()) {
@@ -492,12 +553,10 @@ impl Ws {
                 .map(|t| t.trim().to_string()),
         };
         let accept = tungstenite::handshake::derive_accept_key(key);
-        let WsState::Handshaking { mut input, mut output } = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
+        let WsState::Handshaking(head) = std::mem::replace(&mut self.state, MOVING) else {
             unreachable!("checked above")
         };
+        let Head { mut input, mut output } = *head;
         let bytes = &mut output.bytes;
         bytes.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n");
         bytes.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
@@ -511,20 +570,22 @@ impl Ws {
         let mut frames = InBuf::new(limits.in_limit_bytes);
         frames.extend(input.data());
         // No tungstenite state until the client sends its first frame.
-        self.state = WsState::Quiet(MemStream::new(frames, output, Sizes::of(limits)));
+        self.state = WsState::Quiet(Box::new(MemStream::new(frames, output, Sizes::of(limits))));
         Some(WsEvent::Opened(upgrade))
     }
 
     /// Moves to `Done`, keeping what waits in `output`.
     fn finish(&mut self) {
         let close_queued = match &self.state {
-            WsState::Handshaking { .. } => false,
+            WsState::Handshaking(_) | WsState::Quiet(_) | WsState::Idle(_) => false,
             WsState::Open(ws) => !ws.can_write(),
-            WsState::Quiet(_) => false,
-            WsState::Done { close_queued, .. } => *close_queued,
+            WsState::Done(ending) => ending.close_queued,
         };
+        if let WsState::Done(_) = self.state {
+            return; // already there, its output kept as it is
+        }
         let output = std::mem::take(self.out_queue_mut());
-        self.state = WsState::Done { output, close_queued };
+        self.state = WsState::Done(Box::new(Ending { output, close_queued }));
     }
 
     /// Takes back the 101 just queued (nothing follows it yet) and answers `status` instead (429).
@@ -579,6 +640,7 @@ impl Ws {
     /// through to `output` at once (write buffer 0, writes never fail) and `poll_event` flushes
     /// its pongs and close replies before it returns, so frames stay in order.
     fn send_frame(&mut self, first: u8, payload: &[u8]) -> bool {
+        self.rouse();
         match &mut self.state {
             WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, first, payload),
             WsState::Open(ws) if ws.can_write() => {
@@ -593,6 +655,7 @@ impl Ws {
     /// tungstenite's state first (see `WsState::Quiet`): the pong, or any byte, makes it again.
     pub fn send_ping(&mut self) {
         self.quiet();
+        self.rouse();
         match &mut self.state {
             WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, PING, &[]),
             WsState::Open(ws) if ws.can_write() => {
@@ -807,6 +870,48 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert!(matches!(ws.state, WsState::Quiet(_)));
         assert_eq!((ws.here(), ws.held_input_bytes()), (&b""[..], 0));
         assert_eq!(drain(&mut ws), b"\x81\x03one\x8a\x00");
+    }
+
+    #[test]
+    fn an_idle_connection_keeps_no_stream_and_makes_it_again_for_whatever_comes() {
+        let idle = |ws: &Ws| matches!(ws.state, WsState::Idle(_));
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        ws.release_idle_buffers();
+        assert!(!idle(&ws), "the 101 answer still waits");
+        drain(&mut ws);
+        ws.release_idle_buffers();
+        assert!(idle(&ws) && ws.is_open() && ws.output_len() == 0 && ws.open_message().is_none());
+        // A message: the stream is made again, and given up once the reply is written.
+        assert_eq!(feed(&mut ws, &masked_frame(0x81, b"hi"), &l), vec![WsEvent::Text("hi".into())]);
+        assert!(ws.send_text("ok"));
+        assert_eq!(drain(&mut ws), b"\x81\x02ok");
+        ws.release_idle_buffers();
+        assert!(idle(&ws));
+        // A message left unfinished keeps the stream (and its number counts on from before).
+        assert_eq!(feed(&mut ws, &masked_frame(0x01, b"a"), &l), vec![]);
+        let begun = ws.open_message();
+        ws.release_idle_buffers();
+        assert!(!idle(&ws) && begun == Some(2), "{begun:?}");
+        assert_eq!(feed(&mut ws, &masked_frame(0x80, b"b"), &l), vec![WsEvent::Text("ab".into())]);
+        drain(&mut ws);
+        ws.release_idle_buffers();
+        assert!(idle(&ws));
+        // The keepalive ping, and a slow reader's close frame, leave from an idle connection.
+        ws.send_ping();
+        assert_eq!(drain(&mut ws), b"\x89\x00");
+        ws.release_idle_buffers();
+        assert!(idle(&ws));
+        assert!(ws.abort(1008, "slow"));
+        assert_eq!(drain(&mut ws), close_frame(1008, "slow"));
+        // The peer's end of stream is read from an idle connection too.
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        ws.release_idle_buffers();
+        ws.handle_eof();
+        let events: Vec<_> = std::iter::from_fn(|| ws.poll_event(&l)).collect();
+        assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1006, .. }]), "{events:?}");
     }
 
     #[test]

@@ -77,15 +77,21 @@ pub(crate) struct Sizes {
     read_buffer: u32,
     max_message: u32,
     max_frame: u32,
+    /// The input buffer's limit (`WsLimits::in_limit_bytes`), for a stream made again.
+    input: u32,
 }
 
 impl Sizes {
+    /// All zero: a placeholder, never used to make a stream.
+    pub(super) const NONE: Sizes = Sizes { read_buffer: 0, max_message: 0, max_frame: 0, input: 0 };
+
     pub(super) fn of(limits: &WsLimits) -> Self {
         let small = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Sizes {
             read_buffer: small(limits.read_buffer_bytes),
             max_message: small(limits.max_message_bytes),
             max_frame: small(limits.max_frame_bytes),
+            input: small(limits.in_limit_bytes),
         }
     }
 
@@ -119,6 +125,29 @@ impl MemStream {
             starved: false,
             here: None,
         }
+    }
+
+    /// An empty stream of an open WebSocket, made again for a connection that was idle:
+    /// `started` messages begun so far (see [`MessageTrack`]).
+    pub(super) fn again(sizes: Sizes, started: u64) -> Self {
+        // Every stream is made after the upgrade, so what it queues is frames.
+        let output = OutQueue { framed: true, ..OutQueue::default() };
+        let mut stream = MemStream::new(InBuf::new(sizes.input as usize), output, sizes);
+        stream.message.started = started;
+        stream
+    }
+
+    /// `Some(messages begun)` when the stream holds nothing at all: no input (nor a buffer
+    /// for it), no output, no frame or message under way, no end of stream. Such a stream
+    /// can be dropped and made again by [`MemStream::again`] with nothing lost.
+    pub(super) fn holds_nothing(&self) -> Option<u64> {
+        let empty = self.input.is_empty()
+            && self.input.capacity() == 0
+            && self.output.bytes.is_empty()
+            && self.output.bytes.capacity() == 0
+            && self.output.kept == 0;
+        let between = self.here.is_none() && self.frame_left == 0 && !self.message.open && !self.eof;
+        (empty && between).then_some(self.message.started)
     }
 
     /// Consumes the frame handed on in place, if any: done before `input` is read, added to,
