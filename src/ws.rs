@@ -150,7 +150,7 @@ struct Ending {
 struct Idle {
     sizes: Sizes,
     /// The stream's count of messages begun (see `MessageTrack::started`).
-    started: u64,
+    started: u32,
 }
 
 /// Stands in for a state being moved out (never seen outside one call).
@@ -267,7 +267,7 @@ impl Ws {
 
     /// The number of the message the client has begun and not finished (fragments, or a frame
     /// still arriving), `None` between messages; the connection times each number from its start.
-    pub fn open_message(&self) -> Option<u64> {
+    pub fn open_message(&self) -> Option<u32> {
         let track = &self.stream()?.message;
         track.open.then_some(track.started)
     }

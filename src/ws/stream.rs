@@ -129,7 +129,7 @@ impl MemStream {
 
     /// An empty stream of an open WebSocket, made again for a connection that was idle:
     /// `started` messages begun so far (see [`MessageTrack`]).
-    pub(super) fn again(sizes: Sizes, started: u64) -> Self {
+    pub(super) fn again(sizes: Sizes, started: u32) -> Self {
         // Every stream is made after the upgrade, so what it queues is frames.
         let output = OutQueue { framed: true, ..OutQueue::default() };
         let mut stream = MemStream::new(InBuf::new(sizes.input as usize), output, sizes);
@@ -140,7 +140,7 @@ impl MemStream {
     /// `Some(messages begun)` when the stream holds nothing at all: no input (nor a buffer
     /// for it), no output, no frame or message under way, no end of stream. Such a stream
     /// can be dropped and made again by [`MemStream::again`] with nothing lost.
-    pub(super) fn holds_nothing(&self) -> Option<u64> {
+    pub(super) fn holds_nothing(&self) -> Option<u32> {
         let empty = self.input.is_empty()
             && self.input.capacity() == 0
             && self.output.bytes.is_empty()
