@@ -276,22 +276,6 @@ impl Ws {
         }
     }
 
-    /// The stream of an idle connection, made again (empty) so that bytes can go in or out.
-    fn rouse(&mut self) {
-        if let WsState::Idle(Idle { sizes, started }) = self.state {
-            self.state = WsState::Quiet(Box::new(MemStream::again(sizes, started)));
-        }
-    }
-
-    /// An empty stream, no longer needed: the connection keeps only what makes it again.
-    fn sleep(&mut self) {
-        if let WsState::Quiet(stream) = &self.state
-            && let Some(started) = stream.holds_nothing()
-        {
-            self.state = WsState::Idle(Idle { sizes: stream.sizes, started });
-        }
-    }
-
     /// tungstenite's state, made afresh around the stream of a quiet (or idle) connection.
     fn wake(&mut self) {
         self.rouse();
@@ -382,7 +366,7 @@ impl Ws {
                 stream.output.bytes = Vec::new();
             }
         }
-        self.sleep();
+        self.sleep(true);
     }
 
     /// Runs the protocol over the input received so far and returns the next event, or `None`
@@ -426,7 +410,10 @@ impl Ws {
                 self.poll_head(limits, len)
             }
             WsState::Idle(_) => None,
-            WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
+            WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => {
+                self.sleep(false);
+                None
+            }
             WsState::Quiet(stream) => {
                 let event = if in_place { stream.take_here() } else { stream.take_whole_message() };
                 if event.is_some() {
@@ -453,6 +440,7 @@ impl Ws {
                 // All read and nothing held: whole frames go the short way again.
                 if event.is_none() && ws.can_write() && ws.can_read() && ws.get_ref().between_messages() {
                     self.park();
+                    self.sleep(false);
                     return None;
                 }
                 if matches!(event, Some(WsEvent::Text(_) | WsEvent::Binary(_))) && ws.get_ref().large_frame {
@@ -781,12 +769,15 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         drain(&mut ws);
         ws.release_idle_buffers();
         assert!(idle(&ws) && ws.is_open() && ws.output_len() == 0 && ws.open_message().is_none());
-        // A message: the stream is made again, and given up once the reply is written.
+        // A message: the stream is made again, and kept while messages come (not made again
+        // every pass); a pass with no new message gives it up.
         assert_eq!(feed(&mut ws, &masked_frame(0x81, b"hi"), &l), vec![WsEvent::Text("hi".into())]);
         assert!(ws.send_text("ok"));
         assert_eq!(drain(&mut ws), b"\x81\x02ok");
         ws.release_idle_buffers();
-        assert!(idle(&ws));
+        assert!(!idle(&ws) && ws.held_input_bytes() == 0, "busy: kept for the next pass");
+        assert_eq!(ws.poll_event(&l), None);
+        assert!(idle(&ws), "no message since its last write");
         // A message left unfinished keeps the stream (and its number counts on from before).
         assert_eq!(feed(&mut ws, &masked_frame(0x01, b"a"), &l), vec![]);
         let begun = ws.open_message();
@@ -795,6 +786,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(feed(&mut ws, &masked_frame(0x80, b"b"), &l), vec![WsEvent::Text("ab".into())]);
         drain(&mut ws);
         ws.release_idle_buffers();
+        assert_eq!(ws.poll_event(&l), None);
         assert!(idle(&ws));
         // The keepalive ping, and a slow reader's close frame, leave from an idle connection.
         ws.send_ping();
@@ -824,7 +816,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         feed(&mut ws, UPGRADE, &l);
         drain(&mut ws);
         feed(&mut ws, &masked_frame(0x8a, b""), &l); // an unasked pong wakes tungstenite
-        assert!(matches!(ws.state, WsState::Quiet(_)), "parked once it has read everything");
+        let parked = matches!(ws.state, WsState::Quiet(_) | WsState::Idle(_));
+        assert!(parked, "parked (and, holding nothing, idle) once it has read everything");
         feed(&mut ws, &masked_frame(0x01, b"x"), &l); // a message begun: state kept
         ws.send_ping();
         assert!(matches!(ws.state, WsState::Open(_)));
