@@ -69,6 +69,11 @@ impl InBuf {
         self.room() == 0
     }
 
+    /// Bytes allocated (0 once released).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The limit given to `new`.
     pub fn limit(&self) -> usize {
         self.limit

@@ -157,14 +157,8 @@ enum Phase {
     /// Waiting for the request head.
     Handshaking { deadline: Instant },
     /// A WebSocket: keepalive (`last_seen` is the last traffic, or the ping once `pinged`),
-    /// output-limit state, and the unfinished message (`Ws::open_message`'s number) with when
-    /// it was first seen.
-    Open {
-        last_seen: Instant,
-        pinged: bool,
-        over_soft_since: Option<Instant>,
-        message: Option<(u64, Instant)>,
-    },
+    /// and what else it is timed for, if anything (see [`Strain`]).
+    Open { last_seen: Instant, pinged: bool, strain: Option<Box<Strain>> },
     /// Ending since `since`: writing what is queued, then the write side is shut. `reading`:
     /// the socket is still drained meanwhile (not for a dropped slow reader).
     Closing { since: Instant, reading: bool },
@@ -172,6 +166,29 @@ enum Phase {
     Lingering { since: Instant },
     /// Over; the shell reaps it.
     Closed,
+}
+
+/// What an open connection is timed for besides its silence: output over the soft limit since
+/// when, and the unfinished message (`Ws::open_message`'s number) with when it was first seen.
+/// Both are rare for a connection at rest, so they are boxed, and the box is there only while
+/// one of them is (an idle connection keeps a few bytes less in its slab slot).
+#[derive(Clone, Copy, Debug, Default)]
+struct Strain {
+    over_soft_since: Option<Instant>,
+    message: Option<(u32, Instant)>,
+}
+
+impl Strain {
+    /// Changes an open connection's strain, keeping a box only while something is timed.
+    fn update(strain: &mut Option<Box<Strain>>, change: impl FnOnce(&mut Strain)) {
+        let mut now = strain.as_deref().copied().unwrap_or_default();
+        change(&mut now);
+        match (strain.as_deref_mut(), now.over_soft_since.is_some() || now.message.is_some()) {
+            (Some(kept), true) => *kept = now,
+            (None, true) => *strain = Some(Box::new(now)),
+            (_, false) => *strain = None,
+        }
+    }
 }
 
 /// One client connection.
@@ -298,8 +315,7 @@ impl Connection {
             return Some(match event {
                 WsEvent::Opened(upgrade) => {
                     self.never_opened = false;
-                    self.phase =
-                        Phase::Open { last_seen: now, pinged: false, over_soft_since: None, message: None };
+                    self.phase = Phase::Open { last_seen: now, pinged: false, strain: None };
                     self.note_message(now); // frames glued to the request
                     ConnEvent::Opened(upgrade)
                 }
@@ -326,13 +342,15 @@ impl Connection {
     /// it on, so pongs or pings sent meanwhile cannot keep a half message alive. A match and
     /// a compare: it runs after every poll of the WebSocket.
     fn note_message(&mut self, now: Instant) {
-        if let Phase::Open { message, .. } = &mut self.phase {
-            match (self.ws.open_message(), &*message) {
-                (None, None) => {}
-                (None, Some(_)) => *message = None,
-                (Some(n), Some((m, _))) if n == *m => {}
-                (Some(n), _) => *message = Some((n, now)),
-            }
+        if let Phase::Open { strain, .. } = &mut self.phase {
+            let timed = strain.as_ref().and_then(|s| s.message);
+            let message = match (self.ws.open_message(), timed) {
+                (None, None) => return,
+                (None, Some(_)) => None,
+                (Some(n), Some((m, _))) if n == m => return,
+                (Some(n), _) => Some((n, now)),
+            };
+            Strain::update(strain, |s| s.message = message);
         }
     }
 
@@ -437,7 +455,8 @@ impl Connection {
                 self.ws.respond(&answer);
                 self.finish(CloseReason::HandshakeTimeout, now, true);
             }
-            Phase::Open { last_seen, pinged, over_soft_since, message } => {
+            Phase::Open { last_seen, pinged, ref strain } => {
+                let Strain { over_soft_since, message } = strain.as_deref().copied().unwrap_or_default();
                 if over_soft_since.is_some_and(|t| now >= t + limits.out_soft_time) {
                     return self.drop_slow_reader(now);
                 }
@@ -472,7 +491,8 @@ impl Connection {
         match self.phase {
             Phase::Handshaking { deadline } => Some(deadline),
             Phase::Closing { since, .. } | Phase::Lingering { since } => Some(since + limits.close_timeout),
-            Phase::Open { last_seen, over_soft_since, message, .. } => {
+            Phase::Open { last_seen, ref strain, .. } => {
+                let Strain { over_soft_since, message } = strain.as_deref().copied().unwrap_or_default();
                 let mut at = last_seen + limits.idle_timeout;
                 if let Some(t) = over_soft_since {
                     at = at.min(t + limits.out_soft_time);
@@ -502,16 +522,17 @@ impl Connection {
     pub fn handle_written(&mut self, written: usize, limits: &ConnLimits, now: Instant) -> AfterWrite {
         self.ws.consume_output(written);
         let pending = self.ws.output_len();
-        if let Phase::Open { over_soft_since, .. } = &mut self.phase {
+        if let Phase::Open { strain, .. } = &mut self.phase {
+            let over_soft = strain.as_ref().is_some_and(|s| s.over_soft_since.is_some());
             if pending > limits.out_hard_bytes {
                 self.drop_slow_reader(now);
             } else if pending > limits.out_soft_bytes {
                 // Allowed for a while: a reader catching up with a burst.
-                if over_soft_since.is_none() {
-                    *over_soft_since = Some(now);
+                if !over_soft {
+                    Strain::update(strain, |s| s.over_soft_since = Some(now));
                 }
-            } else {
-                *over_soft_since = None;
+            } else if over_soft {
+                Strain::update(strain, |s| s.over_soft_since = None);
             }
         }
         if self.ws.output_len() > 0 {

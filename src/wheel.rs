@@ -24,7 +24,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 /// "No entry": end of a slot list or of the free list.
-const NIL: usize = usize::MAX;
+const NIL: u32 = u32::MAX;
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 /// Upper bound on the number of slots (rounded up to a power of two below that).
 const MAX_SLOTS: usize = 1 << 24;
@@ -35,8 +35,8 @@ const MAX_SLOTS: usize = 1 << 24;
 /// stale and [`TimerWheel::cancel`] ignores it, even when its slab entry was reused for a new timer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
-    index: usize,
-    generation: u64,
+    index: u32,
+    generation: u32,
 }
 
 /// How a periodic timer re-arms: its period and how to copy its value into `fired`.
@@ -46,31 +46,38 @@ struct Repeat<T> {
     clone: fn(&T) -> T,
 }
 
-/// The payload of an occupied slab entry.
+/// The payload of an occupied slab entry. Periodic timers are few, so their rule is boxed and
+/// a one-shot entry stays small.
 struct Armed<T> {
     value: T,
-    repeat: Option<Repeat<T>>,
+    repeat: Option<Box<Repeat<T>>>,
 }
 
 /// One slab entry: a node of a slot list while armed, a node of the free list while vacant.
+///
+/// Kept small (48 bytes with a 16-byte `T`): every open client connection has one. Indices
+/// and generations are `u32`; a generation wraps after 2^32 reuses of one entry, and only a
+/// key kept stale for that long could then name the new timer. The entry's tick is not
+/// stored: it is its deadline rounded up, or the cursor if that is later (see `tick_of_entry`).
 struct Entry<T> {
     /// Bumped each time the entry is freed, so keys handed out earlier go stale.
-    generation: u64,
-    /// The tick whose slot holds the entry: its deadline rounded up, and never behind the cursor.
-    tick: u64,
-    /// Exact deadline in nanoseconds from the origin (negative: before the origin).
-    deadline_ns: i128,
-    prev: usize,
+    generation: u32,
+    /// The slot whose list holds the entry while armed.
+    slot: u32,
+    prev: u32,
     /// Next entry of the same slot while armed; next free entry while vacant.
-    next: usize,
+    next: u32,
+    /// Exact deadline in nanoseconds from the origin (negative: before the origin), saturated
+    /// at about 292 years either way.
+    deadline_ns: i64,
     armed: Option<Armed<T>>,
 }
 
 /// Head and tail of one slot's intrusive list (append at the tail keeps insertion order).
 #[derive(Clone, Copy)]
 struct Slot {
-    head: usize,
-    tail: usize,
+    head: u32,
+    tail: u32,
 }
 
 /// The smallest reported tick among armed timers, cached so a quiet loop asks in O(1).
@@ -109,11 +116,11 @@ pub struct TimerWheel<T> {
     /// One bit per slot: set while the slot's list is non-empty.
     occupied: Vec<u64>,
     entries: Vec<Entry<T>>,
-    free_head: usize,
+    free_head: u32,
     len: usize,
     min_cache: Cell<MinCache>,
     /// Reused buffer of (deadline, entry) collected by `expire`.
-    scratch: Vec<(i128, usize)>,
+    scratch: Vec<(i64, u32)>,
 }
 
 impl<T> fmt::Debug for TimerWheel<T> {
@@ -176,7 +183,7 @@ impl<T> TimerWheel<T> {
         let deadline_ns = self.offset_of(first);
         let period_ns = i128::try_from(period.as_nanos()).unwrap_or(i128::MAX).max(1);
         let repeat = Repeat { period_ns, clone: <T as Clone>::clone };
-        self.arm(deadline_ns, Armed { value, repeat: Some(repeat) })
+        self.arm(deadline_ns, Armed { value, repeat: Some(Box::new(repeat)) })
     }
 
     /// Disarms the timer `key` names and returns its value. O(1).
@@ -185,11 +192,11 @@ impl<T> TimerWheel<T> {
     /// that already fired (even in the `expire` call that just returned), or a key whose slab entry
     /// now holds another timer. Cancelling a periodic timer stops it for good.
     pub fn cancel(&mut self, key: TimerKey) -> Option<T> {
-        let entry = self.entries.get(key.index)?;
+        let entry = self.entries.get(key.index as usize)?;
         if entry.generation != key.generation || entry.armed.is_none() {
             return None;
         }
-        let reported = self.ticks_ceil(entry.deadline_ns);
+        let reported = self.ticks_ceil(entry.deadline_ns.into());
         self.unlink(key.index);
         let armed = self.release(key.index)?;
         self.note_removed(reported);
@@ -199,15 +206,15 @@ impl<T> TimerWheel<T> {
     /// Whether `key` still names an armed timer.
     pub fn contains(&self, key: TimerKey) -> bool {
         self.entries
-            .get(key.index)
+            .get(key.index as usize)
             .is_some_and(|entry| entry.generation == key.generation && entry.armed.is_some())
     }
 
     /// When `key`'s timer fires (its deadline rounded up to its tick), or `None` when it is no
     /// longer armed.
     pub fn deadline(&self, key: TimerKey) -> Option<Instant> {
-        let entry = self.entries.get(key.index).filter(|e| e.generation == key.generation)?;
-        entry.armed.as_ref().map(|_| self.instant_of(entry.tick))
+        let entry = self.entries.get(key.index as usize).filter(|e| e.generation == key.generation)?;
+        entry.armed.as_ref().map(|_| self.instant_of(self.tick_of_entry(entry)))
     }
 
     /// The earliest pending deadline, rounded up to its tick's Instant, or `None` when no timer is
@@ -251,8 +258,8 @@ impl<T> TimerWheel<T> {
                 }
                 let mut index = self.slots[(start + d) & self.mask as usize].head;
                 while index != NIL {
-                    let entry = &self.entries[index];
-                    if entry.deadline_ns <= now_ns {
+                    let entry = &self.entries[index as usize];
+                    if i128::from(entry.deadline_ns) <= now_ns {
                         due.push((entry.deadline_ns, index));
                     }
                     index = entry.next;
@@ -360,42 +367,45 @@ impl<T> TimerWheel<T> {
 
     /// Stores a new timer and links it into its slot.
     fn arm(&mut self, deadline_ns: i128, armed: Armed<T>) -> TimerKey {
-        let reported = self.ticks_ceil(deadline_ns);
+        let deadline_ns = saturate(deadline_ns);
+        let reported = self.ticks_ceil(deadline_ns.into());
         // A deadline the cursor already passed goes into the cursor's slot: the next `expire`
         // looks there first and fires it, since its deadline is at or before that `now`.
         let tick = reported.max(self.cursor);
         let index = if self.free_head != NIL {
             let index = self.free_head;
-            let entry = &mut self.entries[index];
+            let entry = &mut self.entries[index as usize];
             self.free_head = entry.next;
-            entry.tick = tick;
             entry.deadline_ns = deadline_ns;
             entry.armed = Some(armed);
             index
         } else {
+            let index = u32::try_from(self.entries.len()).ok().filter(|&i| i != NIL);
+            // 2^32 - 1 armed timers would take over 190 GiB of entries first.
+            let index = index.expect("fewer than 2^32 - 1 timers");
             self.entries.push(Entry {
                 generation: 0,
-                tick,
+                slot: 0,
                 deadline_ns,
                 prev: NIL,
                 next: NIL,
                 armed: Some(armed),
             });
-            self.entries.len() - 1
+            index
         };
-        self.link(index);
+        self.link(index, tick);
         self.len += 1;
         self.min_cache.set(match self.min_cache.get() {
             MinCache::Empty => MinCache::Tick(reported),
             MinCache::Tick(min) => MinCache::Tick(min.min(reported)),
             MinCache::Stale => MinCache::Stale,
         });
-        TimerKey { index, generation: self.entries[index].generation }
+        TimerKey { index, generation: self.entries[index as usize].generation }
     }
 
     /// Frees an unlinked entry, making every key to it stale, and returns its payload.
-    fn release(&mut self, index: usize) -> Option<Armed<T>> {
-        let entry = &mut self.entries[index];
+    fn release(&mut self, index: u32) -> Option<Armed<T>> {
+        let entry = &mut self.entries[index as usize];
         let armed = entry.armed.take()?;
         entry.generation = entry.generation.wrapping_add(1);
         entry.prev = NIL;
@@ -414,59 +424,67 @@ impl<T> TimerWheel<T> {
         }
     }
 
-    /// Appends an entry to the list of the slot of its `tick`.
-    fn link(&mut self, index: usize) {
-        let slot = self.slot_of(self.entries[index].tick);
+    /// The tick whose slot holds an armed entry: its deadline rounded up, or the cursor if that
+    /// is later. (Armed for a deadline the cursor had passed, it went into the cursor's slot, and
+    /// the cursor has not moved since: a move would have fired it. Not for use inside `expire`
+    /// once the cursor moved.)
+    fn tick_of_entry(&self, entry: &Entry<T>) -> u64 {
+        self.ticks_ceil(entry.deadline_ns.into()).max(self.cursor)
+    }
+
+    /// Appends an entry to the list of the slot of `tick`.
+    fn link(&mut self, index: u32, tick: u64) {
+        let slot = self.slot_of(tick);
         let tail = self.slots[slot].tail;
-        let entry = &mut self.entries[index];
+        let entry = &mut self.entries[index as usize];
+        // The slot count is at most 2^24.
+        entry.slot = slot as u32;
         entry.prev = tail;
         entry.next = NIL;
         if tail == NIL {
             self.slots[slot].head = index;
             self.occupied[slot / 64] |= 1 << (slot % 64);
         } else {
-            self.entries[tail].next = index;
+            self.entries[tail as usize].next = index;
         }
         self.slots[slot].tail = index;
     }
 
-    /// Takes an entry out of its slot's list (its `tick` must still name that slot).
-    fn unlink(&mut self, index: usize) {
-        let slot = self.slot_of(self.entries[index].tick);
-        let Entry { prev, next, .. } = self.entries[index];
+    /// Takes an entry out of its slot's list.
+    fn unlink(&mut self, index: u32) {
+        let Entry { slot, prev, next, .. } = self.entries[index as usize];
+        let slot = slot as usize;
         if prev == NIL {
             self.slots[slot].head = next;
         } else {
-            self.entries[prev].next = next;
+            self.entries[prev as usize].next = next;
         }
         if next == NIL {
             self.slots[slot].tail = prev;
         } else {
-            self.entries[next].prev = prev;
+            self.entries[next as usize].prev = prev;
         }
         if self.slots[slot].head == NIL {
             self.occupied[slot / 64] &= !(1 << (slot % 64));
         }
-        let entry = &mut self.entries[index];
+        let entry = &mut self.entries[index as usize];
         entry.prev = NIL;
         entry.next = NIL;
     }
 
     /// Delivers one due timer: a one-shot timer's value moves into `fired`; a periodic timer
     /// clones its value in and re-arms on its grid after `now_ns`.
-    fn fire(&mut self, index: usize, now_ns: i128, fired: &mut Vec<T>) {
+    fn fire(&mut self, index: u32, now_ns: i128, fired: &mut Vec<T>) {
         self.unlink(index);
-        let entry = &self.entries[index];
+        let entry = &self.entries[index as usize];
         let armed = entry.armed.as_ref().expect("expire collects only armed entries");
         match armed.repeat.as_ref().map(|repeat| (repeat.period_ns, repeat.clone)) {
             Some((period_ns, clone)) => {
                 fired.push(clone(&armed.value));
-                let deadline_ns = rearm_deadline(entry.deadline_ns, period_ns, now_ns);
-                let tick = self.ticks_ceil(deadline_ns).max(self.cursor);
-                let entry = &mut self.entries[index];
-                entry.deadline_ns = deadline_ns;
-                entry.tick = tick;
-                self.link(index);
+                let deadline_ns = saturate(rearm_deadline(entry.deadline_ns.into(), period_ns, now_ns));
+                let tick = self.ticks_ceil(deadline_ns.into()).max(self.cursor);
+                self.entries[index as usize].deadline_ns = deadline_ns;
+                self.link(index, tick);
             }
             None => {
                 if let Some(armed) = self.release(index) {
@@ -525,11 +543,11 @@ impl<T> TimerWheel<T> {
             let mut found = false;
             let mut index = self.slots[(start + d) & self.mask as usize].head;
             while index != NIL {
-                let entry = &self.entries[index];
-                // Below `entry.tick` only for a deadline armed after the cursor passed it.
-                let reported = self.ticks_ceil(entry.deadline_ns);
+                let entry = &self.entries[index as usize];
+                // Below the entry's tick only for a deadline armed after the cursor passed it.
+                let reported = self.ticks_ceil(entry.deadline_ns.into());
                 best = Some(best.map_or(reported, |b| b.min(reported)));
-                found |= entry.tick == this_rotation;
+                found |= reported.max(self.cursor) == this_rotation;
                 index = entry.next;
             }
             if found {
@@ -549,6 +567,12 @@ fn rearm_deadline(deadline_ns: i128, period_ns: i128, now_ns: i128) -> i128 {
     }
     let periods = (now_ns - deadline_ns) / period_ns + 1;
     deadline_ns.saturating_add(periods.saturating_mul(period_ns))
+}
+
+/// Nanoseconds from the origin as kept per entry: past about 292 years either way, the nearest
+/// end (the wheel's ticks are clamped long before that).
+fn saturate(ns: i128) -> i64 {
+    i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
 }
 
 fn duration_from_nanos(nanos: u128) -> Option<Duration> {
@@ -925,5 +949,13 @@ mod tests {
         assert_eq!(wheel.deadline(key), Some(t0 + Duration::from_millis(3)), "rounded up to its tick");
         wheel.cancel(key);
         assert_eq!(wheel.deadline(key), None);
+    }
+
+    #[test]
+    fn an_entry_stays_small() {
+        // One per open client connection: keep it from growing back (issue 22).
+        // A 16-byte value with room for a niche, like the server's `TimerEvent`.
+        assert!(std::mem::size_of::<Entry<(u64, bool)>>() <= 48);
+        assert!(std::mem::size_of::<TimerKey>() <= 8);
     }
 }

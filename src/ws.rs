@@ -26,10 +26,12 @@ use tungstenite::protocol::{CloseFrame, Role};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::buf::InBuf;
+use head::Head;
 use output::{FIN_BINARY, FIN_TEXT, OutQueue, PING, encode_close, encode_frame, truncate_reason};
 pub(crate) use output::{write_http, write_http_with};
 use stream::{MemStream, Sizes};
 
+mod head;
 mod message;
 mod output;
 mod stream;
@@ -114,15 +116,40 @@ pub enum WsEvent {
 ///
 /// `Quiet` is `Open` without tungstenite's state (its context and its read buffer, about
 /// 900 bytes): right after the upgrade, after a large frame, and once the keepalive found the
-/// connection silent. The first byte that arrives makes the state again (`wake`). Most
-/// connections that sit idle hold only the stream.
+/// connection silent. The first byte that arrives makes the state again (`wake`).
+///
+/// `Idle` is `Quiet` with nothing in the stream: no input, no output, no frame or message
+/// under way. It keeps only what a stream is made again with (`rouse`), inline, so a
+/// connection that sits idle holds no allocation and only a few bytes in its slab slot; the
+/// other states are boxed, which keeps `Ws` itself small. A connection goes idle when its
+/// output is all written and it holds nothing (`release_idle_buffers`).
 #[derive(Debug)]
 enum WsState {
-    Handshaking { input: InBuf, output: OutQueue },
-    Quiet(MemStream),
+    Handshaking(Box<Head>),
+    Idle(Idle),
+    Quiet(Box<MemStream>),
     Open(Box<WebSocket<MemStream>>),
-    Done { output: OutQueue, close_queued: bool },
+    Done(Box<Ending>),
 }
+
+/// Over: what still waits to be written, and whether a close frame is among it (or already
+/// went out).
+#[derive(Debug, Default)]
+struct Ending {
+    output: OutQueue,
+    close_queued: bool,
+}
+
+/// What an idle connection keeps to make its stream again.
+#[derive(Clone, Copy, Debug)]
+struct Idle {
+    sizes: Sizes,
+    /// The stream's count of messages begun (see `MessageTrack::started`).
+    started: u32,
+}
+
+/// Stands in for a state being moved out (never seen outside one call).
+const MOVING: WsState = WsState::Idle(Idle { sizes: Sizes::NONE, started: 0 });
 
 /// One client's protocol state.
 #[derive(Debug)]
@@ -133,54 +160,65 @@ pub struct Ws {
 impl Ws {
     /// A connection that has not sent its request yet.
     pub fn new() -> Self {
-        Ws { state: WsState::Handshaking { input: InBuf::new(MAX_HEAD_BYTES), output: OutQueue::default() } }
+        let head = Head { input: InBuf::new(MAX_HEAD_BYTES), output: OutQueue::default() };
+        Ws { state: WsState::Handshaking(Box::new(head)) }
     }
 
     /// Where the shell appends bytes read from the socket (`None` once nothing more is read).
     pub fn input(&mut self) -> Option<&mut InBuf> {
+        self.rouse();
         match &mut self.state {
-            WsState::Handshaking { input, .. } => Some(input),
+            WsState::Handshaking(head) => Some(&mut head.input),
             WsState::Quiet(stream) => {
                 stream.settle_here();
                 Some(&mut stream.input)
             }
             WsState::Open(ws) => Some(&mut ws.get_mut().input),
-            WsState::Done { .. } => None,
+            WsState::Idle(_) | WsState::Done(_) => None,
         }
     }
 
-    fn out_queue(&self) -> &OutQueue {
+    /// The output queue; `None` while idle (nothing waits).
+    fn out_queue(&self) -> Option<&OutQueue> {
         match &self.state {
-            WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
-            WsState::Quiet(stream) => &stream.output,
-            WsState::Open(ws) => &ws.get_ref().output,
+            WsState::Handshaking(head) => Some(&head.output),
+            WsState::Done(ending) => Some(&ending.output),
+            WsState::Quiet(stream) => Some(&stream.output),
+            WsState::Open(ws) => Some(&ws.get_ref().output),
+            WsState::Idle(_) => None,
         }
     }
 
+    /// The output queue, to add to (an idle connection makes its stream again first).
     fn out_queue_mut(&mut self) -> &mut OutQueue {
+        self.rouse();
         match &mut self.state {
-            WsState::Handshaking { output, .. } | WsState::Done { output, .. } => output,
+            WsState::Handshaking(head) => &mut head.output,
+            WsState::Done(ending) => &mut ending.output,
             WsState::Quiet(stream) => &mut stream.output,
             WsState::Open(ws) => &mut ws.get_mut().output,
+            WsState::Idle(_) => unreachable!("roused above"),
         }
     }
 
     /// Bytes waiting to be written to the socket. Report what was written with
     /// [`Ws::consume_output`].
     pub fn output(&self) -> &[u8] {
-        &self.out_queue().bytes
+        self.out_queue().map_or(&[], |q| &q.bytes[..])
     }
 
     /// Bytes waiting to be written.
     pub fn output_len(&self) -> usize {
-        self.out_queue().bytes.len()
+        self.out_queue().map_or(0, |q| q.bytes.len())
     }
 
     /// The shell wrote the first `n` bytes of [`Ws::output`]: drop them. Free when the socket
     /// took everything; after a partial write it steps over the frames it finished, so that
     /// [`Ws::abort`] knows which bytes belong to a frame already partly on the wire.
     pub fn consume_output(&mut self, n: usize) {
-        self.out_queue_mut().consume(n);
+        if !matches!(self.state, WsState::Idle(_)) {
+            self.out_queue_mut().consume(n);
+        }
     }
 
     /// Gives up on a reader that does not keep up: keeps only the unsent rest of what is
@@ -191,9 +229,8 @@ impl Ws {
     /// frame has already started to leave.
     pub fn abort(&mut self, code: u16, reason: &str) -> bool {
         self.finish();
-        let WsState::Done { output, close_queued } = &mut self.state else {
-            unreachable!("finish() moves to Done")
-        };
+        let WsState::Done(ending) = &mut self.state else { unreachable!("finish() moves to Done") };
+        let Ending { output, close_queued } = &mut **ending;
         if !output.framed {
             return false;
         }
@@ -212,7 +249,7 @@ impl Ws {
     /// True while the WebSocket is open for messages both ways.
     pub fn is_open(&self) -> bool {
         match &self.state {
-            WsState::Quiet(_) => true,
+            WsState::Quiet(_) | WsState::Idle(_) => true,
             WsState::Open(ws) => ws.can_write(),
             _ => false,
         }
@@ -220,12 +257,12 @@ impl Ws {
 
     /// True while the request head has not arrived.
     pub fn is_handshaking(&self) -> bool {
-        matches!(self.state, WsState::Handshaking { .. })
+        matches!(self.state, WsState::Handshaking(_))
     }
 
     /// The number of the message the client has begun and not finished (fragments, or a frame
     /// still arriving), `None` between messages; the connection times each number from its start.
-    pub fn open_message(&self) -> Option<u64> {
+    pub fn open_message(&self) -> Option<u32> {
         let track = &self.stream()?.message;
         track.open.then_some(track.started)
     }
@@ -239,18 +276,16 @@ impl Ws {
         }
     }
 
-    /// tungstenite's state, made afresh around the stream of a quiet connection.
+    /// tungstenite's state, made afresh around the stream of a quiet (or idle) connection.
     fn wake(&mut self) {
+        self.rouse();
         if !matches!(self.state, WsState::Quiet(_)) {
             return;
         }
-        let WsState::Quiet(stream) = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
+        let WsState::Quiet(stream) = std::mem::replace(&mut self.state, MOVING) else {
             unreachable!("checked above")
         };
-        let mut stream = stream;
+        let mut stream = *stream;
         stream.settle_here();
         let config = stream.sizes.config();
         self.state = WsState::Open(Box::new(WebSocket::from_raw_socket(stream, Role::Server, Some(config))));
@@ -267,15 +302,15 @@ impl Ws {
 
     /// `Open` to `Quiet`: tungstenite's state dropped, the stream kept.
     fn park(&mut self) {
-        let WsState::Open(ws) = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
+        if !matches!(self.state, WsState::Open(_)) {
             return;
+        }
+        let WsState::Open(ws) = std::mem::replace(&mut self.state, MOVING) else {
+            unreachable!("checked above")
         };
         let mut stream = ws.into_inner();
         stream.large_frame = false;
-        self.state = WsState::Quiet(stream);
+        self.state = WsState::Quiet(Box::new(stream));
     }
 
     /// Bytes of client input this connection holds that have not become messages yet: the
@@ -283,7 +318,7 @@ impl Ws {
     /// of an unfinished message that tungstenite keeps inside its state.
     pub fn held_input_bytes(&self) -> usize {
         match &self.state {
-            WsState::Handshaking { input, .. } => input.len(),
+            WsState::Handshaking(head) => head.input.len(),
             _ => self.stream().map_or(0, |stream| stream.unread().saturating_add(stream.message.bytes)),
         }
     }
@@ -300,14 +335,15 @@ impl Ws {
     /// error. The shell hangs up when `output` is empty.
     pub fn is_done(&self) -> bool {
         match &self.state {
-            WsState::Done { .. } => true,
+            WsState::Done(_) => true,
             WsState::Open(ws) => !ws.can_read(),
-            WsState::Handshaking { .. } | WsState::Quiet(_) => false,
+            WsState::Handshaking(_) | WsState::Quiet(_) | WsState::Idle(_) => false,
         }
     }
 
     /// The peer sent FIN.
     pub fn handle_eof(&mut self) {
+        self.rouse(); // the end of the stream is read like input
         match &mut self.state {
             WsState::Quiet(stream) => stream.eof = true,
             WsState::Open(ws) => ws.get_mut().eof = true,
@@ -315,10 +351,11 @@ impl Ws {
         }
     }
 
-    /// Frees buffers that hold nothing, so an idle connection stays small.
+    /// Frees buffers that hold nothing, so an idle connection stays small; a quiet one that
+    /// holds nothing at all keeps no stream either (`WsState::Idle`).
     pub fn release_idle_buffers(&mut self) {
         let stream = match &mut self.state {
-            WsState::Quiet(stream) => Some(stream),
+            WsState::Quiet(stream) => Some(&mut **stream),
             WsState::Open(ws) => Some(ws.get_mut()),
             _ => None,
         };
@@ -329,6 +366,7 @@ impl Ws {
                 stream.output.bytes = Vec::new();
             }
         }
+        self.sleep(true);
     }
 
     /// Runs the protocol over the input received so far and returns the next event, or `None`
@@ -367,11 +405,15 @@ impl Ws {
             stream.settle_here();
         }
         match &mut self.state {
-            WsState::Handshaking { input, .. } => {
-                let len = input.len();
+            WsState::Handshaking(head) => {
+                let len = head.input.len();
                 self.poll_head(limits, len)
             }
-            WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => None,
+            WsState::Idle(_) => None,
+            WsState::Quiet(stream) if stream.input.is_empty() && !stream.eof => {
+                self.sleep(false);
+                None
+            }
             WsState::Quiet(stream) => {
                 let event = if in_place { stream.take_here() } else { stream.take_whole_message() };
                 if event.is_some() {
@@ -398,6 +440,7 @@ impl Ws {
                 // All read and nothing held: whole frames go the short way again.
                 if event.is_none() && ws.can_write() && ws.can_read() && ws.get_ref().between_messages() {
                     self.park();
+                    self.sleep(false);
                     return None;
                 }
                 if matches!(event, Some(WsEvent::Text(_) | WsEvent::Binary(_))) && ws.get_ref().large_frame {
@@ -405,7 +448,7 @@ impl Ws {
                 }
                 event
             }
-            WsState::Done { .. } => None,
+            WsState::Done(_) => None,
         }
     }
 
@@ -426,119 +469,24 @@ impl Ws {
         }
     }
 
-    fn poll_head(&mut self, limits: &WsLimits, len: usize) -> Option<WsEvent> {
-        let WsState::Handshaking { input, .. } = &mut self.state else { return None };
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        let head_len = match request.parse(input.data()) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if len >= MAX_HEAD_BYTES => {
-                let (status, reason) = (431, "Request Header Fields Too Large");
-                return Some(self.refuse(status, reason, "request head too large", &[]));
-            }
-            Ok(httparse::Status::Partial) => return None,
-            Err(e) => return Some(self.refuse(400, "Bad Request", &format!("malformed request: {e}"), &[])),
-        };
-        // Two `Host` headers make the request ambiguous (RFC 9112 3.2: answer 400), whichever
-        // one a proxy in front of us looked at.
-        if request.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).nth(1).is_some() {
-            return Some(self.refuse(400, "Bad Request", "more than one Host header", &[]));
-        }
-        let method = request.method.unwrap_or("").to_string();
-        let path = request.path.unwrap_or("").to_string();
-        let header =
-            |name: &str| request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
-        let has_token = |name: &str, token: &str| {
-            header(name)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
-        };
-        if !has_token("upgrade", "websocket") {
-            self.finish();
-            return Some(WsEvent::Http { method, path });
-        }
-        if method != "GET" {
-            return Some(self.refuse(405, "Method Not Allowed", "upgrade needs GET", &[]));
-        }
-        if !has_token("connection", "upgrade") {
-            return Some(self.refuse(400, "Bad Request", "upgrade without Connection: upgrade", &[]));
-        }
-        if header("sec-websocket-version") != Some(b"13") {
-            // RFC 6455 4.4: say which version we speak.
-            let version = [("Sec-WebSocket-Version", "13")];
-            return Some(self.refuse(426, "Upgrade Required", "only WebSocket version 13", &version));
-        }
-        let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-            return Some(self.refuse(400, "Bad Request", "no Sec-WebSocket-Key", &[]));
-        };
-        // `--allowed-origin` stops other sites' pages. A request without `Origin` is not a
-        // browser's (browsers always send it on a WebSocket upgrade), so it is not refused here:
-        // a worker or script is let in, and trusted or not by its address and token.
-        if !limits.allowed_origins.is_empty()
-            && let Some(origin) = header("origin")
-        {
-            let origin = std::str::from_utf8(origin).unwrap_or("");
-            if !limits.allowed_origins.iter().any(|allowed| allowed == origin) {
-                return Some(self.refuse(403, "Forbidden", "origin not allowed", &[]));
-            }
-        }
-        let upgrade = Upgrade {
-            origin: header("origin").map(|o| String::from_utf8_lossy(o).into_owned()),
-            forwarded: ["forwarded", "x-forwarded-for", "x-real-ip"]
-                .iter()
-                .any(|name| header(name).is_some()),
-            bearer: header("authorization")
-                .and_then(|v| std::str::from_utf8(v).ok()?.strip_prefix("Bearer "))
-                .map(|t| t.trim().to_string()),
-        };
-        let accept = tungstenite::handshake::derive_accept_key(key);
-        let WsState::Handshaking { mut input, mut output } = std::mem::replace(
-            &mut self.state,
-            WsState::Done { output: OutQueue::default(), close_queued: false },
-        ) else {
-            unreachable!("checked above")
-        };
-        let bytes = &mut output.bytes;
-        bytes.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n");
-        bytes.extend_from_slice(b"Connection: Upgrade\r\nSec-WebSocket-Accept: ");
-        bytes.extend_from_slice(accept.as_bytes());
-        bytes.extend_from_slice(b"\r\n\r\n");
-        // Frames follow the 101 answer, which must go out whole first.
-        output.kept = bytes.len();
-        output.framed = true;
-        // Frames the client sent right behind its request stay in the input.
-        input.consume(head_len);
-        let mut frames = InBuf::new(limits.in_limit_bytes);
-        frames.extend(input.data());
-        // No tungstenite state until the client sends its first frame.
-        self.state = WsState::Quiet(MemStream::new(frames, output, Sizes::of(limits)));
-        Some(WsEvent::Opened(upgrade))
-    }
-
     /// Moves to `Done`, keeping what waits in `output`.
     fn finish(&mut self) {
         let close_queued = match &self.state {
-            WsState::Handshaking { .. } => false,
+            WsState::Handshaking(_) | WsState::Quiet(_) | WsState::Idle(_) => false,
             WsState::Open(ws) => !ws.can_write(),
-            WsState::Quiet(_) => false,
-            WsState::Done { close_queued, .. } => *close_queued,
+            WsState::Done(ending) => ending.close_queued,
         };
+        if let WsState::Done(_) = self.state {
+            return; // already there, its output kept as it is
+        }
         let output = std::mem::take(self.out_queue_mut());
-        self.state = WsState::Done { output, close_queued };
+        self.state = WsState::Done(Box::new(Ending { output, close_queued }));
     }
 
     /// Takes back the 101 just queued (nothing follows it yet) and answers `status` instead (429).
     pub fn turn_away(&mut self, status: u16, reason: &str, why: &str) {
         *self.out_queue_mut() = OutQueue::default();
         self.refuse(status, reason, why, &[]);
-    }
-
-    /// Answers before the upgrade with an HTTP error (plus `headers`) and ends the connection.
-    fn refuse(&mut self, status: u16, reason: &str, why: &str, headers: &[(&str, &str)]) -> WsEvent {
-        let (out, text) = (&mut self.out_queue_mut().bytes, "text/plain; charset=utf-8");
-        write_http_with(out, status, reason, text, headers, format!("{why}\n").as_bytes());
-        self.finish();
-        WsEvent::Failed { code: status, why: why.to_string() }
     }
 
     /// Maps a tungstenite error on an open socket to the close code RFC 6455 asks for, queues
@@ -579,6 +527,7 @@ impl Ws {
     /// through to `output` at once (write buffer 0, writes never fail) and `poll_event` flushes
     /// its pongs and close replies before it returns, so frames stay in order.
     fn send_frame(&mut self, first: u8, payload: &[u8]) -> bool {
+        self.rouse();
         match &mut self.state {
             WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, first, payload),
             WsState::Open(ws) if ws.can_write() => {
@@ -593,6 +542,7 @@ impl Ws {
     /// tungstenite's state first (see `WsState::Quiet`): the pong, or any byte, makes it again.
     pub fn send_ping(&mut self) {
         self.quiet();
+        self.rouse();
         match &mut self.state {
             WsState::Quiet(stream) => encode_frame(&mut stream.output.bytes, PING, &[]),
             WsState::Open(ws) if ws.can_write() => {
@@ -810,6 +760,52 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     }
 
     #[test]
+    fn an_idle_connection_keeps_no_stream_and_makes_it_again_for_whatever_comes() {
+        let idle = |ws: &Ws| matches!(ws.state, WsState::Idle(_));
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        ws.release_idle_buffers();
+        assert!(!idle(&ws), "the 101 answer still waits");
+        drain(&mut ws);
+        ws.release_idle_buffers();
+        assert!(idle(&ws) && ws.is_open() && ws.output_len() == 0 && ws.open_message().is_none());
+        // A message: the stream is made again, and kept while messages come (not made again
+        // every pass); a pass with no new message gives it up.
+        assert_eq!(feed(&mut ws, &masked_frame(0x81, b"hi"), &l), vec![WsEvent::Text("hi".into())]);
+        assert!(ws.send_text("ok"));
+        assert_eq!(drain(&mut ws), b"\x81\x02ok");
+        ws.release_idle_buffers();
+        assert!(!idle(&ws) && ws.held_input_bytes() == 0, "busy: kept for the next pass");
+        assert_eq!(ws.poll_event(&l), None);
+        assert!(idle(&ws), "no message since its last write");
+        // A message left unfinished keeps the stream (and its number counts on from before).
+        assert_eq!(feed(&mut ws, &masked_frame(0x01, b"a"), &l), vec![]);
+        let begun = ws.open_message();
+        ws.release_idle_buffers();
+        assert!(!idle(&ws) && begun == Some(2), "{begun:?}");
+        assert_eq!(feed(&mut ws, &masked_frame(0x80, b"b"), &l), vec![WsEvent::Text("ab".into())]);
+        drain(&mut ws);
+        ws.release_idle_buffers();
+        assert_eq!(ws.poll_event(&l), None);
+        assert!(idle(&ws));
+        // The keepalive ping, and a slow reader's close frame, leave from an idle connection.
+        ws.send_ping();
+        assert_eq!(drain(&mut ws), b"\x89\x00");
+        ws.release_idle_buffers();
+        assert!(idle(&ws));
+        assert!(ws.abort(1008, "slow"));
+        assert_eq!(drain(&mut ws), close_frame(1008, "slow"));
+        // The peer's end of stream is read from an idle connection too.
+        let (l, mut ws) = (limits(), Ws::new());
+        feed(&mut ws, UPGRADE, &l);
+        drain(&mut ws);
+        ws.release_idle_buffers();
+        ws.handle_eof();
+        let events: Vec<_> = std::iter::from_fn(|| ws.poll_event(&l)).collect();
+        assert!(matches!(events.as_slice(), [WsEvent::Failed { code: 1006, .. }]), "{events:?}");
+    }
+
+    #[test]
     fn the_keepalive_ping_drops_the_state_of_a_silent_connection() {
         let (l, mut ws) = (limits(), Ws::new());
         feed(&mut ws, UPGRADE, &l);
@@ -820,7 +816,8 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         feed(&mut ws, UPGRADE, &l);
         drain(&mut ws);
         feed(&mut ws, &masked_frame(0x8a, b""), &l); // an unasked pong wakes tungstenite
-        assert!(matches!(ws.state, WsState::Quiet(_)), "parked once it has read everything");
+        let parked = matches!(ws.state, WsState::Quiet(_) | WsState::Idle(_));
+        assert!(parked, "parked (and, holding nothing, idle) once it has read everything");
         feed(&mut ws, &masked_frame(0x01, b"x"), &l); // a message begun: state kept
         ws.send_ping();
         assert!(matches!(ws.state, WsState::Open(_)));

@@ -132,7 +132,7 @@ impl Server {
                     c.close(1008, "no WebSocket on the admin port", CloseReason::Protocol(1008), now);
                 }
                 ConnEvent::Opened(upgrade) => {
-                    if !self.per_ip.admit(self.conns[key].peer.ip()) {
+                    if !self.per_ip.admit(self.conns[key].ip()) {
                         self.app.metrics.observe(LoopEvent::Denied(Denial::PerIp));
                         self.note(Event::OverIpLimit, now);
                         let why = "too many connections from this address (--max-connections-per-ip)";
@@ -143,7 +143,7 @@ impl Server {
                     debug!("conn={key} open");
                     if !self.cfg.echo {
                         // Echo clients never reach the App: it keeps no record of them.
-                        let peer = self.conns[key].peer.ip();
+                        let peer = self.conns[key].ip();
                         let own = upgrade.origin_is_own_or_absent(&self.own_origins);
                         let trusted = is_trusted_peer(peer, own, upgrade.forwarded);
                         self.app.handle_client_open_from(id, trusted, peer, upgrade.bearer.as_deref(), now);
@@ -177,7 +177,7 @@ impl Server {
                 ConnEvent::Here { text: false } => self.app.handle_client_binary(id),
                 ConnEvent::Binary(_) => self.app.handle_client_binary(id),
                 ConnEvent::Closed { reason, handshaking } => {
-                    debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer);
+                    debug!("conn={key} peer={} ended: {reason:?}", self.conns[key].peer());
                     match reason {
                         CloseReason::OutputLimit => self.app.metrics.observe(LoopEvent::SlowReaderDropped),
                         CloseReason::MessageTimeout => self.app.metrics.observe(LoopEvent::MessageTimedOut),
@@ -185,7 +185,7 @@ impl Server {
                         _ => {}
                     }
                     if !handshaking {
-                        self.per_ip.release(self.conns[key].peer.ip());
+                        self.per_ip.release(self.conns[key].ip());
                     }
                     if let Some(event) = reason.event(handshaking) {
                         self.note(event, now);

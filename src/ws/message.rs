@@ -12,7 +12,7 @@
 pub(super) struct MessageTrack {
     /// Messages begun so far: the number of the one in progress, so the connection can tell a
     /// new message from the one it is already timing.
-    pub started: u64,
+    pub started: u32,
     /// A message has begun and its last byte has not been handed over yet.
     pub open: bool,
     /// Bytes of that message (frame headers included) handed to tungstenite, which holds them
@@ -32,7 +32,7 @@ impl MessageTrack {
         self.in_final_frame = first & 0x80 != 0;
         if self.in_data_frame && !self.open {
             self.open = true;
-            self.started += 1;
+            self.started = self.started.wrapping_add(1);
         }
     }
 
