@@ -330,6 +330,18 @@ impl GearmanLink {
         read
     }
 
+    /// Reads once more in the same pass when gearmand owes this link something, whether or not
+    /// a new edge was reported: what it wrote while the pass read the clients is decoded now,
+    /// and its replies leave with this pass's writes instead of waking the next pass. A read
+    /// that finds nothing costs one `recvfrom` (WouldBlock), and the edge epoll may have queued
+    /// for bytes read here is not reported once they are gone.
+    pub fn read_again(&mut self, now: Instant, scratch: &mut [u8], budget: usize) -> Read {
+        if self.is_up() && self.session.expects_more() {
+            self.io.assume_readable();
+        }
+        self.read(now, scratch, budget)
+    }
+
     /// The next job event of what was read.
     pub fn poll_event(&mut self) -> Option<JobEvent> {
         self.session.poll_event()

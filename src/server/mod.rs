@@ -209,6 +209,7 @@ impl Server {
             self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
             self.drive_clients(now); // client bytes -> Ws -> App
             self.fire_timers(now); // wheel.expire(now) -> App / connections / links
+            self.drive_gearman_again(now); // what gearmand sent meanwhile: in this pass's writes
             self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
             self.limit_backlog(now); // the total of all clients' output stays bounded
@@ -301,6 +302,14 @@ impl Server {
     fn drive_gearman(&mut self, now: Instant) {
         self.links.drive(self.poll.registry(), now, &mut self.scratch); // gearmand bytes -> ClientSession
         self.take_link_changes(now); // -> App
+    }
+
+    /// A second read of every link gearmand owes something, right before the effects are
+    /// applied: replies that arrived while the clients were read are answered in this pass's
+    /// writes (one per connection) instead of waking the loop for a pass of their own.
+    fn drive_gearman_again(&mut self, now: Instant) {
+        self.links.drive_again(self.poll.registry(), now, &mut self.scratch);
+        self.take_link_changes(now);
     }
 
     /// Hands what the links reported to the App (and reconnects to the wheel), in order. Called
