@@ -439,8 +439,6 @@ impl Server {
     /// Writes each buffer that has bytes, once. A write that blocks adds WRITABLE interest; a
     /// buffer that empties removes it again, so idle sockets cause no writable wakeups.
     fn flush_outputs(&mut self, now: Instant) {
-        self.links.flush(self.poll.registry(), now);
-        self.take_link_changes(now);
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
             let Some(conn) = self.conns.get_mut(key) else { continue };
@@ -457,6 +455,8 @@ impl Server {
         dirty.clear();
         dirty.append(&mut self.dirty);
         self.dirty = dirty;
+        self.links.flush(self.poll.registry(), now);
+        self.take_link_changes(now);
     }
 
     fn begin_shutdown(&mut self, now: Instant) {
