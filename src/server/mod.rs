@@ -1,9 +1,10 @@
 //! The event loop: one thread, one `mio::Poll`, every socket nonblocking.
 //!
 //! `Server::run` is the table of contents: poll, note readiness, accept, drive gearmand, drive
-//! clients, fire timers, apply the App's effects, flush, reap. Reads come before writes, so a
-//! reply made during a pass leaves in that pass, in one write per connection. Closing is last,
-//! so no slab key is reused while this batch of events may still name it.
+//! clients, fire timers, read gearmand again, apply the App's effects, flush, reap. Reads come
+//! before writes, so a reply made during a pass leaves in that pass, in one write per
+//! connection. Closing is last, so no slab key is reused while this batch of events may still
+//! name it.
 //!
 //! Only `server/` imports `mio` for the server (the load generator in `bench/` runs loops of
 //! its own). Protocol decisions live in `connection`, `ws`, `gearman` and `app`; this module
@@ -436,8 +437,10 @@ impl Server {
         }
     }
 
-    /// Writes each buffer that has bytes, once. A write that blocks adds WRITABLE interest; a
-    /// buffer that empties removes it again, so idle sockets cause no writable wakeups.
+    /// Writes each buffer that has bytes, once: the clients', then the gearmand links' (the
+    /// SUBMIT_JOB write wakes gearmand; last, it comes right before the loop sleeps). A write
+    /// that blocks adds WRITABLE interest; a buffer that empties removes it again, so idle
+    /// sockets cause no writable wakeups.
     fn flush_outputs(&mut self, now: Instant) {
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
