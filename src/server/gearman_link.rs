@@ -330,6 +330,18 @@ impl GearmanLink {
         read
     }
 
+    /// Reads once more in the same pass when gearmand owes this link something, whether or not
+    /// a new edge was reported: what it wrote while the pass read the clients is decoded now,
+    /// and its replies leave with this pass's writes instead of waking the next pass. A read
+    /// that finds nothing costs one `recvfrom` (WouldBlock), and the edge epoll may have queued
+    /// for bytes read here is not reported once they are gone.
+    pub fn read_again(&mut self, now: Instant, scratch: &mut [u8], budget: usize) -> Read {
+        if self.is_up() && self.session.expects_more() {
+            self.io.assume_readable();
+        }
+        self.read(now, scratch, budget)
+    }
+
     /// The next job event of what was read.
     pub fn poll_event(&mut self) -> Option<JobEvent> {
         self.session.poll_event()
@@ -472,6 +484,7 @@ impl GearmanLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gearman::packet::PacketType;
     use crate::server::link_down::REMINDER_PERIOD;
 
     fn link(now: Instant) -> GearmanLink {
@@ -508,6 +521,29 @@ mod tests {
             l.greeted(now);
         }
         l
+    }
+
+    #[test]
+    fn the_second_read_takes_what_came_after_the_edge_was_used_up() {
+        use std::io::Write;
+        let now = Instant::now();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut l = link(now);
+        l.state = LinkState::Connecting(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        let (mut gearmand, _) = listener.accept().unwrap();
+        l.connected(now, b"gearsock.report.t"); // OPTION_REQ sent: its answer is owed
+        l.greeted(now);
+        let mut scratch = [0u8; 256];
+        assert!(l.read(now, &mut scratch, 1024).down.is_none(), "nothing yet: the edge is used up");
+        let mut answer = Vec::new();
+        crate::gearman::packet::encode_response(&mut answer, PacketType::OptionRes, &[b"exceptions"]);
+        gearmand.write_all(&answer).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        l.read(now, &mut scratch, 1024);
+        assert!(!l.session.has_answered(), "without a new edge, a plain read does not look");
+        assert!(l.session.expects_more());
+        l.read_again(now, &mut scratch, 1024);
+        assert!(l.session.has_answered(), "the second read took the answer");
     }
 
     #[test]

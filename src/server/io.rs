@@ -195,6 +195,12 @@ impl Readiness {
         (readable, writable)
     }
 
+    /// A read is to be tried without a new edge (bytes may have come since the last read ran
+    /// dry); the read's [`Io`] clears it again, as for an edge.
+    pub fn assume_readable(&mut self) {
+        self.can_read = true;
+    }
+
     /// A readable edge is still unused.
     pub fn can_read(&self) -> bool {
         self.can_read

@@ -151,13 +151,26 @@ impl Links {
                     continue;
                 }
             }
-            self.read(i, reg, now, scratch);
+            self.read(i, reg, now, scratch, false);
         }
     }
 
-    fn read(&mut self, i: usize, reg: &Registry, now: Instant, scratch: &mut [u8]) {
+    /// Late in a pass, after the clients were read: every up link that is owed something is
+    /// read again (see `GearmanLink::read_again`), so replies that came meanwhile are handled
+    /// in this pass.
+    pub fn drive_again(&mut self, reg: &Registry, now: Instant, scratch: &mut [u8]) {
+        for i in 0..self.links.len() {
+            self.read(i, reg, now, scratch, true);
+        }
+    }
+
+    fn read(&mut self, i: usize, reg: &Registry, now: Instant, scratch: &mut [u8], again: bool) {
         let link = &mut self.links[i];
-        let read = link.read(now, scratch, LINK_READ_BUDGET);
+        let read = if again {
+            link.read_again(now, scratch, LINK_READ_BUDGET)
+        } else {
+            link.read(now, scratch, LINK_READ_BUDGET)
+        };
         self.dirty |= read.queued;
         if let Some(outage) = read.greeted {
             match outage {

@@ -1,9 +1,10 @@
 //! The event loop: one thread, one `mio::Poll`, every socket nonblocking.
 //!
 //! `Server::run` is the table of contents: poll, note readiness, accept, drive gearmand, drive
-//! clients, fire timers, apply the App's effects, flush, reap. Reads come before writes, so a
-//! reply made during a pass leaves in that pass, in one write per connection. Closing is last,
-//! so no slab key is reused while this batch of events may still name it.
+//! clients, fire timers, read gearmand again, apply the App's effects, flush, reap. Reads come
+//! before writes, so a reply made during a pass leaves in that pass, in one write per
+//! connection. Closing is last, so no slab key is reused while this batch of events may still
+//! name it.
 //!
 //! Only `server/` imports `mio` for the server (the load generator in `bench/` runs loops of
 //! its own). Protocol decisions live in `connection`, `ws`, `gearman` and `app`; this module
@@ -209,6 +210,7 @@ impl Server {
             self.drive_gearman(now); // gearmand bytes -> ClientSession -> App
             self.drive_clients(now); // client bytes -> Ws -> App
             self.fire_timers(now); // wheel.expire(now) -> App / connections / links
+            self.drive_gearman_again(now); // what gearmand sent meanwhile: in this pass's writes
             self.apply_effects(now); // App effects -> ws frames, SUBMIT_JOB bytes, timers
             self.flush_outputs(now); // write each dirty buffer once
             self.limit_backlog(now); // the total of all clients' output stays bounded
@@ -301,6 +303,14 @@ impl Server {
     fn drive_gearman(&mut self, now: Instant) {
         self.links.drive(self.poll.registry(), now, &mut self.scratch); // gearmand bytes -> ClientSession
         self.take_link_changes(now); // -> App
+    }
+
+    /// A second read of every link gearmand owes something, right before the effects are
+    /// applied: replies that arrived while the clients were read are answered in this pass's
+    /// writes (one per connection) instead of waking the loop for a pass of their own.
+    fn drive_gearman_again(&mut self, now: Instant) {
+        self.links.drive_again(self.poll.registry(), now, &mut self.scratch);
+        self.take_link_changes(now);
     }
 
     /// Hands what the links reported to the App (and reconnects to the wheel), in order. Called
@@ -427,11 +437,11 @@ impl Server {
         }
     }
 
-    /// Writes each buffer that has bytes, once. A write that blocks adds WRITABLE interest; a
-    /// buffer that empties removes it again, so idle sockets cause no writable wakeups.
+    /// Writes each buffer that has bytes, once: the clients', then the gearmand links' (the
+    /// SUBMIT_JOB write wakes gearmand; last, it comes right before the loop sleeps). A write
+    /// that blocks adds WRITABLE interest; a buffer that empties removes it again, so idle
+    /// sockets cause no writable wakeups.
     fn flush_outputs(&mut self, now: Instant) {
-        self.links.flush(self.poll.registry(), now);
-        self.take_link_changes(now);
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
             let Some(conn) = self.conns.get_mut(key) else { continue };
@@ -448,6 +458,8 @@ impl Server {
         dirty.clear();
         dirty.append(&mut self.dirty);
         self.dirty = dirty;
+        self.links.flush(self.poll.registry(), now);
+        self.take_link_changes(now);
     }
 
     fn begin_shutdown(&mut self, now: Instant) {

@@ -416,6 +416,12 @@ impl ClientSession {
         self.expected.len() + usize::from(self.desk == Desk::Grabbing)
     }
 
+    /// Gearmand owes this connection something: a reply to a request, or news of a foreground
+    /// job it runs. Cheap (unlike [`Self::in_flight`]): the loop asks it every pass.
+    pub fn expects_more(&self) -> bool {
+        !self.expected.is_empty() || !self.running.is_empty()
+    }
+
     /// True once gearmand has sent at least one complete packet on this connection: the link is
     /// only known to be up once it answered.
     pub fn has_answered(&self) -> bool {
