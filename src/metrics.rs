@@ -82,12 +82,14 @@ impl Serialize for LinkStatus {
 }
 
 impl Message {
-    /// The kind a `type` field names; anything else is `Invalid`.
+    /// The kind a `type` field names; anything else is `Invalid`. `Binary` and `Invalid` are
+    /// labels of the metric, not types a text message can name: `{"type":"binary"}` is an
+    /// unknown type, counted as `Invalid` (the fuzzer found it counted as a binary frame).
     pub fn from_type(name: &str) -> Message {
         Message::ALL
             .iter()
             .copied()
-            .find(|m| m.name() == name && *m != Message::Invalid)
+            .find(|m| m.name() == name && !matches!(m, Message::Invalid | Message::Binary))
             .unwrap_or(Message::Invalid)
     }
 }
@@ -643,6 +645,15 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no TYPE");
+        }
+    }
+
+    #[test]
+    fn a_text_message_is_counted_by_the_type_it_names_and_never_as_binary() {
+        assert_eq!(Message::from_type("ping"), Message::Ping);
+        assert_eq!(Message::from_type("worker.complete"), Message::WorkerComplete);
+        for unknown in ["binary", "invalid", "dance", ""] {
+            assert_eq!(Message::from_type(unknown), Message::Invalid, "{unknown}");
         }
     }
 }
