@@ -75,19 +75,7 @@ pub(super) enum JobNews<'a> {
 impl Reply<'_> {
     /// The wire text. The fixed answers are borrowed: `got it!` is the reply to every report,
     /// and a `String` per message for it was a malloc and a free on the hot path.
-    /// Inlined, so that a fixed answer is built where it is sent (the hot path's `got it!`
-    /// passed through the stack, and its reload stalled); the others are written out of line.
-    #[inline]
     pub(super) fn text(&self) -> Cow<'static, str> {
-        match self {
-            Reply::PingAck => Cow::Borrowed(PING_ACK),
-            Reply::GotIt => Cow::Borrowed(GOT_IT),
-            other => other.written(),
-        }
-    }
-
-    /// The text of an answer that is not fixed.
-    fn written(&self) -> Cow<'static, str> {
         match self {
             Reply::PingAck => Cow::Borrowed(PING_ACK),
             Reply::GotIt => Cow::Borrowed(GOT_IT),

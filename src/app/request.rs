@@ -185,7 +185,6 @@ pub(super) fn parse(text: &str, max_unique_bytes: usize) -> Parsed<'_> {
 
 /// A message's `ref`: a `ref` that is not a short string or a number is refused before
 /// anything else, as it would be kept as long as the job.
-#[inline]
 pub(super) fn reference(field: Option<Scalar<'_>>) -> Result<Option<Ref>, Refusal> {
     match field.map(Ref::from_field) {
         Some(None) => {
@@ -200,7 +199,6 @@ pub(super) fn reference(field: Option<Scalar<'_>>) -> Result<Option<Ref>, Refusa
 /// A `worker.complete`: the value (any JSON; a string is taken as it is), and the job named by
 /// unique or, failing that, by handle; a unique or handle longer than gearmand gives out is
 /// refused (it names no job, and would only be stored).
-#[inline]
 pub(super) fn report<'a>(
     value: Option<Reported<'a>>,
     unique: Option<Cow<'a, str>>,
