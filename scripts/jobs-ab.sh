@@ -20,60 +20,41 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-die() { echo "jobs-ab.sh: $*" >&2; exit 2; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 [ $# -ge 2 ] || { usage >&2; exit 2; }
 A=$(realpath "$1") B=$(realpath "$2") PAIRS="${3:-10}"
-[ -x "$A" ] && [ -x "$B" ] || die "both builds must be executable files"
-[[ $PAIRS =~ ^[1-9][0-9]*$ ]] || die "PAIRS must be a whole number, not '$PAIRS'"
+[ -x "$A" ] && [ -x "$B" ] || { echo "jobs-ab.sh: both builds must be executable files" >&2; exit 2; }
+[[ $PAIRS =~ ^[1-9][0-9]*$ ]] || { echo "jobs-ab.sh: PAIRS must be a whole number, not '$PAIRS'" >&2; exit 2; }
 read -r -a flags_a <<<"${FLAGS_A:-}"
 read -r -a flags_b <<<"${FLAGS_B:-}"
 DURATION="${DURATION:-2}" WARMUP="${WARMUP:-0.5}"
 SERVER_CPU="${SERVER_CPU:-0}" BENCH_CPU="${BENCH_CPU:-1}" GEARMAND_CPU="${GEARMAND_CPU:-}"
 GEARMAND_THREADS="${GEARMAND_THREADS:-1}" LOCK="${LOCK-/tmp/gearsock-bench.lock}"
-for tool in python3 taskset flock; do command -v "$tool" >/dev/null || die "$tool is needed"; done
 
-# shellcheck source=scripts/lib.sh
-. scripts/lib.sh
-out_dir=target/jobs-ab
-mkdir -p "$out_dir"
-rows="$out_dir/pairs.txt"
+OUT_DIR=target/jobs-ab SKIP_BUILD=1 bin=$B
+# shellcheck source=scripts/servers.sh
+. scripts/servers.sh
+rows="$OUT_DIR/pairs.txt"
 : >"$rows"
+start_gearmand
 
-gearmand_pid=""
-# A run's server is started in a subshell (the run's rate is its output): its pid is kept in a
-# file so that an interrupted run does not leave it behind.
-cleanup() { stop_pid "$(cat "$out_dir/server.pid" 2>/dev/null)"; stop_pid "$gearmand_pid"; }
-trap cleanup EXIT
-
-gearmand_port=$(free_port)
-pin=()
-[ -z "$GEARMAND_CPU" ] || pin=(taskset -c "$GEARMAND_CPU")
-"${pin[@]}" /usr/sbin/gearmand --listen=127.0.0.1 --port="$gearmand_port" --log-file=stderr \
-  --threads="$GEARMAND_THREADS" >"$out_dir/gearmand.log" 2>&1 </dev/null &
-gearmand_pid=$!
-wait_for_port "$gearmand_port" "$gearmand_pid" "$out_dir/gearmand.log"
-
-one() {  # BINARY IN_FLIGHT [serve flags...]: prints the bridge's jobs/s (0 when the run failed)
-  local bin=$1 in_flight=$2 ws rate; shift 2
-  taskset -c "$SERVER_CPU" "$bin" serve --listen 127.0.0.1:0 --gearmand "127.0.0.1:$gearmand_port" \
-    --allow-function echo --log-level warn "$@" >"$out_dir/server.out" 2>"$out_dir/server.err" </dev/null &
-  local server_pid=$!
-  echo "$server_pid" >"$out_dir/server.pid"
-  ws=$(wait_for_line "$out_dir/server.out" "$server_pid") || { cat "$out_dir/server.err" >&2; die "no server"; }
+one() {  # BINARY IN_FLIGHT [serve flags...]: sets rate, the bridge's jobs/s (0 when the run failed)
+  local in_flight=$2
+  bin=$1
+  shift 2
+  start_server "$@"
   rate=$(taskset -c "$BENCH_CPU" "$B" bench jobs --url "ws://$ws" --gearmand "127.0.0.1:$gearmand_port" \
     --function echo --payload-bytes 16 --spawn-workers 2 --connections 50 --in-flight "$in_flight" \
-    --duration-s "$DURATION" --warmup-s "$WARMUP" --json 2>>"$out_dir/bench.err" </dev/null |
+    --duration-s "$DURATION" --warmup-s "$WARMUP" --json 2>>"$OUT_DIR/bench.err" </dev/null |
     python3 -c 'import json, sys; print(round(json.load(sys.stdin)["bridge"]["jobs_per_s"]))' 2>/dev/null) || rate=0
-  stop_pid "$server_pid"
-  : >"$out_dir/server.pid"
-  echo "${rate:-0}"
+  stop_server
+  rate=${rate:-0}
 }
 
 pair() {  # ROUND IN_FLIGHT: one run of each build, in the order the round asks
   local a b
-  if [ $(($1 % 2)) = 1 ]; then a=$(one "$A" "$2" "${flags_a[@]}"); b=$(one "$B" "$2" "${flags_b[@]}")
-  else b=$(one "$B" "$2" "${flags_b[@]}"); a=$(one "$A" "$2" "${flags_a[@]}"); fi
+  if [ $(($1 % 2)) = 1 ]; then one "$A" "$2" "${flags_a[@]}"; a=$rate; one "$B" "$2" "${flags_b[@]}"; b=$rate
+  else one "$B" "$2" "${flags_b[@]}"; b=$rate; one "$A" "$2" "${flags_a[@]}"; a=$rate; fi
   echo "$2 $a $b" | tee -a "$rows" | awk '{ printf "50x%-3s A %7d  B %7d  B/A %s\n", $1, $2, $3, ($2 > 0 ? sprintf("%.3f", $3 / $2) : "-") }'
 }
 

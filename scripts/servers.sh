@@ -1,17 +1,19 @@
-# Sourced by scripts/churn.sh, scripts/flood.sh and scripts/scaling.sh (not run on its own): installs gearmand
+# Sourced by scripts/churn.sh, scripts/flood.sh, scripts/scaling.sh and scripts/jobs-ab.sh (not run on its own): installs gearmand
 # when it is missing, builds gearsock, starts a private gearmand and a `gearsock serve` on free
 # loopback ports, and stops them on exit. Expects `set -euo pipefail` and the repository root
 # as the working directory; OUT_DIR must be set (logs go there).
 #
-#   start_gearmand             sets gearmand_pid, gearmand_port
-#   start_server [flags...]    sets server_pid, ws (HOST:PORT); pinned to SERVER_CPU if set
+#   start_gearmand             sets gearmand_pid, gearmand_port; GEARMAND_THREADS [1] threads,
+#                              pinned to GEARMAND_CPU if set
+#   start_server [flags...]    sets server_pid, ws (HOST:PORT); pinned to SERVER_CPU if set;
+#                              the build is $bin (set it to run another)
 #   stop_server                stops it (every process of a group), keeps gearmand
 #   machine_line               nproc, kernel, rustc, load average: one line for the report
 #   run_bench JSON             runs "${bench[@]}" (pinned to BENCH_CPU if set) within TIMEOUT
 #                              seconds into JSON, sets rc, then stops the servers
 
 gearmand_pid="" gearmand_port="" server_pid="" ws=""
-bin="${CARGO_TARGET_DIR:-target}/release/gearsock"
+bin="${bin:-${CARGO_TARGET_DIR:-target}/release/gearsock}"
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 
@@ -41,9 +43,11 @@ mkdir -p "$OUT_DIR"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 start_gearmand() {
+  local pin=()
+  [ -z "${GEARMAND_CPU:-}" ] || pin=(taskset -c "$GEARMAND_CPU")
   gearmand_port=$(free_port)
-  /usr/sbin/gearmand --listen=127.0.0.1 --port="$gearmand_port" --log-file=stderr --threads=1 \
-    >"$OUT_DIR/gearmand.log" 2>&1 </dev/null &
+  "${pin[@]}" /usr/sbin/gearmand --listen=127.0.0.1 --port="$gearmand_port" --log-file=stderr \
+    --threads="${GEARMAND_THREADS:-1}" >"$OUT_DIR/gearmand.log" 2>&1 </dev/null &
   gearmand_pid=$!
   wait_for_port "$gearmand_port" "$gearmand_pid" "$OUT_DIR/gearmand.log"
 }
