@@ -20,11 +20,7 @@ fn streamer(g: &Gearmand, function: &str, pause: Duration) -> JoinHandle<()> {
     let mut worker = RawWorker::connect(&g.addr(), function);
     std::thread::spawn(move || {
         let job = worker.must_grab(Duration::from_secs(10));
-        for i in 1..=N {
-            worker.data(&job.handle, format!("d{i}").as_bytes());
-            std::thread::sleep(pause);
-        }
-        worker.complete(&job.handle, b"done");
+        worker.numbered(&job.handle, N, pause);
     })
 }
 
@@ -193,10 +189,7 @@ fn events_trimmed_from_a_small_log_come_back_as_a_gap() {
     wait_for("the client to be detached", Duration::from_secs(10), || {
         s.metric("gearsock_jobs_detached") == 1.0
     });
-    for i in 1..=N {
-        worker.data(&job.handle, format!("d{i}").as_bytes());
-    }
-    worker.complete(&job.handle, b"done");
+    worker.numbered(&job.handle, N, Duration::ZERO);
     wait_for("the job to end", Duration::from_secs(10), || s.metric("gearsock_jobs_in_flight") == 0.0);
     let mut second = connect(&s.url());
     attach(&mut second, &created, 0);

@@ -27,11 +27,7 @@ fn streamers(g: &Gearmand, function: &str, pause: Duration) -> Vec<JoinHandle<()
             let mut worker = RawWorker::connect(&g.addr(), function);
             std::thread::spawn(move || {
                 let job = worker.must_grab(Duration::from_secs(30));
-                for i in 1..=N {
-                    worker.data(&job.handle, format!("d{i}").as_bytes());
-                    std::thread::sleep(pause);
-                }
-                worker.complete(&job.handle, b"done");
+                worker.numbered(&job.handle, N, pause);
             })
         })
         .collect()

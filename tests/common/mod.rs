@@ -508,6 +508,16 @@ impl RawWorker {
         self.flush();
     }
 
+    /// `n` WORK_DATA packets `d1` … `dn`, `pause` apart, then WORK_COMPLETE `done`: a job whose
+    /// events a client can count and check the order of.
+    pub fn numbered(&mut self, handle: &str, n: usize, pause: Duration) {
+        for i in 1..=n {
+            self.data(handle, format!("d{i}").as_bytes());
+            std::thread::sleep(pause);
+        }
+        self.complete(handle, b"done");
+    }
+
     /// `total` bytes of WORK_DATA in packets of `chunk` bytes, all written in one go (as fast
     /// as gearmand takes them).
     pub fn burst(&mut self, handle: &str, total: usize, chunk: usize) {
